@@ -1,0 +1,43 @@
+"""Datasets, a count simulator, gene selection and input validation."""
+
+from ._genes import GENE_SELECTION_DEFAULTS, select_genes
+from ._loaders import (
+    DATASETS,
+    datasets_available,
+    load_cellbench_3lines,
+    load_cellbench_5lines,
+    load_dataset,
+    load_kang_donors,
+    load_kang_ifnb,
+    load_snareseq,
+    load_snareseq_gene_region_map,
+)
+from ._paths import DATA_DIR_ENV_VAR, get_data_dir
+from ._simulate import simulate
+from ._validation import (
+    validate_counts,
+    validate_gene_overlap,
+    validate_labels,
+    validate_obs_key,
+)
+
+__all__ = [
+    "DATASETS",
+    "DATA_DIR_ENV_VAR",
+    "GENE_SELECTION_DEFAULTS",
+    "datasets_available",
+    "get_data_dir",
+    "load_cellbench_3lines",
+    "load_cellbench_5lines",
+    "load_dataset",
+    "load_kang_donors",
+    "load_kang_ifnb",
+    "load_snareseq",
+    "load_snareseq_gene_region_map",
+    "select_genes",
+    "simulate",
+    "validate_counts",
+    "validate_gene_overlap",
+    "validate_labels",
+    "validate_obs_key",
+]

@@ -1,0 +1,251 @@
+"""Input checks run at the door of every model: clear errors, nothing coerced."""
+
+from collections.abc import Iterable, Iterator
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+# Rows (dense or backed matrices) or stored values (in-memory sparse) checked at once.
+_ROW_CHUNK = 10_000
+_VALUE_CHUNK = 10_000_000
+_N_EXAMPLES = 20
+
+
+def _count_matrix(adata: ad.AnnData, layer: str | None) -> tuple[object, str]:
+    if layer is None:
+        if adata.X is None:
+            raise ValueError(
+                "adata.X is None; put raw counts in adata.X or pass the layer that holds "
+                "them via `layer=`."
+            )
+        return adata.X, "adata.X"
+    if layer not in adata.layers:
+        available = ", ".join(repr(name) for name in adata.layers) or "none"
+        raise ValueError(
+            f"layer '{layer}' is not in adata.layers; available layers: {available}. "
+            "Pass the layer holding raw counts, or layer=None for adata.X."
+        )
+    return adata.layers[layer], f"adata.layers['{layer}']"
+
+
+def _value_blocks(matrix: object) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+    """Yield (stored values, row totals or None) in bounded pieces, never densifying."""
+    if sp.issparse(matrix):
+        values = matrix.data
+        for start in range(0, values.size, _VALUE_CHUNK):
+            yield values[start : start + _VALUE_CHUNK], None
+        yield values[:0], np.asarray(matrix.sum(axis=1)).ravel()
+        return
+    n_rows = matrix.shape[0]
+    for start in range(0, n_rows, _ROW_CHUNK):
+        block = matrix[start : start + _ROW_CHUNK]
+        if sp.issparse(block):
+            yield block.data, np.asarray(block.sum(axis=1)).ravel()
+        else:
+            block = np.asarray(block)
+            yield block.ravel(), block.sum(axis=1)
+
+
+def validate_counts(adata: ad.AnnData, layer: str | None = None) -> None:
+    """Check that ``adata.X`` (or ``adata.layers[layer]``) holds raw counts.
+
+    Rejects NaN, infinite, negative and non-integer values and cells with zero total
+    counts. Sparse matrices are checked through their stored values, dense and backed
+    matrices in chunks of rows, so nothing large is densified. The AnnData is not
+    modified.
+
+    Parameters
+    ----------
+    adata
+        The AnnData to check.
+    layer
+        Layer holding the counts; ``None`` for ``adata.X``.
+
+    Raises
+    ------
+    ValueError
+        Naming the matrix and what to do.
+    """
+    matrix, where = _count_matrix(adata, layer)
+    n_nan = n_inf = n_negative = n_fractional = n_empty_cells = 0
+    for values, row_totals in _value_blocks(matrix):
+        if values.dtype.kind == "f":
+            nan = np.isnan(values)
+            inf = np.isinf(values)
+            n_nan += int(nan.sum())
+            n_inf += int(inf.sum())
+            finite = values[~(nan | inf)]
+            n_negative += int((finite < 0).sum())
+            n_fractional += int((finite != np.round(finite)).sum())
+        elif values.dtype.kind in "iu":
+            n_negative += int((values < 0).sum())
+        elif values.dtype.kind != "b":
+            raise ValueError(
+                f"{where} has dtype {values.dtype}; counts must be numeric. Pass raw counts."
+            )
+        if row_totals is not None:
+            n_empty_cells += int((row_totals == 0).sum())
+
+    if n_nan:
+        raise ValueError(
+            f"{where} contains NaN values; found {n_nan}. Counts must be finite: remove "
+            "the affected cells or genes, or pass the layer holding raw counts via `layer=`."
+        )
+    if n_inf:
+        raise ValueError(
+            f"{where} contains infinite values; found {n_inf}. Counts must be finite: "
+            "remove the affected cells or genes, or pass the layer holding raw counts via "
+            "`layer=`."
+        )
+    if n_negative:
+        raise ValueError(
+            f"{where} contains negative values; found {n_negative}. This looks like scaled "
+            "or centred data: pass raw counts, e.g. a counts layer via `layer=`; models "
+            "normalise internally."
+        )
+    if n_fractional:
+        raise ValueError(
+            f"{where} contains non-integer values; found {n_fractional}. This looks like "
+            "normalised or log-transformed data: pass raw counts, e.g. a counts layer via "
+            "`layer=`; models normalise internally."
+        )
+    if n_empty_cells:
+        raise ValueError(
+            f"{where} has {n_empty_cells} cells with zero total counts; remove them, e.g. "
+            "`sc.pp.filter_cells(adata, min_counts=1)`."
+        )
+
+
+def _obs_column(adata: ad.AnnData, key: str, role: str) -> pd.Series:
+    if key not in adata.obs.columns:
+        available = ", ".join(repr(str(column)) for column in adata.obs.columns) or "none"
+        raise ValueError(
+            f"{role} '{key}' is not a column of adata.obs; available columns: {available}."
+        )
+    return adata.obs[key]
+
+
+def validate_labels(adata: ad.AnnData, labels_key: str, unlabeled_category: str | None) -> None:
+    """Check a cell-type column for a semi-supervised (scANVI-style) model.
+
+    The column must exist, have no missing values, and hold at least two labelled
+    classes (classes other than ``unlabeled_category``). The AnnData is not modified.
+
+    Parameters
+    ----------
+    adata
+        The AnnData to check.
+    labels_key
+        Column of ``adata.obs`` with the cell types.
+    unlabeled_category
+        Value marking unlabelled cells, or ``None`` when every cell is labelled.
+
+    Raises
+    ------
+    ValueError
+        Naming the column and what to do.
+    """
+    labels = _obs_column(adata, labels_key, "labels_key")
+    n_missing = int(labels.isna().sum())
+    if n_missing:
+        fill_value = unlabeled_category if unlabeled_category is not None else "Unknown"
+        hint = "" if unlabeled_category is not None else " (and pass it as unlabeled_category)"
+        raise ValueError(
+            f"adata.obs['{labels_key}'] has {n_missing} missing (NaN) labels; fill them with "
+            f"the unlabeled category{hint}, e.g. adata.obs['{labels_key}'] = "
+            f"adata.obs['{labels_key}'].astype(object).fillna('{fill_value}')."
+        )
+    classes = pd.unique(np.asarray(labels, dtype=object))
+    if unlabeled_category is not None:
+        classes = [label for label in classes if str(label) != str(unlabeled_category)]
+    if len(classes) == 0:
+        raise ValueError(
+            f"No cell in adata.obs['{labels_key}'] is labelled: every cell has the "
+            f"unlabeled_category '{unlabeled_category}'. The reference needs labelled cells; "
+            "check labels_key and unlabeled_category."
+        )
+    if len(classes) == 1:
+        raise ValueError(
+            f"labels_key '{labels_key}' has only one cell type ('{classes[0]}') among "
+            "labelled cells; a classifier needs at least two. Check labels_key, or add "
+            "reference cells of other types."
+        )
+
+
+def validate_obs_key(adata: ad.AnnData, key: str, role: str) -> None:
+    """Check that ``key`` is an ``obs`` column without missing values.
+
+    Parameters
+    ----------
+    adata
+        The AnnData to check (not modified).
+    key
+        Column of ``adata.obs``.
+    role
+        The argument the column was passed as, e.g. ``"batch_key"``; used in messages.
+
+    Raises
+    ------
+    ValueError
+        When the column is missing or holds NaN values.
+    """
+    values = _obs_column(adata, key, role)
+    n_missing = int(values.isna().sum())
+    if n_missing:
+        raise ValueError(
+            f"{role} '{key}' has {n_missing} missing (NaN) values in adata.obs; fill them "
+            "(e.g. with 'unknown') or remove those cells."
+        )
+
+
+def validate_gene_overlap(
+    reference_var_names: Iterable[str],
+    query_var_names: Iterable[str],
+    min_fraction: float = 0.5,
+) -> dict:
+    """Report how many reference genes the query has, and fail when too few.
+
+    Parameters
+    ----------
+    reference_var_names
+        Genes of the reference (e.g. ``reference_adata.var_names``).
+    query_var_names
+        Genes of the query.
+    min_fraction
+        Smallest accepted fraction of reference genes present in the query.
+
+    Returns
+    -------
+    Dict with ``n_reference_genes``, ``n_query_genes``, ``n_shared``,
+    ``fraction_shared`` and ``missing_genes`` (up to 20 reference genes absent from
+    the query, in reference order).
+
+    Raises
+    ------
+    ValueError
+        When ``fraction_shared < min_fraction`` or the reference has no genes.
+    """
+    reference = pd.Index(np.asarray(list(reference_var_names), dtype=object)).unique()
+    query = pd.Index(np.asarray(list(query_var_names), dtype=object)).unique()
+    if len(reference) == 0:
+        raise ValueError("The reference has no genes; check reference_var_names.")
+    present = reference.isin(query)
+    n_shared = int(present.sum())
+    report = {
+        "n_reference_genes": len(reference),
+        "n_query_genes": len(query),
+        "n_shared": n_shared,
+        "fraction_shared": n_shared / len(reference),
+        "missing_genes": [str(gene) for gene in reference[~present][:_N_EXAMPLES]],
+    }
+    if report["fraction_shared"] < min_fraction:
+        examples = ", ".join(report["missing_genes"][:5])
+        raise ValueError(
+            f"The query shares only {n_shared} of {len(reference)} reference genes "
+            f"({report['fraction_shared']:.1%}; minimum fraction {min_fraction}). Check "
+            "that both use the same gene identifiers (symbols vs Ensembl IDs); missing "
+            f"reference genes include: {examples}."
+        )
+    return report

@@ -1,0 +1,23 @@
+"""Classification, calibration and novelty-detection metrics."""
+
+from ._calibration import expected_calibration_error, reliability_curve
+from ._classification import (
+    accuracy,
+    balanced_accuracy,
+    classification_report,
+    macro_f1,
+    weighted_f1,
+)
+from ._novelty import novelty_auroc, novelty_precision_coverage
+
+__all__ = [
+    "accuracy",
+    "balanced_accuracy",
+    "classification_report",
+    "expected_calibration_error",
+    "macro_f1",
+    "novelty_auroc",
+    "novelty_precision_coverage",
+    "reliability_curve",
+    "weighted_f1",
+]
