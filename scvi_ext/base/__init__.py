@@ -1,0 +1,22 @@
+"""Parts several methods share: the classifier mixin, the paired splitter, the plan base."""
+
+from ._anndata import detached_anndata, label_names, registry_label_names
+from ._mixin import MIN_GENE_FRACTION, ClassifierMixin
+from ._plan import OPTIMIZERS, BaseTrainingPlan, sigmoid_ramp
+from ._splitter import LABELLED, UNLABELLED, PairedDataLoader, PairedDataSplitter, labelled_mask
+
+__all__ = [
+    "LABELLED",
+    "MIN_GENE_FRACTION",
+    "OPTIMIZERS",
+    "UNLABELLED",
+    "BaseTrainingPlan",
+    "ClassifierMixin",
+    "PairedDataLoader",
+    "PairedDataSplitter",
+    "detached_anndata",
+    "label_names",
+    "labelled_mask",
+    "registry_label_names",
+    "sigmoid_ramp",
+]

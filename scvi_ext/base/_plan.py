@@ -1,0 +1,123 @@
+"""Training plan base class shared by the scvi_ext models."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from scvi.module.base import BaseModuleClass
+from scvi.train import TrainingPlan
+
+OPTIMIZERS = {
+    "Adam": torch.optim.Adam,
+    "AdamW": torch.optim.AdamW,
+    "Adadelta": torch.optim.Adadelta,
+    "SGD": torch.optim.SGD,
+}
+
+
+def sigmoid_ramp(epoch: float, ramp_epochs: float) -> float:
+    """Sigmoid-shaped ramp from 0 to 1 over ``ramp_epochs`` (Laine & Aila, 2017).
+
+    ``exp(-5 (1 - t)^2)`` with ``t = min(epoch / ramp_epochs, 1)``; 1 when ``ramp_epochs``
+    is 0.
+    """
+    if ramp_epochs <= 0:
+        return 1.0
+    phase = 1.0 - min(max(epoch, 0.0), ramp_epochs) / ramp_epochs
+    return float(math.exp(-5.0 * phase * phase))
+
+
+class BaseTrainingPlan(TrainingPlan):
+    """A scvi :class:`~scvi.train.TrainingPlan` that fixes the pitfalls all our models share.
+
+    - puts the module back in train mode at the start of every epoch (scvi leaves it in
+      eval mode after ``train()``, ``load()`` or ``load_query_data()``);
+    - accepts any optimizer of :data:`OPTIMIZERS` by name;
+    - keeps, in memory, the weights of the epoch with the lowest ``validation_loss`` and
+      restores them when training ends (``restore_best_weights``).
+
+    Subclasses implement ``training_step`` and ``validation_step`` and log
+    ``validation_loss``.
+
+    Parameters
+    ----------
+    module
+        The module to train.
+    optimizer
+        ``"Adam"``, ``"AdamW"``, ``"Adadelta"``, ``"SGD"`` or ``"Custom"`` (with
+        ``optimizer_creator``).
+    lr
+        Learning rate.
+    weight_decay
+        Weight decay. Use 0 for query training: decay moves weights that
+        ``load_query_data`` froze with gradient hooks.
+    restore_best_weights
+        Restore the weights of the best validation epoch at the end of training.
+    **kwargs
+        Passed to :class:`~scvi.train.TrainingPlan`.
+    """
+
+    def __init__(
+        self,
+        module: BaseModuleClass,
+        *,
+        optimizer: Literal["Adam", "AdamW", "Adadelta", "SGD", "Custom"] = "Adam",
+        lr: float = 1e-3,
+        weight_decay: float = 1e-6,
+        restore_best_weights: bool = True,
+        **kwargs,
+    ):
+        if optimizer not in OPTIMIZERS and optimizer != "Custom":
+            raise ValueError(
+                f"optimizer '{optimizer}' is not supported; use one of "
+                f"{sorted(OPTIMIZERS)} or 'Custom' with optimizer_creator."
+            )
+        creator = kwargs.pop("optimizer_creator", None)
+        if optimizer != "Custom":
+            creator = self._create_optimizer
+        super().__init__(
+            module,
+            optimizer="Custom",
+            optimizer_creator=creator,
+            lr=lr,
+            weight_decay=weight_decay,
+            **kwargs,
+        )
+        self._optimizer_cls = OPTIMIZERS.get(optimizer)
+        self.restore_best_weights = restore_best_weights
+        self.best_validation_loss = math.inf
+        self.best_epoch: int | None = None
+        self._best_state: dict[str, torch.Tensor] | None = None
+
+    def _create_optimizer(self, params) -> torch.optim.Optimizer:
+        kwargs = {"lr": self.lr, "weight_decay": self.weight_decay}
+        if self._optimizer_cls in (torch.optim.Adam, torch.optim.AdamW):
+            kwargs["eps"] = self.eps
+        return self._optimizer_cls(params, **kwargs)
+
+    def on_train_epoch_start(self) -> None:
+        """Train mode at every epoch (dropout on, BatchNorm statistics updated)."""
+        self.module.train()
+
+    def on_validation_epoch_end(self) -> None:
+        """Remember the weights of the best validation epoch."""
+        if self.trainer.sanity_checking or not self.restore_best_weights:
+            return
+        value = self.trainer.callback_metrics.get("validation_loss")
+        if value is None:
+            return
+        value = float(value)
+        if value < self.best_validation_loss:
+            self.best_validation_loss = value
+            self.best_epoch = self.current_epoch
+            self._best_state = {
+                key: tensor.detach().clone() for key, tensor in self.module.state_dict().items()
+            }
+
+    def on_train_end(self) -> None:
+        """Restore the best validation epoch's weights."""
+        if self.restore_best_weights and self._best_state is not None:
+            self.module.load_state_dict(self._best_state)
+            self._best_state = None
