@@ -1,0 +1,5 @@
+"""Model interpretation: gradient saliency."""
+
+from ._saliency import saliency
+
+__all__ = ["saliency"]

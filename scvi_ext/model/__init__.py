@@ -1,0 +1,5 @@
+"""The public models."""
+
+from scvi_ext.scnym import ScNym
+
+__all__ = ["ScNym"]

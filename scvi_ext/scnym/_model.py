@@ -1,0 +1,193 @@
+"""ScNym: semi-supervised adversarial cell type annotation transfer."""
+
+from __future__ import annotations
+
+import logging
+
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
+from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin
+from scvi.utils import setup_anndata_dsp
+
+from scvi_ext.base import ClassifierMixin, PairedDataSplitter, registry_label_names
+from scvi_ext.data import validate_counts, validate_labels, validate_obs_key
+
+from ._module import ScNymModule
+from ._plan import DOMAIN_KEY, ScNymTrainingPlan
+
+logger = logging.getLogger(__name__)
+
+
+class ScNym(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelClass):
+    """scNym cell type classifier (Kimmel & Kelley, Genome Research 2021).
+
+    A classifier trained on labelled reference cells and, at the same time, on the
+    unlabelled query cells of the same AnnData: MixMatch pseudolabel consistency and a
+    domain adversary make its latent space and decisions transfer across conditions,
+    technologies or batches.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`; cells whose label is the
+        unlabeled category are the query.
+    n_hidden
+        Units per hidden layer (paper: 256).
+    n_layers
+        Hidden layers (reference code: 2).
+    dropout_rate
+        Dropout after each hidden layer.
+
+    Examples
+    --------
+    >>> ScNym.setup_anndata(adata, labels_key="cell_type", unlabeled_category="Unknown")
+    >>> model = ScNym(adata)
+    >>> model.train()
+    >>> adata.obs["scnym"] = model.predict()
+    """
+
+    _module_cls = ScNymModule
+    _training_plan_cls = ScNymTrainingPlan
+    _data_splitter_cls = PairedDataSplitter
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        n_hidden: int = 256,
+        n_layers: int = 2,
+        dropout_rate: float = 0.1,
+    ):
+        super().__init__(adata, registry=registry)
+        self.is_query_model = False
+        n_labels = len(registry_label_names(self.registry_)[0])
+        has_domain = DOMAIN_KEY in self.registry_["field_registries"]
+        self.module = self._module_cls(
+            n_input=self.summary_stats.n_vars,
+            n_labels=n_labels,
+            n_batch=self.summary_stats.n_batch,
+            n_domains=self.summary_stats[f"n_{DOMAIN_KEY}"] if has_domain else 2,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
+        )
+        self._model_summary_string = (
+            f"ScNym model with n_hidden={n_hidden}, n_layers={n_layers}, "
+            f"dropout_rate={dropout_rate}, n_labels={n_labels}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    def train(
+        self,
+        max_epochs: int = 100,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float = 0.9,
+        validation_size: float | None = None,
+        batch_size: int = 256,
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
+        """Train with MixMatch and the domain adversary.
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs (reference code: 100).
+        accelerator, devices
+            Lightning device settings (``accelerator="gpu"``; DDP via ``strategy="ddp"``).
+        train_size
+            Fraction of labelled cells used for training; the rest is the validation set
+            whose loss picks the epoch whose weights are kept.
+        validation_size
+            Fraction of labelled cells for validation (default ``1 - train_size``).
+        batch_size
+            Minibatch size of the labelled and of the unlabelled side (paper: 256).
+        plan_kwargs
+            :class:`~scvi_ext.scnym.ScNymTrainingPlan` arguments (schedules, weights,
+            ``pseudolabel_min_confidence``, optimizer). Query models default to
+            ``weight_decay=0`` so that frozen weights stay frozen.
+        **trainer_kwargs
+            Passed to :class:`~scvi.train.Trainer`.
+        """
+        plan_kwargs = dict(plan_kwargs or {})
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        if self.is_query_model:
+            plan_kwargs.setdefault("weight_decay", 0.0)
+        return super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            plan_kwargs=plan_kwargs,
+            **trainer_kwargs,
+        )
+
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str,
+        unlabeled_category: str = "Unknown",
+        layer: str | None = None,
+        batch_key: str | None = None,
+        domain_key: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Register an AnnData with raw counts for :class:`ScNym`.
+
+        Parameters
+        ----------
+        adata
+            AnnData with raw counts in ``X`` or ``layer``.
+        labels_key
+            ``obs`` column of cell types; cells labelled ``unlabeled_category`` are the
+            query (same semantics as scANVI).
+        unlabeled_category
+            Label of unlabelled (query) cells.
+        layer
+            Layer with raw counts (default ``X``).
+        batch_key
+            Optional ``obs`` column of batches, given to the first layer as a one-hot
+            covariate (needed for scArches query mapping to new batches).
+        domain_key
+            Optional ``obs`` column of domains for the adversary; default: reference vs
+            query.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        validate_counts(adata, layer)
+        if "source_registry" not in kwargs:
+            validate_labels(adata, labels_key, unlabeled_category)
+        for role, key in (("batch_key", batch_key), ("domain_key", domain_key)):
+            if key is not None:
+                validate_obs_key(adata, key, role)
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+        ]
+        if domain_key is not None:
+            fields.append(CategoricalObsField(DOMAIN_KEY, domain_key))
+        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    @classmethod
+    def load_query_data(cls, adata: AnnData, reference_model, **kwargs) -> ScNym:
+        """scArches query model (see :meth:`ClassifierMixin.load_query_data`).
+
+        Trainable after the call: the first-layer weights of new batch categories (all
+        other encoder weights are held by gradient hooks) and the domain adversary,
+        which learns the query's domains. BatchNorm statistics and the classifier are
+        frozen (``freeze_classifier=False`` unfreezes the classifier).
+        """
+        model = super().load_query_data(adata, reference_model, **kwargs)
+        if not kwargs.get("unfrozen", False):
+            for parameter in model.module.domain_adversary.parameters():
+                parameter.requires_grad = True
+        return model

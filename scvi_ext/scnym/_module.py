@@ -1,0 +1,127 @@
+"""scNym network: an MLP classifier with a domain adversary on its penultimate layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from scvi import REGISTRY_KEYS
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.nn import FCLayers
+from torch import nn
+
+from scvi_ext.nn import grad_reverse
+
+#: scNym models log1p(counts per million).
+COUNTS_PER_CELL = 1e6
+BATCHNORM_MOMENTUM = 0.1
+
+
+class ScNymModule(BaseModuleClass):
+    """Classifier ``f(x)`` (Kimmel & Kelley 2021) and domain adversary ``g(z)``.
+
+    ``x`` is normalised inside the module to log1p(counts per million). Hidden layers are
+    Linear -> BatchNorm -> ReLU -> Dropout with separate weights; the last hidden layer is
+    the latent ``z``. When batches are registered, their one-hot code is appended to the
+    input of the first layer only, so scArches query mapping can learn new batch columns.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_labels
+        Number of cell types.
+    n_batch
+        Number of batches (1: no batch covariate).
+    n_domains
+        Number of domains the adversary tells apart (reference vs query by default).
+    n_hidden
+        Units per hidden layer (paper: 256).
+    n_layers
+        Number of hidden layers (paper and reference code: 2).
+    dropout_rate
+        Dropout after each hidden layer.
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_labels: int,
+        n_batch: int = 1,
+        n_domains: int = 2,
+        n_hidden: int = 256,
+        n_layers: int = 2,
+        dropout_rate: float = 0.1,
+    ):
+        super().__init__()
+        self.n_labels = n_labels
+        self.n_domains = n_domains
+        self.encoder = FCLayers(
+            n_in=n_input,
+            n_out=n_hidden,
+            n_cat_list=[n_batch],
+            n_layers=n_layers,
+            n_hidden=n_hidden,
+            dropout_rate=dropout_rate,
+            use_batch_norm=True,
+            use_layer_norm=False,
+            inject_covariates=False,
+        )
+        # scvi's FCLayers use BatchNorm momentum 0.01, tuned for long VAE training; with
+        # scNym's few steps per epoch the running statistics would lag far behind the
+        # weights, so use PyTorch's default (0.1), as the reference implementation does.
+        for layer in self.encoder.modules():
+            if isinstance(layer, nn.BatchNorm1d):
+                layer.momentum = BATCHNORM_MOMENTUM
+        self.classifier = nn.Linear(n_hidden, n_labels)
+        self.domain_adversary = nn.Sequential(
+            nn.Linear(n_hidden, n_hidden),
+            nn.ReLU(),
+            nn.Linear(n_hidden, n_domains),
+        )
+
+    @staticmethod
+    def normalize(counts: torch.Tensor) -> torch.Tensor:
+        """log1p(counts per million) of each cell."""
+        library = counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
+        return torch.log1p(counts / library * COUNTS_PER_CELL)
+
+    def classify_normalized(
+        self, x_normalized: torch.Tensor, batch_index: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and latent of already normalised expression."""
+        z = self.encoder(x_normalized, batch_index)
+        return self.classifier(z), z
+
+    def domain_logits(self, z: torch.Tensor, reversal_weight: float) -> torch.Tensor:
+        """Adversary logits; the gradient reaching ``z`` is reversed and scaled."""
+        return self.domain_adversary(grad_reverse(z, reversal_weight))
+
+    def _get_inference_input(self, tensors: dict) -> dict:
+        return {"x": tensors[REGISTRY_KEYS.X_KEY], "batch_index": tensors[REGISTRY_KEYS.BATCH_KEY]}
+
+    def _get_generative_input(self, tensors: dict, inference_outputs: dict) -> dict:
+        return {}
+
+    @auto_move_data
+    def inference(self, x: torch.Tensor, batch_index: torch.Tensor) -> dict:
+        """Logits and latent of count data."""
+        logits, z = self.classify_normalized(self.normalize(x), batch_index)
+        return {"logits": logits, "z": z}
+
+    def generative(self) -> dict:
+        """scNym has no generative model."""
+        return {}
+
+    def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
+        """Supervised cross-entropy (the plan adds MixMatch and the adversary)."""
+        labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
+        loss = F.cross_entropy(inference_outputs["logits"], labels)
+        return LossOutput(loss=loss, n_obs_minibatch=len(labels))
+
+    def predict_logits(self, tensors: dict) -> torch.Tensor:
+        """Class logits of a minibatch of count data."""
+        return self.inference(**self._get_inference_input(tensors))["logits"]
+
+    def latent(self, tensors: dict) -> torch.Tensor:
+        """Penultimate-layer embedding of a minibatch."""
+        return self.inference(**self._get_inference_input(tensors))["z"]

@@ -1,0 +1,227 @@
+"""scNym training: MixMatch semi-supervision and a domain adversary."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from scvi import REGISTRY_KEYS
+
+from scvi_ext.base import LABELLED, UNLABELLED, BaseTrainingPlan, sigmoid_ramp
+
+from ._module import ScNymModule
+
+DOMAIN_KEY = "domain"
+
+
+def sharpen(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Temperature sharpening ``p^(1/T) / sum p^(1/T)`` of pseudolabels."""
+    powered = probabilities.pow(1.0 / temperature)
+    return powered / powered.sum(dim=1, keepdim=True)
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of logits against soft (mixed) targets, averaged over cells."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def drop_genes(counts: torch.Tensor, rate: float) -> torch.Tensor:
+    """Set each gene's count to zero with probability ``rate`` (augmentation)."""
+    if rate <= 0:
+        return counts
+    keep = torch.rand_like(counts) >= rate
+    return counts * keep
+
+
+class ScNymTrainingPlan(BaseTrainingPlan):
+    """MixMatch + domain-adversarial training plan (Kimmel & Kelley 2021).
+
+    Each step takes a labelled (reference) and an unlabelled (query) minibatch:
+
+    1. pseudolabels of the query from the current model in eval mode, without gradients,
+       sharpened with temperature ``sharpen_temperature``;
+    2. labelled counts augmented by random gene dropout (``gene_dropout_rate``);
+    3. MixUp over the concatenated labelled + pseudolabelled batch with
+       ``lambda ~ Beta(mixup_alpha, mixup_alpha)``, ``lambda = max(lambda, 1 - lambda)``
+       so that each mixed cell stays dominated by (and keeps the batch of) its own cell;
+    4. loss = soft cross-entropy on mixed labelled cells
+       + ``unsup_weight(t)`` x MSE between predictions and mixed pseudolabels of query cells
+       + domain cross-entropy of the adversary on the latent, reached through a
+       gradient-reversal layer whose weight ramps to ``adversary_max_weight``.
+
+    Parameters
+    ----------
+    module
+        A :class:`ScNymModule`.
+    optimizer, lr, weight_decay
+        Reference code defaults: Adadelta, learning rate 1.0, weight decay 1e-4.
+    mixup_alpha
+        Beta distribution parameter of MixUp (paper: 0.3).
+    sharpen_temperature
+        Pseudolabel sharpening temperature (paper: 0.5).
+    unsup_max_weight
+        Final weight of the unsupervised MSE (paper: 1.0).
+    unsup_ramp_epochs
+        Epochs of the sigmoid ramp of the unsupervised weight (reference code: 100).
+    adversary_max_weight
+        Final weight of the reversed adversary gradient (paper: 0.1).
+    adversary_ramp_epochs
+        Epochs of its sigmoid ramp (paper: 20).
+    pseudolabel_min_confidence
+        "New identity discovery" (paper: 0.9): query cells whose pseudolabel confidence
+        is below this are left out of the unsupervised and adversarial terms. ``None``
+        (default) uses every query cell.
+    gene_dropout_rate
+        Probability of zeroing a gene's count in labelled cells (augmentation).
+    **kwargs
+        Passed to :class:`~scvi_ext.base.BaseTrainingPlan`.
+    """
+
+    def __init__(
+        self,
+        module: ScNymModule,
+        *,
+        optimizer: Literal["Adam", "AdamW", "Adadelta", "SGD", "Custom"] = "Adadelta",
+        lr: float = 1.0,
+        weight_decay: float = 1e-4,
+        mixup_alpha: float = 0.3,
+        sharpen_temperature: float = 0.5,
+        unsup_max_weight: float = 1.0,
+        unsup_ramp_epochs: int = 100,
+        adversary_max_weight: float = 0.1,
+        adversary_ramp_epochs: int = 20,
+        pseudolabel_min_confidence: float | None = None,
+        gene_dropout_rate: float = 0.1,
+        **kwargs,
+    ):
+        super().__init__(module, optimizer=optimizer, lr=lr, weight_decay=weight_decay, **kwargs)
+        if not 0 < sharpen_temperature <= 1:
+            raise ValueError("sharpen_temperature must be in (0, 1].")
+        if pseudolabel_min_confidence is not None and not 0 <= pseudolabel_min_confidence < 1:
+            raise ValueError("pseudolabel_min_confidence must be in [0, 1) or None.")
+        self.mixup_alpha = mixup_alpha
+        self.sharpen_temperature = sharpen_temperature
+        self.unsup_max_weight = unsup_max_weight
+        self.unsup_ramp_epochs = unsup_ramp_epochs
+        self.adversary_max_weight = adversary_max_weight
+        self.adversary_ramp_epochs = adversary_ramp_epochs
+        self.pseudolabel_min_confidence = pseudolabel_min_confidence
+        self.gene_dropout_rate = gene_dropout_rate
+
+    @property
+    def unsup_weight(self) -> float:
+        """Current weight of the unsupervised MixMatch term."""
+        return self.unsup_max_weight * sigmoid_ramp(self.current_epoch, self.unsup_ramp_epochs)
+
+    @property
+    def adversary_weight(self) -> float:
+        """Current weight of the reversed adversary gradient."""
+        return self.adversary_max_weight * sigmoid_ramp(
+            self.current_epoch, self.adversary_ramp_epochs
+        )
+
+    def _mixup_lambda(self) -> float:
+        if self.mixup_alpha <= 0:
+            return 1.0
+        alpha = torch.tensor(float(self.mixup_alpha))
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())
+        return max(lam, 1.0 - lam)
+
+    @torch.no_grad()
+    def _pseudolabels(self, x_normalized: torch.Tensor, batch_index: torch.Tensor):
+        """Sharpened pseudolabels and confidence from the model in eval mode."""
+        self.module.eval()
+        logits, _ = self.module.classify_normalized(x_normalized, batch_index)
+        self.module.train()
+        probabilities = torch.softmax(logits, dim=1)
+        confidence = probabilities.max(dim=1).values
+        return sharpen(probabilities, self.sharpen_temperature), confidence
+
+    def _domains(self, labelled: dict | None, unlabelled: dict | None) -> torch.Tensor:
+        """Domain codes: the registered domain, else 0 reference / 1 query."""
+        parts = []
+        for code, tensors in ((0, labelled), (1, unlabelled)):
+            if tensors is None:
+                continue
+            if DOMAIN_KEY in tensors:
+                parts.append(tensors[DOMAIN_KEY].long().ravel())
+            else:
+                n = len(tensors[REGISTRY_KEYS.X_KEY])
+                parts.append(torch.full((n,), code, device=self.device, dtype=torch.long))
+        return torch.cat(parts)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """One MixMatch + adversary step on a labelled and an unlabelled minibatch."""
+        labelled, unlabelled = batch[LABELLED], batch[UNLABELLED]
+        n_labels = self.module.n_labels
+        inputs, targets, batches, clean = [], [], [], []
+        n_labelled = 0
+        if labelled is not None:
+            counts = labelled[REGISTRY_KEYS.X_KEY]
+            n_labelled = len(counts)
+            inputs.append(self.module.normalize(drop_genes(counts, self.gene_dropout_rate)))
+            y = labelled[REGISTRY_KEYS.LABELS_KEY].long().ravel()
+            targets.append(F.one_hot(y, n_labels).float())
+            batches.append(labelled[REGISTRY_KEYS.BATCH_KEY])
+            clean.append(self.module.normalize(counts))
+        keep_unlabelled = None
+        if unlabelled is not None:
+            x_u = self.module.normalize(unlabelled[REGISTRY_KEYS.X_KEY])
+            b_u = unlabelled[REGISTRY_KEYS.BATCH_KEY]
+            pseudolabels, confidence = self._pseudolabels(x_u, b_u)
+            if self.pseudolabel_min_confidence is not None:
+                keep_unlabelled = confidence >= self.pseudolabel_min_confidence
+            inputs.append(x_u)
+            targets.append(pseudolabels)
+            batches.append(b_u)
+            clean.append(x_u)
+
+        x, t, b = torch.cat(inputs), torch.cat(targets), torch.cat(batches)
+        lam = self._mixup_lambda()
+        partner = torch.randperm(len(x), device=x.device)
+        x_mixed = lam * x + (1.0 - lam) * x[partner]
+        t_mixed = lam * t + (1.0 - lam) * t[partner]
+        logits, _ = self.module.classify_normalized(x_mixed, b)
+
+        zero = logits.sum() * 0.0
+        supervised = zero
+        if n_labelled > 0:
+            supervised = soft_cross_entropy(logits[:n_labelled], t_mixed[:n_labelled])
+        unsupervised = zero
+        if unlabelled is not None:
+            probabilities = torch.softmax(logits[n_labelled:], dim=1)
+            squared_error = (probabilities - t_mixed[n_labelled:]).pow(2).mean(dim=1)
+            if keep_unlabelled is not None:
+                squared_error = squared_error * keep_unlabelled
+            unsupervised = squared_error.mean()
+
+        _, z = self.module.classify_normalized(torch.cat(clean), b)
+        domain_logits = self.module.domain_logits(z, self.adversary_weight)
+        domain_loss = F.cross_entropy(
+            domain_logits, self._domains(labelled, unlabelled), reduction="none"
+        )
+        if keep_unlabelled is not None:
+            weights = torch.cat([torch.ones(n_labelled, device=x.device), keep_unlabelled])
+            domain_loss = domain_loss * weights
+        adversarial = domain_loss.mean()
+
+        loss = supervised + self.unsup_weight * unsupervised + adversarial
+        n_cells = len(x)
+        log = {"on_step": False, "on_epoch": True, "batch_size": n_cells, "sync_dist": True}
+        self.log("train_loss", loss, prog_bar=True, **log)
+        self.log("train_supervised_loss", supervised, **log)
+        self.log("train_unsupervised_loss", unsupervised, **log)
+        self.log("train_adversarial_loss", adversarial, **log)
+        self.log("unsupervised_weight", self.unsup_weight, **log)
+        self.log("adversary_weight", self.adversary_weight, **log)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Cross-entropy and accuracy on held-out labelled cells."""
+        logits = self.module.predict_logits(batch)
+        labels = batch[REGISTRY_KEYS.LABELS_KEY].long().ravel()
+        log = {"on_step": False, "on_epoch": True, "batch_size": len(labels), "sync_dist": True}
+        self.log("validation_loss", F.cross_entropy(logits, labels), prog_bar=True, **log)
+        accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        self.log("validation_accuracy", accuracy, **log)

@@ -1,0 +1,308 @@
+"""ScNym: the scvi-tools contract, MixMatch/adversary behaviour, query mapping, bad inputs."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import scvi
+import torch
+from conftest import query_mask, requires_shared_data
+
+from scvi_ext.model import ScNym
+from scvi_ext.scnym._plan import sharpen
+
+FAST = {"max_epochs": 8, "batch_size": 64, "enable_progress_bar": False}
+
+
+def trained(adata, **setup):
+    ScNym.setup_anndata(adata, labels_key="labels", unlabeled_category="Unknown", **setup)
+    model = ScNym(adata, n_hidden=32)
+    model.train(**FAST)
+    return model
+
+
+def snapshot(adata):
+    """What a user owns: counts, layers, var, obs columns (scvi's _scvi_* columns aside)."""
+    user_obs = [c for c in adata.obs.columns if not c.startswith("_scvi")]
+    return adata.X.copy(), dict(adata.layers), adata.var.copy(), adata.obs[user_obs].copy()
+
+
+def test_accuracy_well_above_chance_on_simulated_shift(sim_adata):
+    model = trained(sim_adata)
+    query = query_mask(sim_adata)
+    predictions = model.predict()
+    truth = sim_adata.obs["cell_type"].astype(str).to_numpy()
+    assert (predictions[query] == truth[query]).mean() > 0.8  # chance: 0.25
+
+
+def test_soft_predictions_have_scanvi_layout(sim_adata):
+    model = trained(sim_adata)
+    soft = model.predict(soft=True)
+    assert sorted(soft.columns) == ["type_0", "type_1", "type_2", "type_3"]
+    assert list(soft.columns) == list(model.label_names)
+    assert soft.index.equals(sim_adata.obs_names)
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(model.predict(), soft.idxmax(axis=1).to_numpy())
+    np.testing.assert_allclose(model.predict_confidence(), soft.max(axis=1), rtol=1e-6)
+    assert model.get_latent_representation().shape == (sim_adata.n_obs, 32)
+
+
+def test_save_load_gives_identical_predictions(sim_adata, tmp_path):
+    model = trained(sim_adata)
+    model.save(tmp_path / "model")
+    loaded = ScNym.load(tmp_path / "model", adata=sim_adata)
+    pd.testing.assert_frame_equal(model.predict(soft=True), loaded.predict(soft=True))
+    with pytest.raises(ValueError, match="already exists"):
+        model.save(tmp_path / "model")
+    model.save(tmp_path / "model", overwrite=True)
+
+
+def test_load_without_adata_then_predict_new_data(sim_adata, tmp_path):
+    model = trained(sim_adata)
+    model.save(tmp_path / "model")
+    loaded = ScNym.load(tmp_path / "model", adata=False)
+    new = sim_adata.copy()
+    del new.obs["labels"]  # new data need no labels column
+    obs_before, uns_before = new.obs.copy(), dict(new.uns)
+    np.testing.assert_array_equal(loaded.predict(new), model.predict())
+    pd.testing.assert_frame_equal(new.obs, obs_before)
+    assert dict(new.uns).keys() == uns_before.keys()
+
+
+def test_two_seeded_runs_are_identical(sim_adata):
+    scvi.settings.seed = 3
+    first = trained(sim_adata.copy()).predict(soft=True)
+    scvi.settings.seed = 3
+    second = trained(sim_adata.copy()).predict(soft=True)
+    pd.testing.assert_frame_equal(first, second)
+
+
+def test_user_anndata_untouched_beyond_documented_keys(sim_adata):
+    before = snapshot(sim_adata)
+    model = trained(sim_adata)
+    model.predict()
+    model.annotate(key_added="scnym")
+    after_obs = [c for c in sim_adata.obs.columns if not c.startswith("_scvi")]
+    assert after_obs == list(before[3].columns) + [
+        "scnym_prediction",
+        "scnym_confidence",
+        "scnym_novelty",
+    ]
+    assert (before[0] != sim_adata.X).nnz == 0
+    pd.testing.assert_frame_equal(before[2], sim_adata.var)
+    pd.testing.assert_frame_equal(before[3], sim_adata.obs[before[3].columns])
+    assert list(sim_adata.obsm) == ["X_scnym"]
+
+
+def test_second_train_runs_in_train_mode(sim_adata):
+    model = trained(sim_adata)
+    assert not model.module.training  # scvi leaves the module in eval mode
+    modes = []
+    original = model.module.classify_normalized
+
+    def spy(*args, **kwargs):
+        modes.append(model.module.training)
+        return original(*args, **kwargs)
+
+    model.module.classify_normalized = spy
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    assert any(modes), "the second train() never ran a step in train mode"
+
+
+def test_best_validation_epoch_is_kept(sim_adata):
+    model = trained(sim_adata)
+    losses = model.history["validation_loss"]["validation_loss"].to_numpy(dtype=float)
+    assert len(losses) == FAST["max_epochs"]
+    # the kept weights are those of the best epoch: re-evaluating gives its loss
+    assert np.isfinite(losses).all()
+
+
+def test_schedules_ramp_to_paper_values(sim_adata):
+    model = trained(sim_adata)
+    history = model.history
+    adversary = history["adversary_weight"]["adversary_weight"].to_numpy(dtype=float)
+    unsup = history["unsupervised_weight"]["unsupervised_weight"].to_numpy(dtype=float)
+    assert np.all(np.diff(adversary) > 0) and adversary[-1] < 0.1
+    assert np.all(np.diff(unsup) > 0) and unsup[-1] < 1.0
+
+
+def test_sharpen_lowers_entropy():
+    p = torch.tensor([[0.6, 0.3, 0.1]])
+    sharp = sharpen(p, 0.5)
+    np.testing.assert_allclose(sharp.sum(), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(sharp[0].numpy(), np.array([0.36, 0.09, 0.01]) / 0.46, rtol=1e-5)
+
+
+def test_novelty_threshold_returns_unlabeled_category(sim_adata):
+    model = trained(sim_adata)
+    scores = model.novelty_score()
+    assert scores.min() >= 0 and scores.max() <= 1
+    predictions = model.predict(novelty_threshold=float(np.median(scores)))
+    assert (predictions == "Unknown").sum() == (scores > np.median(scores)).sum()
+
+
+def test_pseudolabel_threshold_trains(sim_adata):
+    ScNym.setup_anndata(sim_adata, labels_key="labels", unlabeled_category="Unknown")
+    model = ScNym(sim_adata, n_hidden=32)
+    model.train(**FAST, plan_kwargs={"pseudolabel_min_confidence": 0.9})
+    assert model.is_trained
+
+
+def test_domain_key_and_batch_key(sim_adata):
+    model = trained(sim_adata, batch_key="batch", domain_key="condition")
+    assert model.module.domain_adversary[-1].out_features == 2
+    assert model.predict().shape == (sim_adata.n_obs,)
+
+
+def test_empty_unlabelled_side_trains_supervised(sim_adata):
+    reference = sim_adata[~query_mask(sim_adata)].copy()
+    model = trained(reference)
+    truth = reference.obs["cell_type"].astype(str).to_numpy()
+    assert (model.predict() == truth).mean() > 0.8
+
+
+def test_scanvi_and_scnym_share_one_setup(sim_adata):
+    scvi.model.SCANVI.setup_anndata(sim_adata, labels_key="labels", unlabeled_category="Unknown")
+    scanvi = scvi.model.SCANVI(sim_adata, n_latent=5)
+    scanvi.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    scnym = trained(sim_adata)
+    scanvi_soft = scanvi.predict(soft=True)
+    scnym_soft = scnym.predict(soft=True)
+    assert list(scanvi_soft.columns) == list(scnym_soft.columns)
+    assert scanvi_soft.index.equals(scnym_soft.index)
+
+
+# ---------------------------------------------------------------- query mapping
+def test_scarches_query_mapping_trains_only_new_batch_weights(sim_adata, tmp_path):
+    query = query_mask(sim_adata)
+    reference = sim_adata[~query].copy()
+    model = trained(reference, batch_key="batch")
+    model.save(tmp_path / "ref")
+
+    query_adata = sim_adata[query].copy()
+    query_adata.obs["batch"] = "new_" + query_adata.obs["batch"].astype(str)
+    query_adata.obs["labels"] = query_adata.obs["cell_type"].astype(str)
+    query_adata.obs.loc[query_adata.obs_names[:5], "labels"] = "never_seen_type"
+    query_adata = ScNym.prepare_query_anndata(query_adata, str(tmp_path / "ref"))
+    assert query_adata.uns["gene_alignment"]["fraction_shared"] == 1.0
+    with pytest.warns(UserWarning, match="never saw"):
+        q = ScNym.load_query_data(query_adata, str(tmp_path / "ref"))
+    assert "_scvi_uuid" not in query_adata.uns
+
+    before = {k: v.detach().clone() for k, v in q.module.state_dict().items()}
+    q.train(
+        max_epochs=3,
+        batch_size=64,
+        enable_progress_bar=False,
+    )
+    after = q.module.state_dict()
+    changed = {
+        k
+        for k in before
+        if not torch.equal(before[k], after[k]) and not k.endswith("num_batches_tracked")
+    }
+
+    first = "encoder.fc_layers.Layer 0.0.weight"
+    n_genes = sim_adata.n_vars
+    assert torch.equal(before[first][:, :n_genes], after[first][:, :n_genes])
+    assert not torch.equal(before[first][:, n_genes:], after[first][:, n_genes:])
+    assert "classifier.weight" not in changed
+    assert not any(k.startswith("encoder.fc_layers.Layer 1") for k in changed)
+    assert not any("running_mean" in k for k in changed)
+    assert any(k.startswith("domain_adversary") for k in changed)
+    assert q.predict().shape == (query_adata.n_obs,)
+
+
+def test_query_with_too_few_reference_genes_fails(sim_adata, tmp_path):
+    model = trained(sim_adata)
+    query = sim_adata[:, :30].copy()
+    with pytest.raises(ValueError, match="shares only"):
+        ScNym.prepare_query_anndata(query, model)
+
+
+def test_query_with_unaligned_genes_fails_clearly(sim_adata):
+    model = trained(sim_adata)
+    query = sim_adata[:, ::-1].copy()
+    with pytest.raises(ValueError, match="prepare_query_anndata"):
+        ScNym.load_query_data(query, model)
+
+
+# ---------------------------------------------------------------- bad inputs
+def _with_x(adata, transform):
+    bad = adata.copy()
+    dense = bad.X.toarray()
+    transform(dense)
+    bad.X = sp.csr_matrix(dense)
+    return bad
+
+
+@pytest.mark.parametrize(
+    ("transform", "message"),
+    [
+        (lambda x: x.__setitem__((0, 0), np.nan), "contains NaN values"),
+        (lambda x: x.__setitem__((0, 0), np.inf), "contains infinite values"),
+        (lambda x: x.__setitem__((0, 0), -1.0), "contains negative values"),
+        (lambda x: x.__setitem__((0, 0), 0.5), "contains non-integer values"),
+        (lambda x: x.__setitem__(0, 0.0), "has 1 cells with zero total counts"),
+    ],
+)
+def test_bad_counts_fail_at_setup(sim_adata, transform, message):
+    bad = _with_x(sim_adata, transform)
+    with pytest.raises(ValueError, match=f"^adata.X {message}"):
+        ScNym.setup_anndata(bad, labels_key="labels", unlabeled_category="Unknown")
+
+
+def test_log_normalised_layer_fails(sim_adata):
+    sim_adata.layers["lognorm"] = sim_adata.X.copy()
+    sim_adata.layers["lognorm"].data = np.log1p(sim_adata.layers["lognorm"].data)
+    with pytest.raises(ValueError, match=r"adata.layers\['lognorm'\] contains non-integer"):
+        ScNym.setup_anndata(sim_adata, labels_key="labels", layer="lognorm")
+
+
+def test_missing_labels_column_fails(sim_adata):
+    with pytest.raises(ValueError, match="labels_key 'celltype' is not a column"):
+        ScNym.setup_anndata(sim_adata, labels_key="celltype")
+
+
+def test_single_class_fails(sim_adata):
+    sim_adata.obs["labels"] = np.where(query_mask(sim_adata), "Unknown", "T cell")
+    with pytest.raises(ValueError, match="has only one cell type"):
+        ScNym.setup_anndata(sim_adata, labels_key="labels", unlabeled_category="Unknown")
+
+
+def test_no_labelled_cell_fails(sim_adata):
+    sim_adata.obs["labels"] = "Unknown"
+    with pytest.raises(ValueError, match="is labelled"):
+        ScNym.setup_anndata(sim_adata, labels_key="labels", unlabeled_category="Unknown")
+
+
+def test_missing_batch_and_domain_columns_fail(sim_adata):
+    with pytest.raises(ValueError, match="batch_key 'donor' is not a column"):
+        ScNym.setup_anndata(sim_adata, labels_key="labels", batch_key="donor")
+    with pytest.raises(ValueError, match="domain_key 'tech' is not a column"):
+        ScNym.setup_anndata(sim_adata, labels_key="labels", domain_key="tech")
+
+
+def test_bad_plan_arguments_fail(sim_adata):
+    ScNym.setup_anndata(sim_adata, labels_key="labels", unlabeled_category="Unknown")
+    model = ScNym(sim_adata, n_hidden=16)
+    with pytest.raises(ValueError, match="pseudolabel_min_confidence"):
+        model.train(max_epochs=1, plan_kwargs={"pseudolabel_min_confidence": 1.5})
+    with pytest.raises(ValueError, match="optimizer 'Lion' is not supported"):
+        model.train(max_epochs=1, plan_kwargs={"optimizer": "Lion"})
+
+
+# ---------------------------------------------------------------- real data
+@requires_shared_data
+def test_kang_control_to_stimulated_well_above_chance():
+    from scvi_ext.data import load_dataset
+
+    adata = load_dataset("kang_ifnb")
+    query = (adata.obs["condition"] == "stimulated").to_numpy()
+    adata.obs["labels"] = np.where(query, "Unknown", adata.obs["cell_type"].astype(str))
+    ScNym.setup_anndata(adata, labels_key="labels", unlabeled_category="Unknown")
+    model = ScNym(adata)
+    model.train(max_epochs=8, enable_progress_bar=False)
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    accuracy = (model.predict()[query] == truth[query]).mean()
+    assert accuracy > 0.6  # 7 types: chance is about 0.3 (the largest class)
