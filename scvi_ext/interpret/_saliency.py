@@ -44,7 +44,7 @@ def saliency(
     model,
     adata: AnnData | None = None,
     cell_types: Sequence[str] | None = None,
-    method: Literal["integrated", "expected"] = "expected",
+    method: Literal["integrated", "expected"] = "integrated",
     n_steps: int = 32,
     n_cells: int = 200,
     n_top: int = 50,
@@ -57,7 +57,9 @@ def saliency(
     that type are attributed with integrated gradients (zero-expression baseline) or
     expected gradients (baselines drawn from the data, Erion et al. 2021) of the type's
     log-probability with respect to the model's normalised input; genes are ranked by the
-    mean attribution.
+    mean attribution. Integrated gradients (the default) rank a type's own markers first;
+    expected gradients also credit the absence of other types' markers, since the baseline
+    cells express them.
 
     Parameters
     ----------

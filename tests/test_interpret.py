@@ -1,0 +1,44 @@
+"""Gradient saliency recovers the simulated marker genes."""
+
+import pytest
+
+from scvi_ext.interpret import saliency
+from scvi_ext.model import ScNym
+
+
+@pytest.fixture
+def trained_model(sim_adata):
+    ScNym.setup_anndata(sim_adata, labels_key="labels", unlabeled_category="Unknown")
+    model = ScNym(sim_adata, n_hidden=32)
+    model.train(max_epochs=10, batch_size=64, enable_progress_bar=False)
+    return model
+
+
+def marker_hits(table, sim_adata) -> dict[str, float]:
+    """Fraction of each type's top genes that are its simulated markers."""
+    marker_of = sim_adata.var["marker_of"]
+    return {
+        cell_type: float((marker_of[genes.to_numpy()] == cell_type).mean())
+        for cell_type, genes in table.groupby("cell_type")["gene"]
+    }
+
+
+def test_integrated_gradients_rank_each_types_markers_first(trained_model, sim_adata):
+    table = saliency(trained_model, method="integrated", n_steps=8, n_cells=40, n_top=10)
+    assert set(table.columns) == {"cell_type", "rank", "gene", "score"}
+    assert sorted(table["cell_type"].unique()) == sorted(trained_model.label_names)
+    assert min(marker_hits(table, sim_adata).values()) >= 0.7  # chance: 0.15
+    assert (table.groupby("cell_type")["score"].apply(lambda s: s.is_monotonic_decreasing)).all()
+
+
+def test_expected_gradients_rank_markers_of_most_types(trained_model, sim_adata):
+    table = saliency(trained_model, method="expected", n_steps=8, n_cells=40, n_top=10)
+    hits = marker_hits(table, sim_adata)
+    assert sum(value >= 0.5 for value in hits.values()) >= len(hits) - 1
+
+
+def test_bad_saliency_arguments(trained_model):
+    with pytest.raises(ValueError, match="method must be"):
+        saliency(trained_model, method="guided")
+    with pytest.raises(ValueError, match="Unknown cell types"):
+        saliency(trained_model, cell_types=["neuron"])
