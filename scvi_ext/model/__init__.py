@@ -1,5 +1,7 @@
 """The public models."""
 
+from scvi_ext.cellular import CELLULAR
+from scvi_ext.classifier import LatentClassifier
 from scvi_ext.scnym import ScNym
 
-__all__ = ["ScNym"]
+__all__ = ["CELLULAR", "LatentClassifier", "ScNym"]

@@ -1,0 +1,479 @@
+"""Annotation-transfer methods compared by the benchmark.
+
+Every method has the signature ``(reference, query, labels_key, seed, **options) ->
+MethodResult``: it learns the labels ``reference.obs[labels_key]`` from raw counts in
+``reference.X`` and predicts them for the cells of ``query`` (same genes). A method
+whose optional dependency is missing raises :class:`MethodUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from unittest import mock
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+UNLABELED_CATEGORY = "Unknown"
+LABELS_COLUMN = "_bench_labels"
+DOMAIN_COLUMN = "_bench_domain"
+
+
+@dataclass
+class MethodResult:
+    """What one method returns for one split and seed.
+
+    Attributes
+    ----------
+    name
+        Method name, as in :data:`METHODS`.
+    predictions
+        Predicted label (string) for each query cell.
+    confidence
+        Maximum class probability for each query cell.
+    train_seconds
+        Wall time of model fitting (preprocessing excluded).
+    cells_per_second
+        Training cells processed per second per epoch; ``None`` for methods without
+        epochs.
+    latent
+        Optional embedding (reference + query cells, or query cells only).
+    latent_cells
+        ``"reference+query"`` or ``"query"``: which cells the rows of ``latent`` are.
+    settings
+        Short description of the training settings (epochs...), shown in the report.
+    extra
+        Method-specific details (e.g. ``n_epochs``).
+    """
+
+    name: str
+    predictions: np.ndarray
+    confidence: np.ndarray
+    train_seconds: float
+    cells_per_second: float | None = None
+    latent: np.ndarray | None = None
+    latent_cells: str = "reference+query"
+    settings: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class MethodUnavailableError(RuntimeError):
+    """Raised by a method whose optional dependency is not installed."""
+
+
+MethodFunction = Callable[..., MethodResult]
+
+
+def _check_inputs(reference: ad.AnnData, query: ad.AnnData, labels_key: str) -> ad.AnnData:
+    """Check the labels and genes; return ``query`` with genes in the reference order."""
+    if labels_key not in reference.obs:
+        raise KeyError(f"labels_key {labels_key!r} is not a column of reference.obs.")
+    missing = reference.var_names.difference(query.var_names)
+    if len(missing) > 0:
+        raise ValueError(
+            f"{len(missing)} reference genes are absent from the query (e.g. "
+            f"{list(missing[:3])}); subset both to their shared genes first."
+        )
+    if not query.var_names.equals(reference.var_names):
+        query = query[:, reference.var_names]
+    return query
+
+
+def log_normalize(adata: ad.AnnData, target_sum: float = 1e4) -> ad.AnnData:
+    """Return a new AnnData with ``log1p`` of counts scaled to ``target_sum`` per cell.
+
+    Parameters
+    ----------
+    adata
+        Raw counts in ``X``.
+    target_sum
+        Total count of each cell after scaling (1e4: "CP10k").
+
+    Returns
+    -------
+    New AnnData (same ``obs_names`` and ``var_names``, no annotations).
+    """
+    import scanpy as sc
+
+    counts = adata.X if sp.issparse(adata.X) else np.asarray(adata.X)
+    out = ad.AnnData(
+        X=counts.astype(np.float32, copy=True),
+        obs=pd.DataFrame(index=adata.obs_names.copy()),
+        var=pd.DataFrame(index=adata.var_names.copy()),
+    )
+    sc.pp.normalize_total(out, target_sum=target_sum)
+    sc.pp.log1p(out)
+    return out
+
+
+def concat_reference_query(
+    reference: ad.AnnData,
+    query: ad.AnnData,
+    labels_key: str,
+    unlabeled_category: str = UNLABELED_CATEGORY,
+    batch_key: str | None = None,
+) -> ad.AnnData:
+    """Stack reference and query counts into one AnnData for semi-supervised training.
+
+    Parameters
+    ----------
+    reference
+        Labelled cells, raw counts in ``X``; cells with a missing label are unlabelled.
+    query
+        Cells to annotate, the same genes as ``reference``.
+    labels_key
+        Label column of ``reference.obs``.
+    unlabeled_category
+        Label given to every query cell.
+    batch_key
+        Optional ``obs`` column present in both, copied as ``obs["batch"]``.
+
+    Returns
+    -------
+    AnnData with the reference rows first; ``obs["_bench_labels"]`` (reference labels,
+    ``unlabeled_category`` for query cells), ``obs["_bench_domain"]``
+    (``"reference"`` / ``"query"``) and, with ``batch_key``, ``obs["batch"]``. Cell
+    names are prefixed with ``ref-`` / ``query-`` so they are unique.
+    """
+    query = _check_inputs(reference, query, labels_key)
+    labels = reference.obs[labels_key]
+    labels = np.where(labels.isna(), unlabeled_category, labels.astype(str))
+    obs = pd.DataFrame(
+        {
+            LABELS_COLUMN: np.concatenate([labels, np.full(query.n_obs, unlabeled_category)]),
+            DOMAIN_COLUMN: np.repeat(["reference", "query"], [reference.n_obs, query.n_obs]),
+        },
+        index=[f"ref-{name}" for name in reference.obs_names]
+        + [f"query-{name}" for name in query.obs_names],
+    )
+    if batch_key is not None:
+        for name, adata in (("reference", reference), ("query", query)):
+            if batch_key not in adata.obs:
+                raise KeyError(f"batch_key {batch_key!r} is not a column of {name}.obs.")
+        obs["batch"] = np.concatenate(
+            [reference.obs[batch_key].astype(str), query.obs[batch_key].astype(str)]
+        )
+    for column in obs:
+        obs[column] = obs[column].astype("category")
+    counts = (
+        sp.vstack([sp.csr_matrix(reference.X), sp.csr_matrix(query.X)], format="csr")
+        if sp.issparse(reference.X) or sp.issparse(query.X)
+        else np.vstack([np.asarray(reference.X), np.asarray(query.X)])
+    )
+    return ad.AnnData(
+        X=counts.astype(np.float32), obs=obs, var=pd.DataFrame(index=reference.var_names.copy())
+    )
+
+
+def _scaled_epochs(max_epochs: int, epochs_scale: float) -> int:
+    return max(1, int(round(max_epochs * epochs_scale)))
+
+
+def logistic_regression(
+    reference: ad.AnnData,
+    query: ad.AnnData,
+    labels_key: str,
+    seed: int = 0,
+    *,
+    n_top_genes: int = 2000,
+    max_iter: int = 1000,
+) -> MethodResult:
+    """Logistic regression on log-normalised HVGs of the reference.
+
+    Parameters
+    ----------
+    reference, query, labels_key, seed
+        See the module docstring.
+    n_top_genes
+        Number of highly variable genes (scanpy ``seurat`` flavour on the log data of
+        the reference); all genes when there are fewer.
+    max_iter
+        Iterations of :class:`sklearn.linear_model.LogisticRegression`.
+
+    Returns
+    -------
+    :class:`MethodResult` without latent.
+    """
+    import scanpy as sc
+    from sklearn.linear_model import LogisticRegression
+
+    query = _check_inputs(reference, query, labels_key)
+    reference_log = log_normalize(reference)
+    query_log = log_normalize(query)
+    if reference.n_vars > n_top_genes:
+        sc.pp.highly_variable_genes(reference_log, n_top_genes=n_top_genes, flavor="seurat")
+        genes = reference_log.var["highly_variable"].to_numpy()
+    else:
+        genes = np.ones(reference.n_vars, dtype=bool)
+    labels = reference.obs[labels_key].astype(str).to_numpy()
+
+    classifier = LogisticRegression(max_iter=max_iter, random_state=seed)
+    start = time.perf_counter()
+    classifier.fit(reference_log.X[:, genes], labels)
+    train_seconds = time.perf_counter() - start
+    proba = classifier.predict_proba(query_log.X[:, genes])
+    return MethodResult(
+        name="logistic_regression",
+        predictions=classifier.classes_[proba.argmax(axis=1)].astype(str),
+        confidence=proba.max(axis=1),
+        train_seconds=train_seconds,
+        cells_per_second=None,
+        settings=f"{int(genes.sum())} HVGs, max_iter={max_iter}",
+    )
+
+
+def scanvi(
+    reference: ad.AnnData,
+    query: ad.AnnData,
+    labels_key: str,
+    seed: int = 0,
+    *,
+    max_epochs: int = 200,
+    scanvi_max_epochs: int = 20,
+    epochs_scale: float = 1.0,
+    progress_bar: bool = False,
+) -> MethodResult:
+    """scVI pre-training then scANVI on reference + query (query cells unlabelled).
+
+    Parameters
+    ----------
+    reference, query, labels_key, seed
+        See the module docstring; ``seed`` is set by the runner through
+        ``scvi.settings.seed``.
+    max_epochs
+        scVI epochs (scvi-tools default for this data size: 200 here).
+    scanvi_max_epochs
+        scANVI fine-tuning epochs.
+    epochs_scale
+        Multiplies both epoch counts (at least one epoch each).
+    progress_bar
+        Show Lightning progress bars.
+
+    Returns
+    -------
+    :class:`MethodResult` with the scANVI latent of reference + query cells.
+    """
+    import scvi
+
+    adata = concat_reference_query(reference, query, labels_key)
+    n_scvi_epochs = _scaled_epochs(max_epochs, epochs_scale)
+    n_scanvi_epochs = _scaled_epochs(scanvi_max_epochs, epochs_scale)
+    trainer_kwargs = {"enable_progress_bar": progress_bar}
+
+    scvi.model.SCVI.setup_anndata(adata, batch_key=DOMAIN_COLUMN, labels_key=LABELS_COLUMN)
+    start = time.perf_counter()
+    vae = scvi.model.SCVI(adata)
+    vae.train(max_epochs=n_scvi_epochs, **trainer_kwargs)
+    model = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category=UNLABELED_CATEGORY)
+    model.train(max_epochs=n_scanvi_epochs, **trainer_kwargs)
+    train_seconds = time.perf_counter() - start
+
+    query_indices = np.arange(reference.n_obs, adata.n_obs)
+    proba = model.predict(adata, indices=query_indices, soft=True)
+    n_epochs = n_scvi_epochs + n_scanvi_epochs
+    return MethodResult(
+        name="scanvi",
+        predictions=proba.idxmax(axis=1).astype(str).to_numpy(),
+        confidence=proba.max(axis=1).to_numpy(),
+        train_seconds=train_seconds,
+        cells_per_second=adata.n_obs * n_epochs / train_seconds,
+        latent=model.get_latent_representation(adata),
+        settings=f"scVI {n_scvi_epochs} + scANVI {n_scanvi_epochs} epochs",
+        extra={"n_epochs": n_epochs},
+    )
+
+
+def _one_vs_rest_classifier(indata, labels, C, solver, max_iter, n_jobs, **kwargs):
+    """CellTypist's one-vs-rest logistic regression for scikit-learn >= 1.8.
+
+    CellTypist passes ``multi_class="ovr"``, which recent scikit-learn removed. This
+    fits the same per-class binary models and packs them into one
+    ``LogisticRegression`` (``coef_``, ``intercept_``, ``classes_``), which is all
+    CellTypist reads at prediction time (``decision_function`` then a sigmoid).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+
+    solver = solver or ("sag" if len(labels) > 50000 else "lbfgs")
+    ovr = OneVsRestClassifier(
+        LogisticRegression(C=C, solver=solver, max_iter=max_iter, **kwargs), n_jobs=n_jobs
+    )
+    ovr.fit(indata, labels)
+    classifier = LogisticRegression(C=C, solver=solver, max_iter=max_iter, **kwargs)
+    classifier.classes_ = ovr.classes_
+    classifier.coef_ = np.vstack([estimator.coef_ for estimator in ovr.estimators_])
+    classifier.intercept_ = np.concatenate([estimator.intercept_ for estimator in ovr.estimators_])
+    classifier.n_features_in_ = classifier.coef_.shape[1]
+    return classifier
+
+
+def _sklearn_has_multi_class() -> bool:
+    import inspect
+
+    from sklearn.linear_model import LogisticRegression
+
+    return "multi_class" in inspect.signature(LogisticRegression).parameters
+
+
+def celltypist(
+    reference: ad.AnnData,
+    query: ad.AnnData,
+    labels_key: str,
+    seed: int = 0,
+    *,
+    max_iter: int = 200,
+) -> MethodResult:
+    """CellTypist logistic regression (all genes, no SGD, no majority voting).
+
+    Parameters
+    ----------
+    reference, query, labels_key, seed
+        See the module docstring.
+    max_iter
+        Iterations of the logistic regression.
+
+    Returns
+    -------
+    :class:`MethodResult` without latent.
+
+    Raises
+    ------
+    MethodUnavailableError
+        When ``celltypist`` is not installed.
+
+    Notes
+    -----
+    CellTypist <= 1.7 passes ``multi_class="ovr"`` to scikit-learn, which removed it
+    in 1.8; with such a scikit-learn the same one-vs-rest fit is patched in for the
+    duration of the call (see ``settings``).
+    """
+    try:
+        celltypist_pkg = importlib.import_module("celltypist")
+    except ImportError as error:
+        raise MethodUnavailableError(
+            "celltypist is not installed (pip install 'scvi-ext[bench]')."
+        ) from error
+    train_module = importlib.import_module("celltypist.train")
+
+    query = _check_inputs(reference, query, labels_key)
+    reference_log = log_normalize(reference)
+    query_log = log_normalize(query)
+    labels = reference.obs[labels_key].astype(str).to_numpy()
+
+    settings = f"max_iter={max_iter}"
+    patch = contextlib.nullcontext()
+    if not _sklearn_has_multi_class():
+        patch = mock.patch.object(train_module, "_LRClassifier", _one_vs_rest_classifier)
+        settings += ", one-vs-rest shim"
+    start = time.perf_counter()
+    with patch:
+        model = celltypist_pkg.train(
+            reference_log,
+            labels=labels,
+            use_SGD=False,
+            feature_selection=False,
+            n_jobs=1,
+            max_iter=max_iter,
+        )
+    train_seconds = time.perf_counter() - start
+    annotation = celltypist_pkg.annotate(query_log, model=model, majority_voting=False)
+    proba = annotation.probability_matrix
+    return MethodResult(
+        name="celltypist",
+        predictions=annotation.predicted_labels["predicted_labels"].astype(str).to_numpy(),
+        confidence=proba.max(axis=1).to_numpy(),
+        train_seconds=train_seconds,
+        cells_per_second=None,
+        settings=settings,
+    )
+
+
+def _import_scnym() -> type:
+    try:
+        from scvi_ext.model import ScNym
+    except ImportError as error:
+        raise MethodUnavailableError(f"scvi_ext.model.ScNym is not importable: {error}") from error
+    return ScNym
+
+
+def scnym(
+    reference: ad.AnnData,
+    query: ad.AnnData,
+    labels_key: str,
+    seed: int = 0,
+    *,
+    max_epochs: int | None = None,
+    epochs_scale: float = 1.0,
+    progress_bar: bool = False,
+    train_kwargs: dict[str, Any] | None = None,
+) -> MethodResult:
+    """ScNym (``scvi_ext.model.ScNym``) trained on reference + unlabelled query.
+
+    Parameters
+    ----------
+    reference, query, labels_key, seed
+        See the module docstring.
+    max_epochs
+        Training epochs; ``None`` keeps the model's default (``epochs_scale`` then
+        does not apply).
+    epochs_scale
+        Multiplies ``max_epochs`` when it is given.
+    progress_bar
+        Show Lightning progress bars.
+    train_kwargs
+        Extra keyword arguments for ``ScNym.train``.
+
+    Returns
+    -------
+    :class:`MethodResult` with the ScNym latent of reference + query cells.
+    """
+    model_cls = _import_scnym()
+    adata = concat_reference_query(reference, query, labels_key)
+    model_cls.setup_anndata(adata, labels_key=LABELS_COLUMN, unlabeled_category=UNLABELED_CATEGORY)
+    model = model_cls(adata)
+    train_kwargs = {"enable_progress_bar": progress_bar, **(train_kwargs or {})}
+    if max_epochs is not None:
+        train_kwargs["max_epochs"] = _scaled_epochs(max_epochs, epochs_scale)
+    start = time.perf_counter()
+    model.train(**train_kwargs)
+    train_seconds = time.perf_counter() - start
+
+    proba = model.predict(soft=True)
+    query_proba = proba.iloc[reference.n_obs :]
+    n_epochs = _trained_epochs(model, train_kwargs.get("max_epochs"))
+    return MethodResult(
+        name="scnym",
+        predictions=query_proba.idxmax(axis=1).astype(str).to_numpy(),
+        confidence=query_proba.max(axis=1).to_numpy(),
+        train_seconds=train_seconds,
+        cells_per_second=None if n_epochs is None else adata.n_obs * n_epochs / train_seconds,
+        latent=np.asarray(model.get_latent_representation()),
+        settings="" if n_epochs is None else f"{n_epochs} epochs",
+        extra={"n_epochs": n_epochs},
+    )
+
+
+def _trained_epochs(model: Any, requested: int | None) -> int | None:
+    """Epochs actually run (early stopping may stop before ``max_epochs``)."""
+    history = getattr(model, "history", None) or {}
+    if "train_loss_epoch" in history:
+        return len(history["train_loss_epoch"])
+    if requested is not None:
+        return requested
+    return getattr(getattr(model, "trainer", None), "max_epochs", None)
+
+
+METHODS: dict[str, MethodFunction] = {
+    "scnym": scnym,
+    "scanvi": scanvi,
+    "celltypist": celltypist,
+    "logistic_regression": logistic_regression,
+}
+"""Registered methods, by name. Add an entry to benchmark a new method."""

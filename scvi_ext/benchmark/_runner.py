@@ -1,0 +1,322 @@
+"""Run annotation-transfer methods on one task and write the report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import random
+from pathlib import Path
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+
+from ._methods import METHODS, MethodResult, MethodUnavailableError, log_normalize
+from ._plots import plot_accuracy, plot_reliability, plot_umap
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METHODS = ("scnym", "scanvi", "celltypist", "logistic_regression")
+
+# (column, header, number format) of the markdown summary table.
+SUMMARY_COLUMNS = (
+    ("accuracy", "accuracy", ".3f"),
+    ("balanced_accuracy", "balanced accuracy", ".3f"),
+    ("macro_f1", "macro F1", ".3f"),
+    ("weighted_f1", "weighted F1", ".3f"),
+    ("ece", "ECE", ".3f"),
+    ("confidence_correct", "confidence (right)", ".3f"),
+    ("confidence_wrong", "confidence (wrong)", ".3f"),
+    ("train_seconds", "train s", ".1f"),
+    ("cells_per_second", "cells/s", ".0f"),
+)
+
+
+def set_seed(seed: int) -> None:
+    """Seed scvi-tools (Lightning), numpy's global generator, torch and ``random``."""
+    import scvi
+    import torch
+
+    scvi.settings.seed = seed
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (code under test draws from the global generator)
+    torch.manual_seed(seed)
+
+
+def score_predictions(y_true: np.ndarray, result: MethodResult) -> dict[str, float]:
+    """Classification metrics of one method's query predictions.
+
+    Parameters
+    ----------
+    y_true
+        True labels of the query cells.
+    result
+        The method's output.
+
+    Returns
+    -------
+    :func:`scvi_ext.metrics.classification_report` plus ``mean_confidence``,
+    ``confidence_correct`` and ``confidence_wrong`` (mean confidence of right and of
+    wrong predictions; NaN when there are none).
+    """
+    from scvi_ext.metrics import classification_report
+
+    y_true = np.asarray(y_true).astype(str)
+    y_pred = np.asarray(result.predictions).astype(str)
+    confidence = np.asarray(result.confidence, dtype=float)
+    scores = {
+        key: float(value)
+        for key, value in classification_report(y_true, y_pred, confidence=confidence).items()
+    }
+    correct = y_true == y_pred
+    scores["mean_confidence"] = float(confidence.mean())
+    scores["confidence_correct"] = float(confidence[correct].mean()) if correct.any() else np.nan
+    scores["confidence_wrong"] = float(confidence[~correct].mean()) if (~correct).any() else np.nan
+    return scores
+
+
+def machine_info() -> dict[str, str]:
+    """Platform, CPU count, Python, torch and scvi-tools versions, accelerator."""
+    import scvi
+    import torch
+
+    accelerator = "CPU"
+    if torch.cuda.is_available():
+        accelerator = f"CUDA: {torch.cuda.get_device_name(0)}"
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu count": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "scvi-tools": scvi.__version__,
+        "accelerator": accelerator,
+    }
+
+
+def _format_cell(values: pd.Series, number_format: str) -> str:
+    values = values.dropna()
+    if values.empty:
+        return "–"
+    mean = format(values.mean(), number_format)
+    if len(values) < 2:
+        return mean
+    return f"{mean} ± {format(values.std(ddof=1), number_format)}"
+
+
+def summary_table(results: pd.DataFrame, columns: list[str] | None = None) -> str:
+    """Markdown table of mean ± sd over seeds, one row per method.
+
+    Parameters
+    ----------
+    results
+        Per-seed results as returned by :func:`run_benchmark`.
+    columns
+        Metric columns to show (default: all of ``SUMMARY_COLUMNS``).
+
+    Returns
+    -------
+    The table, in markdown.
+    """
+    shown = [spec for spec in SUMMARY_COLUMNS if columns is None or spec[0] in columns]
+    header = ["method", "training", *(title for _, title, _ in shown)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for method, rows in results.groupby("method", sort=False):
+        cells = [str(method), str(rows["settings"].iloc[0]) or "–"]
+        cells += [_format_cell(rows[column], number_format) for column, _, number_format in shown]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _write_summary(
+    path: Path,
+    task: str,
+    results: pd.DataFrame,
+    seeds: list[int],
+    split: dict[str, Any],
+    skipped: dict[str, str],
+    command: str,
+    caption: str | None,
+) -> None:
+    lines = [f"# Benchmark: {task}", ""]
+    lines += [
+        f"Reference: {split['n_reference']} cells, query: {split['n_query']} cells, "
+        f"{split['n_genes']} genes, labels `{split['labels_key']}` "
+        f"({split['n_labels']} in the reference). Seeds: {', '.join(map(str, seeds))}. "
+        "Metrics on the query cells, mean ± sd over seeds.",
+        "",
+    ]
+    if caption:
+        lines += [caption, ""]
+    lines += [summary_table(results), ""]
+    if skipped:
+        lines += ["Skipped methods:", ""]
+        lines += [f"- {name}: {reason}" for name, reason in skipped.items()]
+        lines.append("")
+    lines += [
+        "`train s`: wall time of model fitting; `cells/s`: training cells processed per "
+        "second per epoch (– for methods without epochs); `confidence (right/wrong)`: mean "
+        "maximum class probability of the right and of the wrong predictions.",
+        "",
+        "## Command",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        "## Machine",
+        "",
+    ]
+    lines += [f"- {key}: {value}" for key, value in machine_info().items()]
+    lines += ["", "Plots: `accuracy.png`, `reliability.png`, `umap_query.png` (first seed).", ""]
+    path.write_text("\n".join(lines))
+
+
+def _query_umap(query: ad.AnnData, seed: int) -> np.ndarray:
+    """2-D UMAP of the query cells (log-normalised, HVGs, PCA, kNN graph)."""
+    import scanpy as sc
+
+    query_log = log_normalize(query)
+    if query_log.n_vars > 2000:
+        sc.pp.highly_variable_genes(query_log, n_top_genes=2000, flavor="seurat", subset=True)
+    n_comps = int(min(30, query_log.n_obs - 1, query_log.n_vars - 1))
+    sc.pp.pca(query_log, n_comps=n_comps, random_state=seed)
+    sc.pp.neighbors(query_log, n_neighbors=min(15, query_log.n_obs - 1), random_state=seed)
+    sc.tl.umap(query_log, random_state=seed)
+    return query_log.obsm["X_umap"]
+
+
+def run_benchmark(
+    task: str,
+    seeds: list[int],
+    methods: list[str] | None = None,
+    outdir: str | Path = "benchmark_outputs",
+    method_kwargs: dict[str, dict[str, Any]] | None = None,
+    task_kwargs: dict[str, Any] | None = None,
+    command: str | None = None,
+    caption: str | None = None,
+    plots: bool = True,
+) -> pd.DataFrame:
+    """Run methods on one task for several seeds and write a report.
+
+    Every method sees the same reference/query split; before each method and seed the
+    global seeds are set (:func:`set_seed`).
+
+    Parameters
+    ----------
+    task
+        Name in :data:`~scvi_ext.benchmark.TASKS`.
+    seeds
+        Seeds; each method runs once per seed.
+    methods
+        Names in :data:`~scvi_ext.benchmark.METHODS` (default: all). Methods whose
+        optional dependency is missing are skipped and listed in the report.
+    outdir
+        Folder for ``results_per_seed.csv``, ``summary.md``, ``accuracy.png``,
+        ``reliability.png`` and ``umap_query.png`` (created if needed).
+    method_kwargs
+        Options per method name, e.g. ``{"scanvi": {"max_epochs": 2}}``.
+    task_kwargs
+        Options of the task function (e.g. the size of the ``simulated`` task).
+    command
+        Command line recorded in the report (default: the Python call).
+    caption
+        Extra sentence written above the table.
+    plots
+        Write the PNG figures.
+
+    Returns
+    -------
+    One row per method and seed: the metrics of
+    :func:`~scvi_ext.metrics.classification_report` on the query, ``mean_confidence``,
+    ``confidence_correct``, ``confidence_wrong``, ``train_seconds``,
+    ``cells_per_second`` and ``settings``.
+    """
+    from ._tasks import TASKS
+
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; available: {sorted(TASKS)}.")
+    methods = list(DEFAULT_METHODS if methods is None else methods)
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown methods {unknown}; available: {sorted(METHODS)}.")
+    if not seeds:
+        raise ValueError("Give at least one seed.")
+    method_kwargs = method_kwargs or {}
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    if command is None:
+        command = (
+            f"run_benchmark(task={task!r}, seeds={list(seeds)}, methods={methods}, "
+            f"method_kwargs={method_kwargs}, task_kwargs={task_kwargs})"
+        )
+
+    reference, query, labels_key = TASKS[task](**(task_kwargs or {}))
+    y_true = query.obs[labels_key].astype(str).to_numpy()
+    split = {
+        "n_reference": reference.n_obs,
+        "n_query": query.n_obs,
+        "n_genes": reference.n_vars,
+        "labels_key": labels_key,
+        "n_labels": reference.obs[labels_key].nunique(),
+    }
+    logger.info("Task %s: %s", task, split)
+
+    rows, first_seed_results, skipped = [], {}, {}
+    for seed in seeds:
+        for name in methods:
+            if name in skipped:
+                continue
+            logger.info("Running %s (seed %d)", name, seed)
+            set_seed(seed)
+            try:
+                result = METHODS[name](
+                    reference, query, labels_key, seed, **method_kwargs.get(name, {})
+                )
+            except MethodUnavailableError as error:
+                logger.warning("Skipping %s: %s", name, error)
+                skipped[name] = str(error)
+                continue
+            scores = score_predictions(y_true, result)
+            rows.append(
+                {
+                    "task": task,
+                    "method": name,
+                    "seed": seed,
+                    **scores,
+                    "train_seconds": result.train_seconds,
+                    "cells_per_second": result.cells_per_second,
+                    "settings": result.settings,
+                    "n_reference": reference.n_obs,
+                    "n_query": query.n_obs,
+                }
+            )
+            logger.info("%s seed %d: accuracy %.3f", name, seed, scores["accuracy"])
+            if seed == seeds[0]:
+                first_seed_results[name] = result
+
+    results = pd.DataFrame(rows)
+    if results.empty:
+        raise RuntimeError(f"No method could run: {skipped}.")
+    results["cells_per_second"] = results["cells_per_second"].astype(float)
+    results.to_csv(outdir / "results_per_seed.csv", index=False)
+    _write_summary(
+        outdir / "summary.md",
+        task,
+        results,
+        list(seeds),
+        split,
+        skipped,
+        command,
+        caption,
+    )
+    if plots:
+        plot_accuracy(results, outdir / "accuracy.png")
+        plot_reliability(y_true, first_seed_results, outdir / "reliability.png")
+        plot_umap(
+            _query_umap(query, seeds[0]), y_true, first_seed_results, outdir / "umap_query.png"
+        )
+    return results

@@ -1,0 +1,26 @@
+"""CELLULAR: contrastive cell embeddings with cell type centroid structure."""
+
+from ._losses import (
+    batch_mixing_loss,
+    cell_type_loss,
+    centroid_loss,
+    class_weights,
+    reference_centroid_distances,
+)
+from ._model import CELLULAR
+from ._module import CELLULARModule, FeedForwardEncoder
+from ._plan import CELLULARTrainingPlan, WarmupCosineMixin, warmup_cosine_factor
+
+__all__ = [
+    "CELLULAR",
+    "CELLULARModule",
+    "CELLULARTrainingPlan",
+    "FeedForwardEncoder",
+    "WarmupCosineMixin",
+    "batch_mixing_loss",
+    "cell_type_loss",
+    "centroid_loss",
+    "class_weights",
+    "reference_centroid_distances",
+    "warmup_cosine_factor",
+]

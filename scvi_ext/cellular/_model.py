@@ -1,0 +1,509 @@
+"""CELLULAR: contrastive cell embeddings with cell type centroid structure."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
+from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin
+from scvi.utils import setup_anndata_dsp
+
+from scvi_ext.base import (
+    ClassifierMixin,
+    detached_anndata,
+    labelled_mask,
+    registry_label_names,
+)
+from scvi_ext.data import validate_counts, validate_labels, validate_obs_key
+
+from ._losses import class_weights, reference_centroid_distances
+from ._module import CELLULARModule
+from ._plan import CELLULARTrainingPlan
+from ._transformer import (
+    SAVED_EMBEDDINGS_KEY,
+    TransformerEncoder,
+    gene_embedding_matrix,
+    resolve_gene_sets,
+)
+
+logger = logging.getLogger(__name__)
+
+REPRESENTATION_METHODS = ("centroid", "median", "medoid")
+
+
+def _normalized_dense(counts, library_size: float) -> np.ndarray:
+    """log1p of counts scaled to ``library_size`` per cell, as a dense float32 array."""
+    totals = np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
+    scale = library_size / np.maximum(totals, 1.0)
+    if sp.issparse(counts):
+        scaled = sp.diags(scale) @ counts
+        scaled = scaled.toarray()
+    else:
+        scaled = np.asarray(counts) * scale[:, None]
+    return np.log1p(scaled).astype(np.float32)
+
+
+def _pca(matrix: np.ndarray, n_components: int, seed: int) -> np.ndarray:
+    from sklearn.decomposition import PCA
+
+    n_components = int(min(n_components, matrix.shape[0] - 1, matrix.shape[1] - 1))
+    return PCA(
+        n_components=n_components, svd_solver="randomized", random_state=seed
+    ).fit_transform(matrix)
+
+
+class CELLULAR(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelClass):
+    """CELLULAR cell embedding (Andersson, master's thesis 2024, Models 1-3).
+
+    An encoder from 2000 HVG counts to an ``n_latent``-dimensional space trained with a
+    class-weighted soft nearest-neighbour loss on cell types, a batch-mixing loss among
+    cells of the same type, and a centroid loss that keeps the relative distances between
+    cell type centroids of a 100-component PCA. The encoder takes no batch covariate, so
+    it embeds unseen cells and unseen batches directly (inductive).
+
+    With ``encoder="transformer"`` the feed-forward encoder is replaced by the thesis's
+    token encoders: ``gene_embeddings`` alone gives Model 2 (one token per gene: a learned
+    embedding of its binned expression + its gene embedding, e.g. gene2vec),
+    ``gene_sets`` alone one token per gene set (a linear map of the set's expression), both
+    together Model 3 (the two transformers side by side). Each has a class token whose
+    attention :func:`scvi_ext.interpret.attention_rollout` turns into per-cell weights of
+    genes or gene sets. Attention over ``n`` tokens costs memory in ``n**2`` per cell: gene
+    tokens over 2000 HVGs need a GPU; gene sets (hundreds of tokens) fit a CPU.
+
+    ``predict`` is a nearest-centroid classifier in the embedding (cosine similarity to
+    the training centroids of each cell type); :class:`~scvi_ext.model.LatentClassifier`
+    is the thesis's classifier head.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`.
+    registry
+        Registry of a saved model (used by ``load(adata=False)``).
+    n_latent
+        Embedding size (thesis: 100).
+    n_hidden
+        Hidden widths of the feed-forward encoder (thesis: 1000, 500 for 2000 HVGs).
+    dropout_rate
+        Encoder dropout (reference code: 0.2).
+    cell_type_weight, batch_weight, centroid_weight
+        Loss weights (thesis: 0.9, 0.1, 1.0); 0 switches a term off. The thesis's
+        ablation: "CL only" ``centroid_weight=0``; "centroid only" ``cell_type_weight=0,
+        batch_weight=0``.
+    encoder
+        ``"feedforward"`` (Model 1) or ``"transformer"`` (Models 2 and 3; needs
+        ``gene_embeddings``, ``gene_sets`` or both).
+    gene_embeddings
+        Transformer only: a gene embedding per gene, as a DataFrame indexed by gene names
+        (every gene of the data needs a row; extra rows are ignored) or an array with one
+        row per gene in ``adata.var_names`` order. Kept frozen; saved in the module state.
+    gene_sets
+        Transformer only: a GMT file path or a dict gene set name -> gene names. Genes not in
+        the data are dropped (with a warning); a gene set without any gene of the data is an
+        error. The resolved sets are saved with the model.
+    d_model
+        Token width (default: the gene embedding width, without projection, as in the
+        thesis; 64 for gene sets alone). With gene embeddings of another width, a learned
+        linear map projects them.
+    n_heads, n_layers
+        Attention heads and transformer layers of each token branch.
+    n_bins
+        Expression bins of gene tokens, equally spaced between each gene's minimum and
+        maximum normalised expression in the reference (thesis: 1000).
+
+    Examples
+    --------
+    >>> adata = scvi_ext.data.select_genes(adata, method="cellular")
+    >>> CELLULAR.setup_anndata(adata, labels_key="cell_type", batch_key="donor")
+    >>> model = CELLULAR(adata)
+    >>> model.train()
+    >>> adata.obsm["X_cellular"] = model.get_latent_representation()
+
+    Model 3, with gene2vec vectors (a DataFrame indexed by gene symbols) and a GMT file:
+
+    >>> model = CELLULAR(adata, encoder="transformer", gene_embeddings=gene2vec,
+    ...                  gene_sets="c5.go.bp.v2023.1.Hs.symbols.gmt")
+    """
+
+    _module_cls = CELLULARModule
+    _training_plan_cls = CELLULARTrainingPlan
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        n_latent: int = 100,
+        n_hidden: Sequence[int] = (1000, 500),
+        dropout_rate: float = 0.2,
+        cell_type_weight: float = 0.9,
+        batch_weight: float = 0.1,
+        centroid_weight: float = 1.0,
+        encoder: Literal["feedforward", "transformer"] = "feedforward",
+        gene_embeddings: np.ndarray | pd.DataFrame | None = None,
+        gene_sets: str | os.PathLike | Mapping[str, Sequence[str]] | None = None,
+        d_model: int | None = None,
+        n_heads: int = 4,
+        n_layers: int = 2,
+        n_bins: int = 1000,
+    ):
+        super().__init__(adata, registry=registry)
+        if cell_type_weight == 0 and batch_weight == 0 and centroid_weight == 0:
+            raise ValueError("At least one of the loss weights must be non-zero.")
+        self.is_query_model = False
+        n_labels = len(registry_label_names(self.registry_)[0])
+        n_input = self.summary_stats.n_vars
+        token_encoder, embedding_matrix, resolved_sets = None, None, None
+        if encoder == "transformer":
+            if gene_embeddings is None and gene_sets is None:
+                raise ValueError(
+                    "encoder='transformer' needs gene_embeddings (Model 2: binned expression "
+                    "tokens + gene embeddings), gene_sets (one token per gene set) or both "
+                    "(Model 3)."
+                )
+            genes = self._gene_names()
+            if gene_embeddings is not None:
+                embedding_matrix = gene_embedding_matrix(gene_embeddings, genes)
+            if gene_sets is not None:
+                resolved_sets = resolve_gene_sets(gene_sets, genes)
+            token_encoder = TransformerEncoder(
+                genes,
+                n_latent,
+                gene_embeddings=embedding_matrix,
+                gene_sets=resolved_sets,
+                d_model=d_model,
+                n_heads=n_heads,
+                n_layers=n_layers,
+                n_bins=n_bins,
+                dropout_rate=dropout_rate,
+            )
+        elif encoder != "feedforward":
+            raise ValueError(f"encoder must be 'feedforward' or 'transformer', not '{encoder}'.")
+        elif gene_embeddings is not None or gene_sets is not None:
+            raise ValueError(
+                "gene_embeddings and gene_sets are inputs of encoder='transformer'; the "
+                "feed-forward encoder reads expression only."
+            )
+        self.module = self._module_cls(
+            n_input=n_input,
+            n_labels=n_labels,
+            n_latent=n_latent,
+            n_hidden=tuple(n_hidden),
+            dropout_rate=dropout_rate,
+            cell_type_weight=cell_type_weight,
+            batch_weight=batch_weight,
+            centroid_weight=centroid_weight,
+            encoder=token_encoder,
+        )
+        if token_encoder is None:
+            architecture = f"n_hidden={tuple(n_hidden)}"
+        else:
+            tokens = " + ".join(
+                f"{len(names)} {branch.replace('_', ' ')}"
+                for branch, names in token_encoder.token_names.items()
+            )
+            architecture = f"tokens {tokens}, n_heads={n_heads}, n_layers={n_layers}"
+        self._model_summary_string = (
+            f"CELLULAR model ({encoder} encoder) with n_latent={n_latent}, {architecture}, "
+            f"loss weights cell type {cell_type_weight} / batch {batch_weight} / centroid "
+            f"{centroid_weight}, n_labels={n_labels}"
+        )
+        self.init_params_ = self._get_init_params(locals())
+        # Saved init parameters stay small: the embedding matrix lives in the module state
+        # (load rebuilds a zero matrix of this shape, then loads the values); the gene sets
+        # are saved as plain lists of the data's genes.
+        saved = self.init_params_["non_kwargs"]
+        if embedding_matrix is not None:
+            saved["gene_embeddings"] = {SAVED_EMBEDDINGS_KEY: list(embedding_matrix.shape)}
+        if resolved_sets is not None:
+            saved["gene_sets"] = resolved_sets
+
+    def _gene_names(self) -> list[str]:
+        """The registered genes (available with ``load(adata=False)`` too)."""
+        state = self.registry_["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]
+        return [str(gene) for gene in state["column_names"]]
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str,
+        batch_key: str | None = None,
+        layer: str | None = None,
+        unlabeled_category: str = "Unknown",
+        **kwargs,
+    ) -> None:
+        """Register an AnnData with raw counts for :class:`CELLULAR`.
+
+        Select genes first (``scvi_ext.data.select_genes(adata, method="cellular")``:
+        2000 ``cell_ranger`` HVGs, as in the thesis); the model normalises counts itself.
+
+        Parameters
+        ----------
+        adata
+            AnnData with raw counts in ``X`` or ``layer``.
+        labels_key
+            ``obs`` column of cell types. Cells labelled ``unlabeled_category`` are left out
+            of the loss (query cells).
+        batch_key
+            ``obs`` column of batches (patients, donors, ...) for the batch-mixing loss and
+            the centroid reference. Must have at least two batches; ``None`` switches the
+            batch-mixing loss off. A cell type present in one batch only is allowed (with
+            a warning): its batch-mixing term is empty and its centroid distances come from
+            that batch alone.
+        layer
+            Layer with raw counts (default ``X``).
+        unlabeled_category
+            Label of cells without a cell type.
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        validate_counts(adata, layer)
+        is_reference = "source_registry" not in kwargs
+        if is_reference:
+            validate_labels(adata, labels_key, unlabeled_category)
+        if batch_key is not None:
+            validate_obs_key(adata, batch_key, "batch_key")
+            if is_reference:
+                _check_batches(adata, labels_key, batch_key, unlabeled_category)
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+        ]
+        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------------ training
+    def _codes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        manager = self.adata_manager
+        labels = manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY).ravel().astype(np.int64)
+        batches = manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY).ravel().astype(np.int64)
+        return labels, batches, labelled_mask(manager)
+
+    def _fit_reference_statistics(self, n_pca_components: int) -> None:
+        """Mean library size and the PCA centroid distance matrix of the reference."""
+        counts = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        labels, batches, labelled = self._codes()
+        library_size = float(np.asarray(counts.sum(axis=1)).mean())
+        normalized = _normalized_dense(counts[np.flatnonzero(labelled)], library_size)
+        from scvi import settings
+
+        embedding = _pca(normalized, n_pca_components, settings.seed)
+        distances = reference_centroid_distances(
+            embedding, labels[labelled], batches[labelled], self.module.n_labels
+        )
+        self.module.library_size.fill_(library_size)
+        if isinstance(self.module.encoder, TransformerEncoder):
+            self.module.encoder.set_expression_range(
+                normalized.min(axis=0), normalized.max(axis=0)
+            )
+        self.module.reference_distances.copy_(torch.as_tensor(distances, dtype=torch.float32))
+
+    def train(
+        self,
+        max_epochs: int = 50,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float = 0.8,
+        validation_size: float | None = None,
+        batch_size: int = 256,
+        early_stopping: bool = True,
+        early_stopping_patience: int = 20,
+        n_pca_components: int | None = None,
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
+        """Train the encoder.
+
+        Before the first epoch of a reference model, the mean library size and the
+        reference centroid distance matrix (PCA with ``n_pca_components``, default
+        ``n_latent``, of the labelled cells) are computed and stored in the module. After
+        training, the cell type centroids of the labelled cells are stored for
+        :meth:`predict`.
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs (reference code: 50).
+        accelerator, devices
+            Lightning device settings.
+        train_size
+            Fraction of cells used for training; the rest is the validation set whose
+            loss drives early stopping and picks the weights kept (reference code: 0.8).
+        validation_size
+            Fraction of cells for validation (default ``1 - train_size``).
+        batch_size
+            Minibatch size (thesis: 256).
+        early_stopping
+            Stop when the validation loss has not improved for
+            ``early_stopping_patience`` epochs (reference code: 20).
+        early_stopping_patience
+            See ``early_stopping``.
+        n_pca_components
+            PCA components of the centroid reference.
+        plan_kwargs
+            :class:`~scvi_ext.cellular.CELLULARTrainingPlan` arguments (``lr``,
+            ``weight_decay``, ``warmup_epochs``, ``cosine_epochs``...). Query models
+            default to ``weight_decay=0``.
+        **trainer_kwargs
+            Passed to :class:`~scvi.train.Trainer`.
+        """
+        if not self.is_query_model and float(self.module.library_size) <= 0:
+            self._fit_reference_statistics(n_pca_components or self.module.n_latent)
+        labels, batches, labelled = self._codes()
+        plan_kwargs = dict(plan_kwargs or {})
+        if self.is_query_model:
+            plan_kwargs.setdefault("weight_decay", 0.0)
+        plan_kwargs.setdefault(
+            "label_weights", class_weights(labels[labelled], self.module.n_labels)
+        )
+        n_batch = self.summary_stats.n_batch
+        if n_batch > 1:
+            plan_kwargs.setdefault("batch_weights", class_weights(batches[labelled], n_batch))
+        plan_kwargs.setdefault("cosine_epochs", max_epochs)
+        if early_stopping and validation_size != 0 and train_size < 1:
+            trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+            trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
+            trainer_kwargs.setdefault("early_stopping_mode", "min")
+        else:
+            early_stopping = False
+        result = super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            plan_kwargs=plan_kwargs,
+            **trainer_kwargs,
+        )
+        if not self.is_query_model:
+            self._store_centroids()
+        return result
+
+    def _store_centroids(self) -> None:
+        labels, _, labelled = self._codes()
+        latent = self.get_latent_representation(indices=np.flatnonzero(labelled))
+        n_labels = self.module.n_labels
+        one_hot = np.eye(n_labels + 1)[labels[labelled]][:, :n_labels]
+        centroids = one_hot.T @ latent / np.maximum(one_hot.sum(axis=0), 1)[:, None]
+        self.module.centroids.copy_(torch.as_tensor(centroids, dtype=torch.float32))
+
+    def _inference_adata(self, adata: AnnData | None) -> AnnData:
+        """Like the mixin's, but any batch is accepted: the encoder does not read batches."""
+        if adata is None or adata is self.adata:
+            return super()._inference_adata(adata)
+        light = detached_anndata(adata, self.setup_args, known_labels=list(self.label_names))
+        batch_key = self.setup_args.get("batch_key")
+        if batch_key is not None:
+            state = self.registry_["field_registries"][REGISTRY_KEYS.BATCH_KEY]["state_registry"]
+            reference_batch = state["categorical_mapping"][0]
+            light.obs[batch_key] = pd.Categorical([reference_batch] * light.n_obs)
+        return self._validate_anndata(light)
+
+    # ------------------------------------------------------------------ downstream
+    def cell_type_representations(
+        self,
+        adata: AnnData | None = None,
+        method: Literal["centroid", "median", "medoid"] = "centroid",
+        labels_key: str | None = None,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame:
+        """One vector per cell type in the embedding (thesis 2.5).
+
+        Parameters
+        ----------
+        adata
+            Cells to embed (default: the model's AnnData).
+        method
+            ``"centroid"`` (mean), ``"median"`` (per dimension) or ``"medoid"`` (the cell
+            with the smallest summed Euclidean distance to the others of its type).
+        labels_key
+            ``obs`` column of cell types (default: the one given to ``setup_anndata``).
+        batch_size
+            Minibatch size for embedding.
+
+        Returns
+        -------
+        DataFrame, cell types x embedding dimensions.
+        """
+        if method not in REPRESENTATION_METHODS:
+            raise ValueError(f"method must be one of {REPRESENTATION_METHODS}, not '{method}'.")
+        labels_key = labels_key or self.setup_args["labels_key"]
+        source = self.adata if adata is None else adata
+        if source is None:
+            raise ValueError("This model was loaded without data (adata=False); pass adata=... .")
+        if labels_key not in source.obs:
+            raise ValueError(f"labels_key '{labels_key}' is not a column of adata.obs.")
+        latent = self.get_latent_representation(adata, batch_size=batch_size)
+        labels = source.obs[labels_key].astype(str).to_numpy()
+        unlabeled = self.unlabeled_category
+        types = [name for name in pd.unique(labels) if name != unlabeled]
+        rows = {name: _aggregate(latent[labels == name], method) for name in sorted(types)}
+        columns = [f"dim_{i}" for i in range(latent.shape[1])]
+        return pd.DataFrame.from_dict(rows, orient="index", columns=columns)
+
+    @classmethod
+    def load_query_data(cls, adata: AnnData, reference_model, **kwargs) -> CELLULAR:
+        """Query model for new data, new batches included (scArches-style).
+
+        The encoder has no batch covariate, so the reference weights embed the query
+        directly: new batch categories are registered, every encoder weight is frozen,
+        and the returned model is ready for :meth:`get_latent_representation` and
+        :meth:`predict` (reference centroids) without training. With ``unfrozen=True``
+        all weights train on the query's labelled cells (weight decay 0 by default);
+        the reference's library size, centroid matrix and centroids are kept.
+        """
+        model = super().load_query_data(adata, reference_model, **kwargs)
+        model.is_trained_ = True
+        return model
+
+
+def _aggregate(latent: np.ndarray, method: str) -> np.ndarray:
+    if method == "centroid":
+        return latent.mean(axis=0)
+    if method == "median":
+        return np.median(latent, axis=0)
+    points = torch.as_tensor(latent, dtype=torch.float64)
+    totals = torch.cat(
+        [
+            torch.cdist(points[start : start + 1024], points).sum(dim=1)
+            for start in range(0, len(points), 1024)
+        ]
+    )
+    return latent[int(totals.argmin())]
+
+
+def _check_batches(adata: AnnData, labels_key: str, batch_key: str, unlabeled: str) -> None:
+    batches = adata.obs[batch_key].astype(str)
+    n_batches = batches.nunique()
+    if n_batches < 2:
+        raise ValueError(
+            f"batch_key '{batch_key}' has a single batch ('{batches.iloc[0]}'); the "
+            "batch-mixing loss needs at least two. Pass batch_key=None for data from one batch."
+        )
+    labels = adata.obs[labels_key].astype(str)
+    keep = (labels != unlabeled).to_numpy()
+    per_type = pd.crosstab(labels[keep], batches[keep]).gt(0).sum(axis=1)
+    single = sorted(per_type.index[per_type < 2])
+    if single:
+        warnings.warn(
+            f"Cell types {single} occur in one batch of '{batch_key}' only: their "
+            "batch-mixing term is empty and their centroid distances come from that batch.",
+            UserWarning,
+            stacklevel=3,
+        )

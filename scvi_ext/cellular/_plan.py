@@ -1,0 +1,118 @@
+"""CELLULAR training: Adam with a warm-up + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from scvi import REGISTRY_KEYS
+from torch.optim.lr_scheduler import LambdaLR
+
+from scvi_ext.base import BaseTrainingPlan
+
+from ._module import CELLULARModule
+
+
+def warmup_cosine_factor(epoch: int, warmup_epochs: int, cosine_epochs: int) -> float:
+    """Learning-rate factor ``0.5 (1 + cos(pi e / E)) * min(1, (e + 1) / W)``.
+
+    The reference code's schedule (warm-up over ``W`` epochs, cosine over ``E``), except
+    that the first epoch starts at ``1 / W`` of the learning rate instead of 0.
+    """
+    factor = 0.5 * (1.0 + math.cos(math.pi * min(epoch, cosine_epochs) / max(cosine_epochs, 1)))
+    if warmup_epochs > 0:
+        factor *= min(1.0, (epoch + 1) / warmup_epochs)
+    return factor
+
+
+class WarmupCosineMixin:
+    """Adds the per-epoch warm-up + cosine schedule to a :class:`BaseTrainingPlan`."""
+
+    warmup_epochs: int
+    cosine_epochs: int
+
+    def configure_optimizers(self):
+        """The plan's optimizer with the warm-up + cosine schedule, stepped every epoch."""
+        config = super().configure_optimizers()
+        optimizer = config["optimizer"]
+        warmup, cosine = self.warmup_epochs, self.cosine_epochs
+        scheduler = LambdaLR(optimizer, lambda epoch: warmup_cosine_factor(epoch, warmup, cosine))
+        config["lr_scheduler"] = {"scheduler": scheduler, "interval": "epoch"}
+        return config
+
+
+class CELLULARTrainingPlan(WarmupCosineMixin, BaseTrainingPlan):
+    """Contrastive + centroid training of :class:`CELLULARModule` (thesis 2.3).
+
+    Parameters
+    ----------
+    module
+        A :class:`CELLULARModule` with its reference statistics set.
+    label_weights
+        Per-cell-type loss weights (inverse frequency in the training cells).
+    batch_weights
+        Per-batch loss weights, or ``None`` without batches.
+    optimizer, lr, weight_decay
+        Reference code: Adam, 1e-3, 5e-5.
+    warmup_epochs
+        Epochs of linear warm-up (reference code: 4).
+    cosine_epochs
+        Length of the cosine decay in epochs (reference code: 50).
+    **kwargs
+        Passed to :class:`~scvi_ext.base.BaseTrainingPlan`.
+    """
+
+    def __init__(
+        self,
+        module: CELLULARModule,
+        *,
+        label_weights: torch.Tensor,
+        batch_weights: torch.Tensor | None = None,
+        optimizer: Literal["Adam", "AdamW", "Adadelta", "SGD", "Custom"] = "Adam",
+        lr: float = 1e-3,
+        weight_decay: float = 5e-5,
+        warmup_epochs: int = 4,
+        cosine_epochs: int = 50,
+        **kwargs,
+    ):
+        kwargs.setdefault("reduce_lr_on_plateau", False)
+        super().__init__(module, optimizer=optimizer, lr=lr, weight_decay=weight_decay, **kwargs)
+        self.register_buffer("label_weights", torch.as_tensor(label_weights).float())
+        if batch_weights is None:
+            self.batch_weights = None
+        else:
+            self.register_buffer("batch_weights", torch.as_tensor(batch_weights).float())
+        self.warmup_epochs = warmup_epochs
+        self.cosine_epochs = cosine_epochs
+
+    def _terms(self, batch: dict) -> dict[str, torch.Tensor]:
+        z = self.module.embed(batch[REGISTRY_KEYS.X_KEY])
+        labels = batch[REGISTRY_KEYS.LABELS_KEY].long().ravel()
+        batches = batch[REGISTRY_KEYS.BATCH_KEY].long().ravel()
+        return self.module.loss_terms(z, labels, batches, self.label_weights, self.batch_weights)
+
+    def _log_terms(self, prefix: str, terms: dict, n_cells: int) -> None:
+        log = {"on_step": False, "on_epoch": True, "batch_size": n_cells, "sync_dist": True}
+        self.log(f"{prefix}_loss", terms["loss"], prog_bar=True, **log)
+        for name in ("cell_type_loss", "batch_loss", "centroid_loss"):
+            self.log(f"{prefix}_{name}", terms[name], **log)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        """One step of the CELLULAR loss."""
+        self.module.clamp_temperature()
+        terms = self._terms(batch)
+        self._log_terms("train", terms, len(batch[REGISTRY_KEYS.X_KEY]))
+        self.log(
+            "temperature",
+            self.module.current_temperature().detach(),
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(batch[REGISTRY_KEYS.X_KEY]),
+        )
+        return terms["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """The same loss on held-out cells."""
+        terms = self._terms(batch)
+        self._log_terms("validation", terms, len(batch[REGISTRY_KEYS.X_KEY]))

@@ -1,0 +1,96 @@
+"""Feed-forward classifier head on a fixed cell representation (thesis 2.6)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from scvi import REGISTRY_KEYS
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch import nn
+
+
+class LatentClassifierModule(BaseModuleClass):
+    """BatchNorm on the input, two hidden layers (Linear -> BatchNorm -> ReLU -> Dropout), logits.
+
+    Softmax is applied once, inside the cross-entropy (the reference code applied a
+    softmax before ``CrossEntropyLoss``, i.e. twice).
+
+    Parameters
+    ----------
+    n_input
+        Size of the representation.
+    n_labels
+        Number of cell types.
+    n_hidden1, n_hidden2
+        Widths of the hidden layers (reference code: 512, 512).
+    dropout_rate
+        Dropout after each hidden layer (reference code: 0.2).
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_labels: int,
+        n_hidden1: int = 512,
+        n_hidden2: int = 512,
+        dropout_rate: float = 0.2,
+    ):
+        super().__init__()
+        self.n_labels = n_labels
+        self.network = nn.Sequential(
+            nn.BatchNorm1d(n_input),
+            nn.Linear(n_input, n_hidden1),
+            nn.BatchNorm1d(n_hidden1),
+            nn.ReLU(),
+            nn.Dropout(dropout_rate),
+            nn.Linear(n_hidden1, n_hidden2),
+            nn.BatchNorm1d(n_hidden2),
+            nn.ReLU(),
+            nn.Dropout(dropout_rate),
+            nn.Linear(n_hidden2, n_labels),
+        )
+        self.register_buffer("centroids", torch.zeros(n_labels, n_input))
+
+    def _get_inference_input(self, tensors: dict) -> dict:
+        return {"x": tensors[REGISTRY_KEYS.X_KEY]}
+
+    def _get_generative_input(self, tensors: dict, inference_outputs: dict) -> dict:
+        return {}
+
+    @auto_move_data
+    def inference(self, x: torch.Tensor) -> dict:
+        """Logits of a representation."""
+        return {"logits": self.network(x.float())}
+
+    def generative(self) -> dict:
+        """No generative model."""
+        return {}
+
+    def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
+        """Cross-entropy on labelled cells."""
+        labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
+        loss = labelled_cross_entropy(inference_outputs["logits"], labels, self.n_labels)
+        return LossOutput(loss=loss, n_obs_minibatch=len(labels))
+
+    def predict_logits(self, tensors: dict) -> torch.Tensor:
+        """Class logits of a minibatch."""
+        return self.inference(**self._get_inference_input(tensors))["logits"]
+
+    def latent(self, tensors: dict) -> torch.Tensor:
+        """The representation the classifier reads (e.g. the upstream embedding)."""
+        return tensors[REGISTRY_KEYS.X_KEY].float()
+
+    @auto_move_data
+    def centroid_distance(self, tensors: dict) -> torch.Tensor:
+        """Cosine distance ``1 - max_k cos(x, centroid_k)`` to the nearest training centroid."""
+        x = F.normalize(tensors[REGISTRY_KEYS.X_KEY].float(), dim=1, eps=1e-8)
+        centroids = F.normalize(self.centroids, dim=1, eps=1e-8)
+        return 1.0 - (x @ centroids.T).max(dim=1).values
+
+
+def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_labels: int):
+    """Mean cross-entropy over cells whose label code is below ``n_labels``."""
+    labelled = labels < n_labels
+    if not bool(labelled.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[labelled], labels[labelled])

@@ -1,0 +1,347 @@
+"""Command line: ``scvi-ext demo | annotate | benchmark``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+DEMO_TABLE_COLUMNS = ["accuracy", "balanced_accuracy", "macro_f1", "ece", "train_seconds"]
+# scANVI in the demo: fewer scVI epochs than the benchmark default (200) so the demo
+# stays well under 10 minutes on 2 CPU cores.
+DEMO_SCVI_EPOCHS = 60
+QUICK_TASK = {"n_cells": 400, "n_genes": 200, "n_cell_types": 4}
+QUICK_EPOCHS = 2
+
+
+class CLIError(Exception):
+    """A user error: reported on stderr without a traceback."""
+
+
+def _configure_logging() -> None:
+    logger = logging.getLogger("scvi_ext")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[scvi-ext] %(message)s"))
+        logger.addHandler(handler)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _command_line(argv: list[str]) -> str:
+    return shlex.join(["scvi-ext", *argv])
+
+
+def _epoch_options(
+    max_epochs: int | None, scanvi_max_epochs: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per-method options for ``--max-epochs`` (ScNym and the scVI stage of scANVI)."""
+    options: dict[str, dict[str, Any]] = {"scnym": {}, "scanvi": {}}
+    if max_epochs is not None:
+        options["scnym"]["max_epochs"] = max_epochs
+        options["scanvi"]["max_epochs"] = max_epochs
+    if scanvi_max_epochs is not None:
+        options["scanvi"]["scanvi_max_epochs"] = scanvi_max_epochs
+    return options
+
+
+def _kang_missing_reason() -> str | None:
+    """Why the Kang data cannot be loaded, or ``None`` when it can."""
+    from scvi_ext.data import DATASETS, datasets_available, get_data_dir
+
+    if datasets_available():
+        return None
+    try:
+        data_dir = get_data_dir()
+    except FileNotFoundError as error:
+        return str(error)
+    return f"{DATASETS['kang_ifnb']} is not in the data folder {data_dir}."
+
+
+def _demo(args: argparse.Namespace, argv: list[str]) -> int:
+    from scvi_ext.benchmark import run_benchmark, summary_table
+
+    missing = _kang_missing_reason()
+    if missing is None:
+        task, task_kwargs = "kang_ifnb", {}
+        description = "Kang et al. 2018 PBMC: control (reference) -> IFN-beta stimulated (query)"
+    else:
+        print(
+            "The shared datasets were not found, so the demo runs on simulated data.\n"
+            f"  Reason: {missing}\n"
+            "  To use the real Kang IFN-beta PBMC data, set SCVI_EXT_DATA to the folder "
+            "holding kang_ifnb_pbmc_1975.h5ad, e.g.\n"
+            "    export SCVI_EXT_DATA=/path/to/shared/datasets\n",
+            flush=True,
+        )
+        task, task_kwargs = "simulated", {}
+        description = "simulated counts: condition 'reference' -> shifted condition 'query'"
+
+    if args.quick:
+        if task == "simulated":
+            task_kwargs = dict(QUICK_TASK)
+        max_epochs = args.max_epochs or QUICK_EPOCHS
+        method_kwargs = _epoch_options(max_epochs, scanvi_max_epochs=1)
+        caption = f"Quick demo: {max_epochs} epochs for ScNym and scVI, 1 scANVI epoch."
+    else:
+        scvi_epochs = args.max_epochs or DEMO_SCVI_EPOCHS
+        method_kwargs = _epoch_options(args.max_epochs)
+        method_kwargs["scanvi"]["max_epochs"] = scvi_epochs
+        caption = (
+            f"Demo: one seed; scANVI = scVI {scvi_epochs} epochs + scANVI 20 epochs "
+            "(the benchmark default is scVI 200 epochs, reduced here to keep the demo short)."
+        )
+    print(f"Annotation transfer on {description}.", flush=True)
+    results = run_benchmark(
+        task,
+        seeds=[args.seed],
+        methods=["scnym", "scanvi", "logistic_regression"],
+        outdir=args.outdir,
+        method_kwargs=method_kwargs,
+        task_kwargs=task_kwargs,
+        command=_command_line(argv),
+        caption=caption,
+    )
+    print(f"\n{caption}\n")
+    print(summary_table(results, columns=DEMO_TABLE_COLUMNS))
+    print(f"\nReport, UMAP and reliability diagrams written to {Path(args.outdir).resolve()}/")
+    return 0
+
+
+def _read_inputs(args: argparse.Namespace) -> tuple[Any, Any, Path]:
+    """Check the paths and read reference and query; return them and the output path."""
+    import anndata as ad
+
+    reference_path, query_path, out_path = Path(args.reference), Path(args.query), Path(args.out)
+    for flag, path in (("--reference", reference_path), ("--query", query_path)):
+        if not path.is_file():
+            raise CLIError(f"{flag} file not found: {path}")
+    if out_path.resolve() in (reference_path.resolve(), query_path.resolve()):
+        raise CLIError("--out must be a new file, not one of the inputs.")
+    if out_path.exists() and not args.overwrite:
+        raise CLIError(f"--out {out_path} already exists; pass --overwrite to replace it.")
+    return ad.read_h5ad(reference_path), ad.read_h5ad(query_path), out_path
+
+
+def _shared_genes(reference: Any, query: Any) -> Any:
+    for name, adata in (("reference", reference), ("query", query)):
+        if not adata.var_names.is_unique:
+            raise CLIError(
+                f"The {name} has duplicated gene names; make them unique first "
+                "(AnnData.var_names_make_unique())."
+            )
+    shared = reference.var_names.intersection(query.var_names, sort=False)
+    if len(shared) == 0:
+        raise CLIError(
+            "Reference and query share no gene names (e.g. reference "
+            f"{list(reference.var_names[:3])}, query {list(query.var_names[:3])}); "
+            "use the same gene identifiers (symbols or Ensembl IDs) in both."
+        )
+    return shared
+
+
+def _annotate(args: argparse.Namespace, argv: list[str]) -> int:
+    reference, query, out_path = _read_inputs(args)
+    if args.labels_key not in reference.obs:
+        raise CLIError(
+            f"--labels-key {args.labels_key!r} is not a column of the reference obs "
+            f"(columns: {list(reference.obs.columns)})."
+        )
+    if args.batch_key is not None:
+        for name, adata in (("reference", reference), ("query", query)):
+            if args.batch_key not in adata.obs:
+                raise CLIError(
+                    f"--batch-key {args.batch_key!r} is not a column of the {name} obs."
+                )
+    shared = _shared_genes(reference, query)
+    logger = logging.getLogger("scvi_ext.cli")
+    logger.info(
+        "Reference %d cells, query %d cells, %d shared genes (of %d / %d).",
+        reference.n_obs,
+        query.n_obs,
+        len(shared),
+        reference.n_vars,
+        query.n_vars,
+    )
+
+    from scvi_ext.benchmark import concat_reference_query
+    from scvi_ext.benchmark._methods import LABELS_COLUMN
+    from scvi_ext.model import ScNym
+
+    adata = concat_reference_query(
+        reference[:, shared],
+        query[:, shared],
+        args.labels_key,
+        unlabeled_category=args.unlabeled_category,
+        batch_key=args.batch_key,
+    )
+    try:
+        ScNym.setup_anndata(
+            adata,
+            labels_key=LABELS_COLUMN,
+            unlabeled_category=args.unlabeled_category,
+            batch_key=None if args.batch_key is None else "batch",
+        )
+    except ValueError as error:
+        raise CLIError(str(error)) from error
+    model = ScNym(adata)
+    train_kwargs = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
+    model.train(**train_kwargs)
+
+    proba = model.predict(soft=True).iloc[reference.n_obs :]
+    latent = model.get_latent_representation()[reference.n_obs :]
+    annotated = query.copy()
+    annotated.obs["scnym_prediction"] = proba.idxmax(axis=1).astype("category").to_numpy()
+    annotated.obs["scnym_confidence"] = proba.max(axis=1).to_numpy()
+    annotated.obsm["X_scnym"] = latent
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    annotated.write_h5ad(out_path)
+    counts = annotated.obs["scnym_prediction"].value_counts()
+    print(f"Wrote {out_path} ({annotated.n_obs} query cells). Predicted labels:")
+    print(counts.to_string())
+    return 0
+
+
+def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
+    from scvi_ext.benchmark import TASKS, run_benchmark, summary_table
+
+    if args.task not in TASKS:
+        raise CLIError(f"Unknown task {args.task!r}; available: {', '.join(sorted(TASKS))}.")
+    outdir = args.outdir or f"scvi_ext_outputs/benchmark_{args.task}"
+    try:
+        results = run_benchmark(
+            args.task,
+            seeds=args.seeds,
+            methods=args.methods,
+            outdir=outdir,
+            method_kwargs=_epoch_options(args.max_epochs),
+            command=_command_line(argv),
+        )
+    except FileNotFoundError as error:
+        raise CLIError(str(error)) from error
+    print(summary_table(results))
+    print(f"\nReport written to {Path(outdir).resolve()}/summary.md")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``scvi-ext`` argument parser."""
+    from scvi_ext.benchmark import METHODS
+
+    parser = argparse.ArgumentParser(
+        prog="scvi-ext", description="scvi-tools plugin models: demo, annotation, benchmarks."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo",
+        help="ScNym vs scANVI vs logistic regression on the Kang IFN-beta PBMC data.",
+        description=(
+            "Annotation transfer from control to IFN-beta stimulated PBMCs (Kang et al. "
+            "2018) with ScNym, scANVI and logistic regression, one seed. Falls back to "
+            "simulated data when the shared datasets (SCVI_EXT_DATA) are absent."
+        ),
+    )
+    demo.add_argument("--outdir", default="scvi_ext_outputs/demo", help="Report folder.")
+    demo.add_argument(
+        "--max-epochs",
+        type=_positive_int,
+        default=None,
+        help="Epochs of ScNym and of scVI pre-training.",
+    )
+    demo.add_argument("--seed", type=int, default=0, help="Random seed (default 0).")
+    demo.add_argument(
+        "--quick", action="store_true", help="Tiny settings (2 epochs; small simulated data)."
+    )
+    demo.set_defaults(handler=_demo)
+
+    annotate = commands.add_parser(
+        "annotate",
+        help="Label query cells with ScNym trained on a labelled reference.",
+        description=(
+            "Train ScNym on reference + query (query cells unlabelled) and write a copy of "
+            "the query with obs 'scnym_prediction', 'scnym_confidence' and obsm 'X_scnym'. "
+            "Both inputs need raw counts in X; only their shared genes are used."
+        ),
+    )
+    annotate.add_argument("--reference", required=True, help="Labelled reference .h5ad.")
+    annotate.add_argument("--query", required=True, help="Query .h5ad to annotate.")
+    annotate.add_argument("--labels-key", required=True, help="Label column of reference obs.")
+    annotate.add_argument("--out", required=True, help="Output .h5ad (a new file).")
+    annotate.add_argument(
+        "--unlabeled-category",
+        default="Unknown",
+        help="Reference label meaning 'unlabelled' (default: Unknown).",
+    )
+    annotate.add_argument(
+        "--max-epochs",
+        type=_positive_int,
+        default=None,
+        help="Training epochs (default: ScNym's).",
+    )
+    annotate.add_argument(
+        "--batch-key", default=None, help="obs column of batches, in both inputs."
+    )
+    annotate.add_argument("--overwrite", action="store_true", help="Replace an existing --out.")
+    annotate.set_defaults(handler=_annotate)
+
+    benchmark = commands.add_parser(
+        "benchmark",
+        help="Compare annotation-transfer methods on a task over several seeds.",
+        description="Writes results_per_seed.csv, summary.md and PNG plots to --outdir.",
+    )
+    benchmark.add_argument("--task", default="kang_ifnb", help="Task name (default: kang_ifnb).")
+    benchmark.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds.")
+    benchmark.add_argument(
+        "--methods",
+        nargs="+",
+        choices=sorted(METHODS),
+        default=None,
+        help="Methods (default: all available).",
+    )
+    benchmark.add_argument(
+        "--outdir", default=None, help="Report folder (default: scvi_ext_outputs/benchmark_TASK)."
+    )
+    benchmark.add_argument(
+        "--max-epochs",
+        type=_positive_int,
+        default=None,
+        help="Epochs of ScNym and of scVI pre-training (default: each method's).",
+    )
+    benchmark.set_defaults(handler=_benchmark)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``scvi-ext`` console script.
+
+    Parameters
+    ----------
+    argv
+        Arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    Exit status: 0 on success, 2 on a user error (reported on stderr).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    _configure_logging()
+    try:
+        return args.handler(args, argv)
+    except CLIError as error:
+        print(f"scvi-ext {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Tests of scvi_ext.benchmark: methods, tasks, runner and report."""
+
+import importlib.util
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scvi_ext.benchmark import (
+    METHODS,
+    TASKS,
+    MethodResult,
+    MethodUnavailableError,
+    concat_reference_query,
+    run_benchmark,
+    summary_table,
+)
+from scvi_ext.data import datasets_available
+
+TINY_TASK = {"n_cells": 400, "n_genes": 200, "n_cell_types": 4}
+TINY_SCANVI = {"max_epochs": 2, "scanvi_max_epochs": 1}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _scnym_importable() -> bool:
+    try:
+        from scvi_ext.model import ScNym  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def tiny_split():
+    return TASKS["simulated"](**TINY_TASK)
+
+
+def test_runner_writes_report_and_logistic_regression_beats_chance(tmp_path, tiny_split):
+    results = run_benchmark(
+        "simulated",
+        seeds=[0, 1],
+        methods=["logistic_regression", "scanvi"],
+        outdir=tmp_path,
+        method_kwargs={"scanvi": TINY_SCANVI},
+        task_kwargs=TINY_TASK,
+    )
+    assert len(results) == 4
+    assert set(results["method"]) == {"logistic_regression", "scanvi"}
+    for column in ["accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "ece"]:
+        assert results[column].between(0, 1).all()
+    assert results["train_seconds"].gt(0).all()
+    scanvi_rows = results[results["method"] == "scanvi"]
+    assert scanvi_rows["cells_per_second"].gt(0).all()
+    assert results.loc[results["method"] == "logistic_regression", "cells_per_second"].isna().all()
+
+    chance = 1 / TINY_TASK["n_cell_types"]
+    lr_accuracy = results.loc[results["method"] == "logistic_regression", "accuracy"]
+    assert lr_accuracy.min() > chance + 0.4
+
+    csv = pd.read_csv(tmp_path / "results_per_seed.csv")
+    assert list(csv["seed"]) == [0, 0, 1, 1]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| logistic_regression |" in summary and "| scanvi |" in summary
+    assert " ± " in summary
+    assert "cpu count" in summary and "torch" in summary and "run_benchmark(" in summary
+    assert "scVI 2 + scANVI 1 epochs" in summary
+    for name in ["reliability.png", "umap_query.png", "accuracy.png"]:
+        assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_unavailable_method_is_skipped_and_reported(tmp_path, monkeypatch):
+    def unavailable(reference, query, labels_key, seed):
+        raise MethodUnavailableError("not installed here")
+
+    monkeypatch.setitem(METHODS, "celltypist", unavailable)
+    results = run_benchmark(
+        "simulated",
+        seeds=[0],
+        methods=["logistic_regression", "celltypist"],
+        outdir=tmp_path,
+        task_kwargs=TINY_TASK,
+        plots=False,
+    )
+    assert list(results["method"]) == ["logistic_regression"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "celltypist: not installed here" in summary
+    assert not (tmp_path / "umap_query.png").exists()
+
+
+def test_runner_rejects_unknown_names(tmp_path):
+    with pytest.raises(ValueError, match="Unknown task"):
+        run_benchmark("no_such_task", seeds=[0], outdir=tmp_path)
+    with pytest.raises(ValueError, match="Unknown methods"):
+        run_benchmark("simulated", seeds=[0], methods=["no_such_method"], outdir=tmp_path)
+
+
+def test_summary_table_mean_and_sd():
+    results = pd.DataFrame(
+        {
+            "method": ["a", "a", "b"],
+            "settings": ["x", "x", ""],
+            "accuracy": [0.8, 0.9, 0.5],
+            "train_seconds": [1.0, 3.0, 2.0],
+            "cells_per_second": [np.nan, np.nan, 100.0],
+        }
+    )
+    table = summary_table(results, columns=["accuracy", "train_seconds", "cells_per_second"])
+    lines = table.splitlines()
+    assert lines[0] == "| method | training | accuracy | train s | cells/s |"
+    assert lines[2] == "| a | x | 0.850 ± 0.071 | 2.0 ± 1.4 | – |"
+    assert lines[3] == "| b | – | 0.500 | 2.0 | 100 |"
+
+
+def _check_result(result: MethodResult, reference, query, labels_key) -> None:
+    assert result.predictions.shape == (query.n_obs,)
+    assert result.confidence.shape == (query.n_obs,)
+    assert np.all((result.confidence >= 0) & (result.confidence <= 1 + 1e-6))
+    assert set(result.predictions) <= set(reference.obs[labels_key].astype(str))
+    assert result.train_seconds > 0
+
+
+@pytest.mark.parametrize("name", ["logistic_regression", "celltypist"])
+def test_linear_methods(name, tiny_split):
+    if name == "celltypist" and importlib.util.find_spec("celltypist") is None:
+        pytest.skip("celltypist is not installed")
+    reference, query, labels_key = tiny_split
+    result = METHODS[name](reference, query, labels_key, 0)
+    _check_result(result, reference, query, labels_key)
+    accuracy = np.mean(result.predictions == query.obs[labels_key].astype(str).to_numpy())
+    assert accuracy > 1 / TINY_TASK["n_cell_types"] + 0.4
+
+
+@pytest.mark.skipif(not _scnym_importable(), reason="scvi_ext.model.ScNym not available yet")
+def test_scnym_method(tiny_split):
+    reference, query, labels_key = tiny_split
+    result = METHODS["scnym"](reference, query, labels_key, 0, max_epochs=2)
+    _check_result(result, reference, query, labels_key)
+    assert result.latent.shape[0] == reference.n_obs + query.n_obs
+    assert result.cells_per_second > 0
+    assert result.settings == "2 epochs"
+
+
+def test_simulated_task_split(tiny_split):
+    reference, query, labels_key = tiny_split
+    assert reference.var_names.equals(query.var_names)
+    assert reference.obs_names.intersection(query.obs_names).empty
+    assert set(reference.obs["condition"]) == {"reference"}
+    assert set(query.obs["condition"]) == {"query"}
+    assert labels_key == "cell_type"
+
+
+@pytest.mark.skipif(not datasets_available(), reason="shared datasets not found")
+def test_kang_ifnb_task_split():
+    reference, query, labels_key = TASKS["kang_ifnb"]()
+    assert (reference.n_obs, query.n_obs) == (936, 1039)
+    assert set(reference.obs["condition"]) == {"control"}
+    assert set(query.obs["condition"]) == {"stimulated"}
+    assert reference.obs[labels_key].nunique() == 7
+
+
+def test_concat_reference_query(tiny_split):
+    reference, query, labels_key = tiny_split
+    reference = reference.copy()
+    reference.obs[labels_key] = reference.obs[labels_key].astype(object)
+    reference.obs.iloc[0, reference.obs.columns.get_loc(labels_key)] = np.nan
+    adata = concat_reference_query(reference, query[:, ::-1], labels_key, batch_key="batch")
+    assert adata.n_obs == reference.n_obs + query.n_obs
+    assert adata.obs_names.is_unique
+    assert adata.var_names.equals(reference.var_names)
+    labels = adata.obs["_bench_labels"].astype(str).to_numpy()
+    assert labels[0] == "Unknown"
+    assert (labels[reference.n_obs :] == "Unknown").all()
+    assert (labels[1 : reference.n_obs] == reference.obs[labels_key][1:].astype(str)).all()
+    assert list(adata.obs["_bench_domain"].cat.categories) == ["query", "reference"]
+    np.testing.assert_array_equal(adata.X[reference.n_obs :].toarray(), query.X.toarray())
+    with pytest.raises(ValueError, match="absent from the query"):
+        concat_reference_query(reference, query[:, :10], labels_key)
+    with pytest.raises(KeyError, match="no_such_key"):
+        concat_reference_query(reference, query, "no_such_key")

@@ -1,0 +1,191 @@
+"""LatentClassifier on CELLULAR, scVI, scANVI and PCA inputs: training, query, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scvi
+
+from scvi_ext.cellular import CELLULAR
+from scvi_ext.classifier import LatentClassifier, NovelTypeReport
+from scvi_ext.data import datasets_available, simulate
+
+TRAIN = {"enable_progress_bar": False, "enable_model_summary": False}
+FAST_PLAN = {"plan_kwargs": {"warmup_epochs": 0}}
+
+
+@pytest.fixture(scope="module")
+def data():
+    adata = simulate(n_cells=500, n_genes=120, n_cell_types=4, n_batches=3, seed=2)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    rng = np.random.default_rng(0)
+    is_query = rng.random(adata.n_obs) < 0.3
+    return adata[~is_query].copy(), adata[is_query].copy()
+
+
+@pytest.fixture(scope="module")
+def cellular(data):
+    reference, _ = data
+    scvi.settings.seed = 0
+    reference = reference.copy()
+    CELLULAR.setup_anndata(reference, labels_key="cell_type", batch_key="batch")
+    model = CELLULAR(reference, n_latent=8, n_hidden=(32, 16))
+    model.train(max_epochs=6, batch_size=64, **TRAIN)
+    return model
+
+
+@pytest.fixture(scope="module")
+def classifier(cellular):
+    scvi.settings.seed = 0
+    clf = LatentClassifier.from_model(cellular, n_hidden1=32, n_hidden2=32)
+    clf.train(max_epochs=15, batch_size=64, **FAST_PLAN, **TRAIN)
+    return clf
+
+
+def accuracy(predictions, adata):
+    return float((np.asarray(predictions) == adata.obs["cell_type"].to_numpy()).mean())
+
+
+def test_from_cellular_predicts_query_counts(classifier, cellular, data):
+    _, query = data
+    before = query.obs.copy()
+    assert accuracy(classifier.predict(query), query) > 0.6
+    assert query.obs.equals(before) and not query.obsm, "the query must not be modified"
+    soft = classifier.predict(query, soft=True)
+    assert isinstance(soft, pd.DataFrame)
+    assert list(soft.columns) == sorted(data[0].obs["cell_type"].unique())
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(
+        classifier.get_latent_representation(query),
+        cellular.get_latent_representation(query),
+        atol=1e-6,
+    )
+
+
+def test_upstream_stays_frozen(cellular, data):
+    before = {k: v.clone() for k, v in cellular.module.state_dict().items()}
+    clf = LatentClassifier.from_model(cellular, n_hidden1=16, n_hidden2=16)
+    clf.train(max_epochs=2, **TRAIN)
+    for key, value in cellular.module.state_dict().items():
+        assert (value == before[key]).all(), key
+
+
+def test_save_load_keeps_upstream(classifier, data, tmp_path):
+    _, query = data
+    classifier.save(tmp_path / "clf")
+    assert (tmp_path / "clf" / "upstream" / "model.pt").exists()
+    loaded = LatentClassifier.load(tmp_path / "clf")
+    assert isinstance(loaded.upstream_model, CELLULAR)
+    np.testing.assert_array_equal(loaded.predict_proba(query), classifier.predict_proba(query))
+    with_data = LatentClassifier.load(tmp_path / "clf", adata=query)
+    np.testing.assert_array_equal(with_data.predict(), classifier.predict(query))
+
+
+def test_novelty(classifier, data):
+    _, query = data
+    for method in ("max_proba", "entropy", "centroid_distance"):
+        score = classifier.novelty_score(query, method=method)
+        assert score.shape == (query.n_obs,) and np.isfinite(score).all()
+    with pytest.raises(ValueError, match="method"):
+        classifier.novelty_score(query, method="magic")
+    report = classifier.detect_novel(query, threshold=0.25)
+    assert isinstance(report, NovelTypeReport)
+    assert report.novel_detected == (report.min_likelihood < 0.25)
+    assert report.cell_flags.sum() == (report.likelihood < 0.25).sum()
+    assert list(report.cell_flags.index) == list(query.obs_names)
+    assert 0.0 <= report.min_likelihood <= 1.0
+
+
+def test_scvi_and_scanvi_upstream(data, tmp_path):
+    reference, query = data
+    reference = reference.copy()
+    scvi.settings.seed = 0
+    scvi.model.SCVI.setup_anndata(reference, batch_key="batch", labels_key="cell_type")
+    vae = scvi.model.SCVI(reference, n_latent=6, n_hidden=32)
+    vae.train(max_epochs=8, **TRAIN)
+    scanvi = scvi.model.SCANVI.from_scvi_model(vae, unlabeled_category="Unknown")
+    scanvi.train(max_epochs=2, **TRAIN)
+    for upstream in (vae, scanvi):
+        clf = LatentClassifier.from_model(upstream, n_hidden1=32, n_hidden2=32)
+        clf.train(max_epochs=10, batch_size=32, **FAST_PLAN, **TRAIN)
+        proba = clf.predict_proba(query)
+        assert proba.shape == (query.n_obs, 4)
+        path = tmp_path / type(upstream).__name__
+        clf.save(path)
+        loaded = LatentClassifier.load(path)
+        assert type(loaded.upstream_model) is type(upstream)
+        np.testing.assert_allclose(loaded.predict_proba(query), proba, atol=1e-5)
+
+
+def test_pca_and_layer_inputs(data):
+    reference, query = data
+    pca = reference.copy()
+    sc.pp.normalize_total(pca)
+    sc.pp.log1p(pca)
+    pca.layers["log"] = pca.X.copy()
+    sc.pp.pca(pca, n_comps=10)
+    LatentClassifier.setup_anndata(pca, labels_key="cell_type", obsm_key="X_pca")
+    clf = LatentClassifier(pca, n_hidden1=32, n_hidden2=32)
+    clf.train(max_epochs=10, batch_size=32, **FAST_PLAN, **TRAIN)
+    assert accuracy(clf.predict(), reference) > 0.5
+    LatentClassifier.setup_anndata(pca, labels_key="cell_type", layer="log")
+    clf = LatentClassifier(pca, n_hidden1=32, n_hidden2=32)
+    clf.train(max_epochs=10, batch_size=32, **FAST_PLAN, **TRAIN)
+    assert accuracy(clf.predict(), reference) > 0.5
+
+
+def test_bad_inputs(data):
+    reference, _ = data
+    adata = reference.copy()
+    with pytest.raises(ValueError, match="obsm_key 'X_nope'"):
+        LatentClassifier.setup_anndata(adata, labels_key="cell_type", obsm_key="X_nope")
+    adata.obsm["X_bad"] = np.full((adata.n_obs, 3), np.nan)
+    with pytest.raises(ValueError, match="NaN"):
+        LatentClassifier.setup_anndata(adata, labels_key="cell_type", obsm_key="X_bad")
+    adata.obsm["X_ok"] = np.zeros((adata.n_obs, 3))
+    with pytest.raises(ValueError, match="labels_key 'celltype'"):
+        LatentClassifier.setup_anndata(adata, labels_key="celltype", obsm_key="X_ok")
+    with pytest.raises(ValueError, match="either"):
+        LatentClassifier.setup_anndata(adata, labels_key="cell_type", obsm_key="X_ok", layer="x")
+
+
+def test_seeded_determinism(cellular):
+    outputs = []
+    for _ in range(2):
+        scvi.settings.seed = 5
+        clf = LatentClassifier.from_model(cellular, n_hidden1=16, n_hidden2=16)
+        clf.train(max_epochs=2, **TRAIN)
+        outputs.append(clf.predict_proba())
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+def test_tune(cellular):
+    clf = LatentClassifier.from_model(cellular, n_hidden1=16, n_hidden2=16)
+    study = clf.tune(n_trials=2, max_epochs=2, hidden_choices=(16, 32))
+    assert len(study.trials) == 2
+    assert set(clf.tuned_params_) == {"n_hidden1", "n_hidden2", "dropout_rate", "lr"}
+    assert clf.module.network[1].out_features == clf.tuned_params_["n_hidden1"]
+    assert clf.is_trained_
+
+
+@pytest.mark.skipif(not datasets_available(), reason="shared datasets absent")
+def test_kang_ifnb_control_to_stimulated():
+    from scvi_ext.data import load_dataset, select_genes
+
+    adata = load_dataset("kang_ifnb")
+    reference = adata[adata.obs["condition"] == "control"].copy()
+    query = adata[adata.obs["condition"] == "stimulated"].copy()
+    reference = select_genes(reference, method="cellular")
+    query = query[:, reference.var_names].copy()
+    scvi.settings.seed = 0
+    CELLULAR.setup_anndata(reference, labels_key="cell_type")
+    model = CELLULAR(reference, n_latent=32, n_hidden=(256, 128))
+    model.train(max_epochs=8, **TRAIN)
+    clf = LatentClassifier.from_model(model, n_hidden1=128, n_hidden2=128)
+    clf.train(max_epochs=20, **FAST_PLAN, **TRAIN)
+    truth = query.obs["cell_type"].astype(str).to_numpy()
+    acc = float((clf.predict(query) == truth).mean())
+    majority = pd.Series(truth).value_counts(normalize=True).iloc[0]
+    assert acc > max(0.6, majority + 0.1)
