@@ -463,8 +463,9 @@ def scnym(
 def _trained_epochs(model: Any, requested: int | None) -> int | None:
     """Epochs actually run (early stopping may stop before ``max_epochs``)."""
     history = getattr(model, "history", None) or {}
-    if "train_loss_epoch" in history:
-        return len(history["train_loss_epoch"])
+    for key in ("train_loss_epoch", "train_loss"):
+        if key in history:
+            return len(history[key])
     if requested is not None:
         return requested
     return getattr(getattr(model, "trainer", None), "max_epochs", None)

@@ -1,0 +1,47 @@
+"""Benchmarks: annotation-transfer methods, tasks, the runner and its report.
+
+Examples
+--------
+>>> from scvi_ext.benchmark import run_benchmark
+>>> results = run_benchmark("kang_ifnb", seeds=[0, 1, 2], outdir="bench_kang")
+"""
+
+from ._cellular_tasks import (  # noqa: E402  (registers into METHODS and TASKS)
+    cellular_method,
+    embedding_quality,
+    kang_donors_lodo,
+    novel_type_detection,
+    training_throughput,
+)
+from ._methods import (
+    METHODS,
+    MethodResult,
+    MethodUnavailableError,
+    concat_reference_query,
+    log_normalize,
+)
+from ._runner import run_benchmark, score_predictions, set_seed, summary_table
+from ._tasks import TASKS, register_task, split_by_column
+
+METHODS["cellular"] = cellular_method
+TASKS["kang_donors_lodo"] = kang_donors_lodo
+
+__all__ = [
+    "METHODS",
+    "TASKS",
+    "MethodResult",
+    "MethodUnavailableError",
+    "cellular_method",
+    "concat_reference_query",
+    "embedding_quality",
+    "kang_donors_lodo",
+    "novel_type_detection",
+    "training_throughput",
+    "log_normalize",
+    "register_task",
+    "run_benchmark",
+    "score_predictions",
+    "set_seed",
+    "split_by_column",
+    "summary_table",
+]
