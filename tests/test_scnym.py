@@ -183,7 +183,7 @@ def test_scarches_query_mapping_trains_only_new_batch_weights(sim_adata, tmp_pat
     query_adata.obs["batch"] = "new_" + query_adata.obs["batch"].astype(str)
     query_adata.obs["labels"] = query_adata.obs["cell_type"].astype(str)
     query_adata.obs.loc[query_adata.obs_names[:5], "labels"] = "never_seen_type"
-    query_adata = ScNym.prepare_query_anndata(query_adata, str(tmp_path / "ref"))
+    query_adata = ScNym.prepare_query_anndata(query_adata, tmp_path / "ref")  # a Path works
     assert query_adata.uns["gene_alignment"]["fraction_shared"] == 1.0
     with pytest.warns(UserWarning, match="never saw"):
         q = ScNym.load_query_data(query_adata, str(tmp_path / "ref"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -196,6 +197,13 @@ class ClassifierMixin:
         return target
 
     # ------------------------------------------------------------------ query mapping
+    @staticmethod
+    def _as_reference(reference_model: str | os.PathLike | BaseModelClass):
+        """A model, or its folder as ``str`` (scvi's query code recognises only ``str``)."""
+        if isinstance(reference_model, os.PathLike):
+            return os.fspath(reference_model)
+        return reference_model
+
     @classmethod
     def _reference_registry(cls, reference_model: str | BaseModelClass) -> dict:
         if isinstance(reference_model, BaseModelClass):
@@ -222,6 +230,7 @@ class ClassifierMixin:
         ValueError
             When the query has fewer than ``min_gene_fraction`` of the reference genes.
         """
+        reference_model = cls._as_reference(reference_model)
         reference_genes = super().prepare_query_anndata(
             adata, reference_model, return_reference_var_names=True
         )
@@ -262,6 +271,7 @@ class ClassifierMixin:
         **kwargs
             Passed to scvi's ``load_query_data`` (``unfrozen``, ``freeze_classifier``, ...).
         """
+        reference_model = cls._as_reference(reference_model)
         registry = cls._reference_registry(reference_model)
         reference_genes = cls.prepare_query_anndata(
             adata, reference_model, return_reference_var_names=True
