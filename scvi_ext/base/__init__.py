@@ -2,7 +2,7 @@
 
 from ._anndata import detached_anndata, label_names, registry_label_names
 from ._mixin import MIN_GENE_FRACTION, ClassifierMixin
-from ._plan import OPTIMIZERS, BaseTrainingPlan, sigmoid_ramp
+from ._plan import OPTIMIZERS, BaseTrainingPlan, sigmoid_ramp, validation_early_stopping
 from ._splitter import LABELLED, UNLABELLED, PairedDataLoader, PairedDataSplitter, labelled_mask
 
 __all__ = [
@@ -19,4 +19,5 @@ __all__ = [
     "labelled_mask",
     "registry_label_names",
     "sigmoid_ramp",
+    "validation_early_stopping",
 ]

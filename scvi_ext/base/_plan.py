@@ -29,6 +29,25 @@ def sigmoid_ramp(epoch: float, ramp_epochs: float) -> float:
     return float(math.exp(-5.0 * phase * phase))
 
 
+def validation_early_stopping(
+    early_stopping: bool,
+    patience: int,
+    train_size: float,
+    validation_size: float | None,
+    trainer_kwargs: dict,
+) -> bool:
+    """Set up early stopping on ``validation_loss`` in ``trainer_kwargs`` when possible.
+
+    Returns whether early stopping is on: it needs a validation set.
+    """
+    if not early_stopping or validation_size == 0 or train_size >= 1:
+        return False
+    trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
+    trainer_kwargs.setdefault("early_stopping_patience", patience)
+    trainer_kwargs.setdefault("early_stopping_mode", "min")
+    return True
+
+
 class BaseTrainingPlan(TrainingPlan):
     """A scvi :class:`~scvi.train.TrainingPlan` that fixes the pitfalls all our models share.
 

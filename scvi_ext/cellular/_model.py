@@ -24,6 +24,7 @@ from scvi_ext.base import (
     detached_anndata,
     labelled_mask,
     registry_label_names,
+    validation_early_stopping,
 )
 from scvi_ext.data import validate_counts, validate_labels, validate_obs_key
 
@@ -374,12 +375,9 @@ class CELLULAR(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseMode
         if n_batch > 1:
             plan_kwargs.setdefault("batch_weights", class_weights(batches[labelled], n_batch))
         plan_kwargs.setdefault("cosine_epochs", max_epochs)
-        if early_stopping and validation_size != 0 and train_size < 1:
-            trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
-            trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
-            trainer_kwargs.setdefault("early_stopping_mode", "min")
-        else:
-            early_stopping = False
+        early_stopping = validation_early_stopping(
+            early_stopping, early_stopping_patience, train_size, validation_size, trainer_kwargs
+        )
         result = super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,

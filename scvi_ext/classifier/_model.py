@@ -20,7 +20,12 @@ from scvi.data.fields import LabelsWithUnlabeledObsField, LayerField, ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.utils import setup_anndata_dsp
 
-from scvi_ext.base import ClassifierMixin, detached_anndata, registry_label_names
+from scvi_ext.base import (
+    ClassifierMixin,
+    detached_anndata,
+    registry_label_names,
+    validation_early_stopping,
+)
 from scvi_ext.data import validate_labels
 
 from ._module import LatentClassifierModule
@@ -325,12 +330,9 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
         if "lr" in tuned:
             plan_kwargs.setdefault("lr", tuned["lr"])
         plan_kwargs.setdefault("cosine_epochs", max_epochs)
-        if early_stopping and validation_size != 0 and train_size < 1:
-            trainer_kwargs.setdefault("early_stopping_monitor", "validation_loss")
-            trainer_kwargs.setdefault("early_stopping_patience", early_stopping_patience)
-            trainer_kwargs.setdefault("early_stopping_mode", "min")
-        else:
-            early_stopping = False
+        early_stopping = validation_early_stopping(
+            early_stopping, early_stopping_patience, train_size, validation_size, trainer_kwargs
+        )
         result = super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,
