@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from scvi.module.base import BaseModuleClass
 from scvi.train import TrainingPlan
+from torch.optim.lr_scheduler import LambdaLR
 
 OPTIMIZERS = {
     "Adam": torch.optim.Adam,
@@ -140,3 +141,31 @@ class BaseTrainingPlan(TrainingPlan):
         if self.restore_best_weights and self._best_state is not None:
             self.module.load_state_dict(self._best_state)
             self._best_state = None
+
+
+def warmup_cosine_factor(epoch: int, warmup_epochs: int, cosine_epochs: int) -> float:
+    """Learning-rate factor ``0.5 (1 + cos(pi e / E)) * min(1, (e + 1) / W)``.
+
+    The reference code's schedule (warm-up over ``W`` epochs, cosine over ``E``), except
+    that the first epoch starts at ``1 / W`` of the learning rate instead of 0.
+    """
+    factor = 0.5 * (1.0 + math.cos(math.pi * min(epoch, cosine_epochs) / max(cosine_epochs, 1)))
+    if warmup_epochs > 0:
+        factor *= min(1.0, (epoch + 1) / warmup_epochs)
+    return factor
+
+
+class WarmupCosineMixin:
+    """Adds the per-epoch warm-up + cosine schedule to a :class:`BaseTrainingPlan`."""
+
+    warmup_epochs: int
+    cosine_epochs: int
+
+    def configure_optimizers(self):
+        """The plan's optimizer with the warm-up + cosine schedule, stepped every epoch."""
+        config = super().configure_optimizers()
+        optimizer = config["optimizer"]
+        warmup, cosine = self.warmup_epochs, self.cosine_epochs
+        scheduler = LambdaLR(optimizer, lambda epoch: warmup_cosine_factor(epoch, warmup, cosine))
+        config["lr_scheduler"] = {"scheduler": scheduler, "interval": "epoch"}
+        return config

@@ -9,18 +9,16 @@ from ._losses import (
 )
 from ._model import CELLULAR
 from ._module import CELLULARModule, FeedForwardEncoder
-from ._plan import CELLULARTrainingPlan, WarmupCosineMixin, warmup_cosine_factor
+from ._plan import CELLULARTrainingPlan
 
 __all__ = [
     "CELLULAR",
     "CELLULARModule",
     "CELLULARTrainingPlan",
     "FeedForwardEncoder",
-    "WarmupCosineMixin",
     "batch_mixing_loss",
     "cell_type_loss",
     "centroid_loss",
     "class_weights",
     "reference_centroid_distances",
-    "warmup_cosine_factor",
 ]

@@ -7,8 +7,7 @@ from typing import Literal
 import torch
 from scvi import REGISTRY_KEYS
 
-from scvi_ext.base import BaseTrainingPlan
-from scvi_ext.cellular import WarmupCosineMixin
+from scvi_ext.base import BaseTrainingPlan, WarmupCosineMixin
 
 from ._module import LatentClassifierModule, labelled_cross_entropy
 
