@@ -212,11 +212,24 @@ def _annotate(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
-    from scvi_ext.benchmark import TASKS, run_benchmark, summary_table
+    from scvi_ext.benchmark import STUDIES, TASKS, run_benchmark, run_study, summary_table
 
-    if args.task not in TASKS:
-        raise CLIError(f"Unknown task {args.task!r}; available: {', '.join(sorted(TASKS))}.")
+    if args.task not in TASKS and args.task not in STUDIES:
+        available = ", ".join(sorted([*TASKS, *STUDIES]))
+        raise CLIError(f"Unknown task {args.task!r}; available: {available}.")
     outdir = args.outdir or f"scvi_ext_outputs/benchmark_{args.task}"
+    if args.task in STUDIES:
+        if args.methods or args.max_epochs:
+            raise CLIError(
+                f"--methods and --max-epochs apply to annotation tasks; {args.task!r} is a "
+                "study with fixed methods."
+            )
+        try:
+            run_study(args.task, seeds=args.seeds, outdir=outdir, command=_command_line(argv))
+        except FileNotFoundError as error:
+            raise CLIError(str(error)) from error
+        print((Path(outdir) / "summary.md").read_text())
+        return 0
     try:
         results = run_benchmark(
             args.task,
@@ -235,7 +248,7 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``scvi-ext`` argument parser."""
-    from scvi_ext.benchmark import METHODS
+    from scvi_ext.benchmark import METHODS, STUDIES, TASKS
 
     parser = argparse.ArgumentParser(
         prog="scvi-ext", description="scvi-tools plugin models: demo, annotation, benchmarks."
@@ -299,7 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Compare annotation-transfer methods on a task over several seeds.",
         description="Writes results_per_seed.csv, summary.md and PNG plots to --outdir.",
     )
-    benchmark.add_argument("--task", default="kang_ifnb", help="Task name (default: kang_ifnb).")
+    benchmark.add_argument(
+        "--task",
+        default="kang_ifnb",
+        help=(
+            f"Annotation task ({', '.join(sorted(TASKS))}) or study "
+            f"({', '.join(sorted(STUDIES))}). Default: kang_ifnb."
+        ),
+    )
     benchmark.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds.")
     benchmark.add_argument(
         "--methods",

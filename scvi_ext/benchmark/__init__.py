@@ -6,10 +6,9 @@ Examples
 >>> results = run_benchmark("kang_ifnb", seeds=[0, 1, 2], outdir="bench_kang")
 """
 
-from ._cellular_tasks import (  # noqa: E402  (registers into METHODS and TASKS)
+from ._cellular_tasks import (
     cellular_method,
     embedding_quality,
-    kang_donors_lodo,
     novel_type_detection,
     training_throughput,
 )
@@ -21,16 +20,19 @@ from ._methods import (
     log_normalize,
 )
 from ._runner import run_benchmark, score_predictions, set_seed, summary_table
-from ._tasks import TASKS, register_task, split_by_column
+from ._studies import STUDIES, Study, run_study
+from ._tasks import TASK_METHOD_KWARGS, TASKS, kang_donors_lodo, register_task, split_by_column
 
 METHODS["cellular"] = cellular_method
-TASKS["kang_donors_lodo"] = kang_donors_lodo
 
 __all__ = [
     "METHODS",
+    "STUDIES",
+    "TASK_METHOD_KWARGS",
     "TASKS",
     "MethodResult",
     "MethodUnavailableError",
+    "Study",
     "cellular_method",
     "concat_reference_query",
     "embedding_quality",
@@ -40,6 +42,7 @@ __all__ = [
     "log_normalize",
     "register_task",
     "run_benchmark",
+    "run_study",
     "score_predictions",
     "set_seed",
     "split_by_column",

@@ -2,7 +2,6 @@
 
 - :func:`cellular_method` has the signature of :data:`~scvi_ext.benchmark.METHODS`
   entries: CELLULAR + :class:`~scvi_ext.model.LatentClassifier` on one split.
-- :func:`kang_donors_lodo` is a task (reference = four donors, query = the fifth).
 - :func:`embedding_quality`, :func:`novel_type_detection` and :func:`training_throughput`
   are stand-alone benchmarks returning DataFrames (written by the caller).
 """
@@ -29,21 +28,6 @@ def _select_hvgs(reference: ad.AnnData, query: ad.AnnData) -> tuple[ad.AnnData, 
 
     reference = select_genes(reference, method="cellular")
     return reference, query[:, reference.var_names].copy()
-
-
-def kang_donors_lodo(held_out_donor: str | None = None) -> tuple[ad.AnnData, ad.AnnData, str]:
-    """Kang et al. 2018 control PBMCs, 5 donors: train on four donors, annotate the fifth.
-
-    Labels ``cell_type`` (4 types); batches ``donor``. ``held_out_donor`` defaults to the
-    first donor in sorted order.
-    """
-    from scvi_ext.data import load_dataset
-
-    adata = load_dataset("kang_donors")
-    donors = adata.obs["donor"].astype(str)
-    held_out = held_out_donor or sorted(donors.unique())[0]
-    is_query = (donors == held_out).to_numpy()
-    return adata[~is_query].copy(), adata[is_query].copy(), "cell_type"
 
 
 def cellular_method(
@@ -273,6 +257,7 @@ def novel_type_detection(
         classifier = LatentClassifier.from_model(model, reference)
         classifier.train(max_epochs=classifier_epochs, **QUIET)
         mixed = ad.concat([test, novel], index_unique="-")
+        del mixed.obs[labels_key]  # unseen by the classifier, as for a user's query
         is_novel = np.r_[np.zeros(test.n_obs, bool), np.ones(novel.n_obs, bool)]
         row: dict[str, Any] = {"left_out": left_out, "n_novel": novel.n_obs, "n_known": test.n_obs}
         for method in NOVELTY_METHODS:
@@ -353,7 +338,7 @@ def training_throughput(
     counts = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
     library = counts.sum(axis=1, keepdims=True)
     x = torch.as_tensor(np.log1p(counts / library * library.mean()), dtype=torch.float32)
-    y, b = torch.as_tensor(labels).long(), torch.as_tensor(batches).long()
+    y, b = torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(batches.astype(np.int64))
     rows = []
 
     def timed_loop(name: str, step, n_batches_max: int | None = None) -> None:

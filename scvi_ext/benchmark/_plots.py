@@ -142,3 +142,33 @@ def _palette(n_colours: int) -> list:
     if n_colours > len(colours):
         colours = [colormaps["nipy_spectral"](x) for x in np.linspace(0.05, 0.95, n_colours)]
     return colours[:n_colours]
+
+
+def plot_study(table: pd.DataFrame, column: str, path: str | Path) -> None:
+    """Horizontal bars of ``column`` per row label (first column), one point per seed.
+
+    Parameters
+    ----------
+    table
+        A study table with a ``seed`` column; its first column names the rows.
+    column
+        Numeric column to draw.
+    path
+        PNG file to write.
+    """
+    key = table.columns[0]
+    labels = list(dict.fromkeys(table[key].astype(str)))
+    figure = _new_figure(6.0, 1.0 + 0.4 * len(labels))
+    axes = figure.subplots()
+    positions = np.arange(len(labels))
+    values = [
+        table.loc[table[key].astype(str) == label, column].to_numpy(float) for label in labels
+    ]
+    axes.barh(positions, [v.mean() for v in values], alpha=0.8)
+    for position, points in zip(positions, values, strict=True):
+        axes.scatter(points, np.full(len(points), position), color="k", s=12)
+    axes.set_yticks(positions, labels)
+    axes.invert_yaxis()
+    axes.set_xlabel(column.replace("_", " "))
+    axes.set_title(f"{column.replace('_', ' ')} (points: seeds)")
+    figure.savefig(path, dpi=120)

@@ -235,7 +235,7 @@ def run_benchmark(
     ``confidence_correct``, ``confidence_wrong``, ``train_seconds``,
     ``cells_per_second`` and ``settings``.
     """
-    from ._tasks import TASKS
+    from ._tasks import TASK_METHOD_KWARGS, TASKS
 
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; available: {sorted(TASKS)}.")
@@ -245,7 +245,10 @@ def run_benchmark(
         raise ValueError(f"Unknown methods {unknown}; available: {sorted(METHODS)}.")
     if not seeds:
         raise ValueError("Give at least one seed.")
-    method_kwargs = method_kwargs or {}
+    task_defaults, user_options = TASK_METHOD_KWARGS.get(task, {}), method_kwargs or {}
+    method_kwargs = {
+        name: {**task_defaults.get(name, {}), **user_options.get(name, {})} for name in methods
+    }
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     if command is None:

@@ -17,6 +17,11 @@ TaskFunction = Callable[..., tuple[ad.AnnData, ad.AnnData, str]]
 TASKS: dict[str, TaskFunction] = {}
 """Registered tasks, by name."""
 
+TASK_METHOD_KWARGS: dict[str, dict[str, dict]] = {
+    "kang_donors_lodo": {"cellular": {"batch_key": "donor"}},
+}
+"""Method options a task needs (e.g. its batch column), merged under the user's."""
+
 
 def register_task(name: str) -> Callable[[TaskFunction], TaskFunction]:
     """Decorator adding a task function to :data:`TASKS` under ``name``."""
@@ -103,3 +108,19 @@ def simulated(
     )
     reference, query = split_by_column(adata, "condition", "reference", "query")
     return reference, query, "cell_type"
+
+
+@register_task("kang_donors_lodo")
+def kang_donors_lodo(held_out_donor: str | None = None) -> tuple[ad.AnnData, ad.AnnData, str]:
+    """Kang et al. 2018 control PBMCs, 5 donors: train on four donors, annotate the fifth.
+
+    Labels ``cell_type`` (4 types); batches ``donor``. ``held_out_donor`` defaults to the
+    first donor in sorted order.
+    """
+    from scvi_ext.data import load_dataset
+
+    adata = load_dataset("kang_donors")
+    donors = adata.obs["donor"].astype(str)
+    held_out = held_out_donor or sorted(donors.unique())[0]
+    is_query = (donors == held_out).to_numpy()
+    return adata[~is_query].copy(), adata[is_query].copy(), "cell_type"

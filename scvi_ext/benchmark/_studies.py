@@ -1,0 +1,177 @@
+"""Benchmark studies that are not one reference/query split: embeddings, novel types, speed.
+
+A study is a function ``(seed) -> {table name: DataFrame}``; :func:`run_study` runs it
+for several seeds and writes every table (per seed, and mean ± sd over seeds) with a bar
+chart of its headline column. They run from the command line like the annotation
+tasks: ``scvi-ext benchmark --task kang_donors_embedding``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from ._plots import plot_study
+from ._runner import _format_cell, machine_info, set_seed
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Study:
+    """A named study.
+
+    Attributes
+    ----------
+    run
+        ``run(seed)`` returns named tables; the first column of each names its rows.
+    description
+        One paragraph for the report.
+    headline
+        Table name -> the column drawn in ``<table>.png``.
+    """
+
+    run: Callable[[int], dict[str, pd.DataFrame]]
+    description: str
+    headline: dict[str, str]
+
+
+def _embedding(seed: int) -> dict[str, pd.DataFrame]:
+    from scvi_ext.data import load_dataset
+
+    from ._cellular_tasks import embedding_quality
+
+    table = embedding_quality(load_dataset("kang_donors"), "cell_type", "donor", seed=seed)
+    return {"embedding_quality": table.rename_axis("method").reset_index()}
+
+
+def _novel_types(dataset: str, batch_key: str) -> Callable[[int], dict[str, pd.DataFrame]]:
+    def run(seed: int) -> dict[str, pd.DataFrame]:
+        from scvi_ext.data import load_dataset
+
+        from ._cellular_tasks import novel_type_detection
+
+        per_type, summary = novel_type_detection(
+            load_dataset(dataset), "cell_type", batch_key, seed=seed
+        )
+        summary.insert(0, "dataset", dataset)
+        return {"novel_types_per_left_out_type": per_type, "novel_types_summary": summary}
+
+    return run
+
+
+def _throughput(seed: int) -> dict[str, pd.DataFrame]:
+    from scvi_ext.data import load_dataset
+
+    from ._cellular_tasks import training_throughput
+
+    table = training_throughput(load_dataset("kang_donors"), "cell_type", "donor", seed=seed)
+    return {"throughput": table.reset_index()}
+
+
+STUDIES: dict[str, Study] = {
+    "kang_donors_embedding": Study(
+        _embedding,
+        "scib-metrics of CELLULAR, scVI, scANVI and PCA embeddings of the Kang control "
+        "PBMCs (5 donors, 2000 cell_ranger HVGs); overall = 0.6 bio conservation + 0.4 "
+        "batch correction, metrics min-max scaled across methods (thesis 2.4).",
+        {"embedding_quality": "overall"},
+    ),
+    "kang_donors_novel_types": Study(
+        _novel_types("kang_donors", "donor"),
+        "Novel cell type detection (thesis 2.7): each cell type in turn is left out of "
+        "training (CELLULAR + LatentClassifier) and added to the test fold. Per-cell "
+        "AUROC of each novelty score; dataset-level precision/coverage of the minimum "
+        "normalised likelihood at threshold 0.25.",
+        {"novel_types_per_left_out_type": "auroc_max_proba"},
+    ),
+    "kang_ifnb_novel_types": Study(
+        _novel_types("kang_ifnb", "condition"),
+        "As kang_donors_novel_types on the Kang IFN-beta data (control and stimulated "
+        "cells, condition as batch).",
+        {"novel_types_per_left_out_type": "auroc_max_proba"},
+    ),
+    "kang_donors_throughput": Study(
+        _throughput,
+        "Training cells/s per epoch of CELLULAR vs a cross-entropy MLP of the same size "
+        "and vs the reference code's looped loss, in one process.",
+        {"throughput": "cells_per_second"},
+    ),
+}
+"""Registered studies, by name (run with ``scvi-ext benchmark --task NAME``)."""
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    """A DataFrame as a markdown table (values as strings, no index)."""
+    lines = ["| " + " | ".join(map(str, frame.columns)) + " |", "|" + "---|" * frame.shape[1]]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def summarize_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean ± sd over the ``seed`` column of every numeric column, by the first column."""
+    key = table.columns[0]
+    numeric = [
+        c
+        for c in table.columns
+        if c not in (key, "seed") and pd.api.types.is_numeric_dtype(table[c])
+    ]
+    rows = []
+    for name, group in table.groupby(key, sort=False):
+        rows.append({key: name, **{c: _format_cell(group[c], ".3f") for c in numeric}})
+    return pd.DataFrame(rows)
+
+
+def run_study(
+    name: str,
+    seeds: list[int],
+    outdir: str | Path,
+    command: str | None = None,
+) -> dict[str, pd.DataFrame]:
+    """Run a study of :data:`STUDIES` for each seed and write its report.
+
+    Parameters
+    ----------
+    name
+        Study name.
+    seeds
+        Seeds, one run each (global seeds set by :func:`set_seed` first).
+    outdir
+        Folder for ``<table>_per_seed.csv``, ``<table>.png`` and ``summary.md``.
+    command
+        Command line recorded in the report.
+
+    Returns
+    -------
+    Each table with a ``seed`` column, all seeds stacked.
+    """
+    if name not in STUDIES:
+        raise ValueError(f"Unknown study {name!r}; available: {sorted(STUDIES)}.")
+    if not seeds:
+        raise ValueError("Give at least one seed.")
+    study = STUDIES[name]
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    per_seed: dict[str, list[pd.DataFrame]] = {}
+    for seed in seeds:
+        logger.info("Study %s, seed %d", name, seed)
+        set_seed(seed)
+        for table_name, table in study.run(seed).items():
+            per_seed.setdefault(table_name, []).append(table.assign(seed=seed))
+    tables = {key: pd.concat(parts, ignore_index=True) for key, parts in per_seed.items()}
+
+    lines = [f"# Benchmark: {name}", "", study.description, ""]
+    lines += [f"Seeds: {', '.join(map(str, seeds))}; mean ± sd over seeds.", ""]
+    for table_name, table in tables.items():
+        table.to_csv(outdir / f"{table_name}_per_seed.csv", index=False)
+        lines += [f"## {table_name}", "", markdown_table(summarize_over_seeds(table)), ""]
+        if table_name in study.headline:
+            plot_study(table, study.headline[table_name], outdir / f"{table_name}.png")
+    lines += ["## Command", "", "```", command or f"run_study({name!r}, {seeds})", "```", ""]
+    lines += ["## Machine", ""] + [f"- {k}: {v}" for k, v in machine_info().items()] + [""]
+    (outdir / "summary.md").write_text("\n".join(lines))
+    return tables

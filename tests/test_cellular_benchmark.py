@@ -1,0 +1,134 @@
+"""Tests of the CELLULAR benchmarks and of the study runner behind ``scvi-ext benchmark``."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from scvi_ext.benchmark import (
+    METHODS,
+    STUDIES,
+    TASK_METHOD_KWARGS,
+    TASKS,
+    MethodResult,
+    Study,
+    embedding_quality,
+    novel_type_detection,
+    run_benchmark,
+    run_study,
+    training_throughput,
+)
+from scvi_ext.cli import main
+from scvi_ext.data import simulate
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+N_TYPES = 3
+
+
+@pytest.fixture(scope="module")
+def cells():
+    return simulate(n_cells=360, n_genes=120, n_cell_types=N_TYPES, n_markers=15, seed=3)
+
+
+def test_cellular_method_annotates_above_chance(cells):
+    reference, query, labels_key = TASKS["simulated"](
+        n_cells=400, n_genes=120, n_cell_types=N_TYPES, seed=2
+    )
+    result = METHODS["cellular"](
+        reference, query, labels_key, 0, batch_key="batch", max_epochs=8, classifier_epochs=15
+    )
+    truth = query.obs[labels_key].astype(str).to_numpy()
+    assert np.mean(result.predictions == truth) > 1 / N_TYPES + 0.4
+    assert result.latent.shape == (reference.n_obs + query.n_obs, 100)
+    assert set(result.extra["novelty"]) == {"max_proba", "entropy", "centroid_distance"}
+    assert result.cells_per_second > 0
+
+
+def test_novel_type_detection_protocol(cells):
+    per_type, summary = novel_type_detection(
+        cells, batch_key="batch", n_folds=3, max_epochs=6, classifier_epochs=10, n_latent=16
+    )
+    assert sorted(per_type["left_out"]) == sorted(cells.obs["cell_type"].unique())
+    counts = cells.obs["cell_type"].value_counts()
+    for row in per_type.itertuples():
+        assert row.n_novel == counts[row.left_out]
+    for method in ("max_proba", "entropy", "centroid_distance"):
+        assert per_type[f"auroc_{method}"].between(0, 1).all()
+    # simulated types differ by their own markers: a left-out type is easy to tell apart
+    assert per_type["auroc_centroid_distance"].mean() > 0.7
+    assert (per_type["min_likelihood_novel"] <= per_type["min_likelihood_known"]).all()
+    assert {"precision", "coverage", "threshold"} <= set(summary.columns)
+
+
+def test_training_throughput_rows(cells):
+    table = training_throughput(cells, batch_key="batch", n_epochs=1, batch_size=64)
+    assert set(table.index) == {
+        "cross_entropy_mlp",
+        "cellular_loss_loop",
+        "reference_looped_loss",
+        "cellular_api",
+    }
+    assert (table["cells_per_second"] > 0).all()
+    assert table.loc["cross_entropy_mlp", "slowdown_vs_cross_entropy"] == pytest.approx(1.0)
+
+
+def test_embedding_quality_scores_cellular_and_pca(cells):
+    table = embedding_quality(cells, batch_key="batch", max_epochs=4, methods=("cellular", "pca"))
+    assert set(table.index) == {"CELLULAR", "PCA"}
+    expected = 0.6 * table["bio_conservation"] + 0.4 * table["batch_correction"]
+    np.testing.assert_allclose(table["overall"], expected)
+    assert table["overall"].is_monotonic_decreasing
+
+
+def test_run_study_writes_tables_plots_and_summary(tmp_path, monkeypatch):
+    def run(seed):
+        return {"scores": pd.DataFrame({"method": ["a", "b"], "auroc": [0.5 + seed / 10, 0.9]})}
+
+    monkeypatch.setitem(STUDIES, "toy", Study(run, "A toy study.", {"scores": "auroc"}))
+    tables = run_study(
+        "toy", seeds=[0, 2], outdir=tmp_path, command="scvi-ext benchmark --task toy"
+    )
+    assert list(tables["scores"]["seed"]) == [0, 0, 2, 2]
+    csv = pd.read_csv(tmp_path / "scores_per_seed.csv")
+    assert list(csv["auroc"]) == [0.5, 0.9, 0.7, 0.9]
+    summary = (tmp_path / "summary.md").read_text()
+    assert "A toy study." in summary
+    assert "| a | 0.600 ± 0.141 |" in summary
+    assert "| b | 0.900 ± 0.000 |" in summary
+    assert "scvi-ext benchmark --task toy" in summary and "cpu count" in summary
+    assert (tmp_path / "scores.png").read_bytes()[:8] == PNG_SIGNATURE
+    with pytest.raises(ValueError, match="Unknown study 'nope'"):
+        run_study("nope", seeds=[0], outdir=tmp_path)
+
+
+def test_cli_runs_a_study_and_rejects_method_options(tmp_path, monkeypatch, capsys):
+    def run(seed):
+        return {"scores": pd.DataFrame({"method": ["a"], "auroc": [0.8]})}
+
+    monkeypatch.setitem(STUDIES, "toy", Study(run, "A toy study.", {}))
+    assert main(["benchmark", "--task", "toy", "--seeds", "0", "--outdir", str(tmp_path)]) == 0
+    assert "| a | 0.800 |" in capsys.readouterr().out
+    code = main(["benchmark", "--task", "toy", "--methods", "scnym", "--outdir", str(tmp_path)])
+    assert code == 2
+    assert "'toy' is a study with fixed methods" in capsys.readouterr().err
+
+
+def test_task_method_options_are_merged_under_the_users(tmp_path, monkeypatch):
+    seen = {}
+
+    def recorder(reference, query, labels_key, seed, **options):
+        seen.update(options)
+        n = query.n_obs
+        return MethodResult("recorder", np.full(n, "type_0"), np.ones(n), 1.0)
+
+    monkeypatch.setitem(METHODS, "recorder", recorder)
+    monkeypatch.setitem(TASK_METHOD_KWARGS, "simulated", {"recorder": {"a": 1, "b": 2}})
+    run_benchmark(
+        "simulated",
+        seeds=[0],
+        methods=["recorder"],
+        outdir=tmp_path,
+        method_kwargs={"recorder": {"b": 3}},
+        task_kwargs={"n_cells": 100, "n_genes": 50, "n_cell_types": 2},
+        plots=False,
+    )
+    assert seen == {"a": 1, "b": 3}
