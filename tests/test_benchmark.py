@@ -15,6 +15,7 @@ from scvi_ext.benchmark import (
     run_benchmark,
     summary_table,
 )
+from scvi_ext.benchmark._methods import reference_hvgs
 from scvi_ext.data import datasets_available
 
 TINY_TASK = {"n_cells": 400, "n_genes": 200, "n_cell_types": 4}
@@ -63,7 +64,7 @@ def test_runner_writes_report_and_logistic_regression_beats_chance(tmp_path, tin
     assert "| logistic_regression |" in summary and "| scanvi |" in summary
     assert " ± " in summary
     assert "cpu count" in summary and "torch" in summary and "run_benchmark(" in summary
-    assert "scVI 2 + scANVI 1 epochs" in summary
+    assert "200 genes, scVI 2 + scANVI 1 epochs" in summary
     for name in ["reliability.png", "umap_query.png", "accuracy.png"]:
         assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE
 
@@ -133,11 +134,20 @@ def test_linear_methods(name, tiny_split):
 @pytest.mark.skipif(not _scnym_importable(), reason="scvi_ext.model.ScNym not available yet")
 def test_scnym_method(tiny_split):
     reference, query, labels_key = tiny_split
-    result = METHODS["scnym"](reference, query, labels_key, 0, max_epochs=2)
+    result = METHODS["scnym"](reference, query, labels_key, 0, max_epochs=2, n_top_genes=50)
     _check_result(result, reference, query, labels_key)
     assert result.latent.shape[0] == reference.n_obs + query.n_obs
     assert result.cells_per_second > 0
-    assert result.settings == "2 epochs"
+    assert result.settings == "50 genes, 2 epochs"
+
+
+def test_reference_hvgs(tiny_split):
+    reference, _, _ = tiny_split
+    genes = reference_hvgs(reference, 40)
+    assert genes.dtype == bool and genes.sum() == 40
+    np.testing.assert_array_equal(genes, reference_hvgs(reference, 40))
+    assert reference_hvgs(reference, None).all()
+    assert reference_hvgs(reference, 10_000).all()
 
 
 def test_simulated_task_split(tiny_split):

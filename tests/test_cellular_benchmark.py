@@ -81,7 +81,8 @@ def test_embedding_quality_scores_cellular_and_pca(cells):
 
 def test_run_study_writes_tables_plots_and_summary(tmp_path, monkeypatch):
     def run(seed):
-        return {"scores": pd.DataFrame({"method": ["a", "b"], "auroc": [0.5 + seed / 10, 0.9]})}
+        scores = {"method": ["a", "b"], "auroc": [0.5 + seed / 10, 0.9], "n_cells": [10, 20]}
+        return {"scores": pd.DataFrame(scores)}
 
     monkeypatch.setitem(STUDIES, "toy", Study(run, "A toy study.", {"scores": "auroc"}))
     tables = run_study(
@@ -92,8 +93,8 @@ def test_run_study_writes_tables_plots_and_summary(tmp_path, monkeypatch):
     assert list(csv["auroc"]) == [0.5, 0.9, 0.7, 0.9]
     summary = (tmp_path / "summary.md").read_text()
     assert "A toy study." in summary
-    assert "| a | 0.600 ± 0.141 |" in summary
-    assert "| b | 0.900 ± 0.000 |" in summary
+    assert "| a | 0.600 ± 0.141 | 10 ± 0 |" in summary
+    assert "| b | 0.900 ± 0.000 | 20 ± 0 |" in summary
     assert "scvi-ext benchmark --task toy" in summary and "cpu count" in summary
     assert (tmp_path / "scores.png").read_bytes()[:8] == PNG_SIGNATURE
     with pytest.raises(ValueError, match="Unknown study 'nope'"):

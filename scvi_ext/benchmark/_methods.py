@@ -172,6 +172,30 @@ def concat_reference_query(
     )
 
 
+def reference_hvgs(reference: ad.AnnData, n_top_genes: int | None) -> np.ndarray:
+    """Boolean mask of the reference's highly variable genes (the same for every method).
+
+    scanpy ``highly_variable_genes(flavor="seurat")`` on the log-normalised reference
+    counts; every gene when ``n_top_genes`` is ``None`` or not below the gene count.
+    """
+    import scanpy as sc
+
+    if n_top_genes is None or reference.n_vars <= n_top_genes:
+        return np.ones(reference.n_vars, dtype=bool)
+    reference_log = log_normalize(reference)
+    sc.pp.highly_variable_genes(reference_log, n_top_genes=n_top_genes, flavor="seurat")
+    return reference_log.var["highly_variable"].to_numpy()
+
+
+def _restrict_to_hvgs(
+    reference: ad.AnnData, query: ad.AnnData, labels_key: str, n_top_genes: int | None
+) -> tuple[ad.AnnData, ad.AnnData]:
+    """Reference and query restricted to :func:`reference_hvgs` (views)."""
+    query = _check_inputs(reference, query, labels_key)
+    genes = reference_hvgs(reference, n_top_genes)
+    return reference[:, genes], query[:, genes]
+
+
 def _scaled_epochs(max_epochs: int, epochs_scale: float) -> int:
     return max(1, int(round(max_epochs * epochs_scale)))
 
@@ -201,17 +225,12 @@ def logistic_regression(
     -------
     :class:`MethodResult` without latent.
     """
-    import scanpy as sc
     from sklearn.linear_model import LogisticRegression
 
     query = _check_inputs(reference, query, labels_key)
     reference_log = log_normalize(reference)
     query_log = log_normalize(query)
-    if reference.n_vars > n_top_genes:
-        sc.pp.highly_variable_genes(reference_log, n_top_genes=n_top_genes, flavor="seurat")
-        genes = reference_log.var["highly_variable"].to_numpy()
-    else:
-        genes = np.ones(reference.n_vars, dtype=bool)
+    genes = reference_hvgs(reference, n_top_genes)
     labels = reference.obs[labels_key].astype(str).to_numpy()
 
     classifier = LogisticRegression(max_iter=max_iter, random_state=seed)
@@ -238,6 +257,7 @@ def scanvi(
     max_epochs: int = 200,
     scanvi_max_epochs: int = 20,
     epochs_scale: float = 1.0,
+    n_top_genes: int | None = 2000,
     progress_bar: bool = False,
 ) -> MethodResult:
     """scVI pre-training then scANVI on reference + query (query cells unlabelled).
@@ -253,6 +273,9 @@ def scanvi(
         scANVI fine-tuning epochs.
     epochs_scale
         Multiplies both epoch counts (at least one epoch each).
+    n_top_genes
+        Highly variable genes of the reference (:func:`reference_hvgs`, as for
+        logistic regression); ``None``: all genes.
     progress_bar
         Show Lightning progress bars.
 
@@ -262,6 +285,7 @@ def scanvi(
     """
     import scvi
 
+    reference, query = _restrict_to_hvgs(reference, query, labels_key, n_top_genes)
     adata = concat_reference_query(reference, query, labels_key)
     n_scvi_epochs = _scaled_epochs(max_epochs, epochs_scale)
     n_scanvi_epochs = _scaled_epochs(scanvi_max_epochs, epochs_scale)
@@ -285,7 +309,8 @@ def scanvi(
         train_seconds=train_seconds,
         cells_per_second=adata.n_obs * n_epochs / train_seconds,
         latent=model.get_latent_representation(adata),
-        settings=f"scVI {n_scvi_epochs} + scANVI {n_scanvi_epochs} epochs",
+        settings=f"{reference.n_vars} genes, scVI {n_scvi_epochs} + scANVI {n_scanvi_epochs} "
+        "epochs",
         extra={"n_epochs": n_epochs},
     )
 
@@ -411,6 +436,7 @@ def scnym(
     *,
     max_epochs: int | None = None,
     epochs_scale: float = 1.0,
+    n_top_genes: int | None = 2000,
     progress_bar: bool = False,
     train_kwargs: dict[str, Any] | None = None,
 ) -> MethodResult:
@@ -425,6 +451,9 @@ def scnym(
         does not apply).
     epochs_scale
         Multiplies ``max_epochs`` when it is given.
+    n_top_genes
+        Highly variable genes of the reference (:func:`reference_hvgs`, as for
+        logistic regression); ``None``: all genes (the scNym paper's choice).
     progress_bar
         Show Lightning progress bars.
     train_kwargs
@@ -435,6 +464,7 @@ def scnym(
     :class:`MethodResult` with the ScNym latent of reference + query cells.
     """
     model_cls = _import_scnym()
+    reference, query = _restrict_to_hvgs(reference, query, labels_key, n_top_genes)
     adata = concat_reference_query(reference, query, labels_key)
     model_cls.setup_anndata(adata, labels_key=LABELS_COLUMN, unlabeled_category=UNLABELED_CATEGORY)
     model = model_cls(adata)
@@ -455,7 +485,7 @@ def scnym(
         train_seconds=train_seconds,
         cells_per_second=None if n_epochs is None else adata.n_obs * n_epochs / train_seconds,
         latent=np.asarray(model.get_latent_representation()),
-        settings="" if n_epochs is None else f"{n_epochs} epochs",
+        settings=f"{reference.n_vars} genes" + (f", {n_epochs} epochs" if n_epochs else ""),
         extra={"n_epochs": n_epochs},
     )
 

@@ -122,7 +122,8 @@ def summarize_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
     ]
     rows = []
     for name, group in table.groupby(key, sort=False):
-        rows.append({key: name, **{c: _format_cell(group[c], ".3f") for c in numeric}})
+        formats = {c: ".0f" if (table[c] % 1 == 0).all() else ".3f" for c in numeric}
+        rows.append({key: name, **{c: _format_cell(group[c], formats[c]) for c in numeric}})
     return pd.DataFrame(rows)
 
 

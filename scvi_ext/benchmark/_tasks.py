@@ -76,6 +76,20 @@ def kang_ifnb() -> tuple[ad.AnnData, ad.AnnData, str]:
     return reference, query, "cell_type"
 
 
+@register_task("cellbench_celseq2_dropseq")
+def cellbench_celseq2_dropseq() -> tuple[ad.AnnData, ad.AnnData, str]:
+    """CellBench 3 lung cancer cell lines (Tian et al. 2019): CEL-seq2 -> Drop-seq.
+
+    Cross-technology transfer; labels ``cell_type`` (3 cell lines). Needs the shared
+    datasets folder.
+    """
+    from scvi_ext.data import load_dataset
+
+    adata = load_dataset("cellbench_3lines")
+    reference, query = split_by_column(adata, "technology", "CEL-seq2", "Drop-seq")
+    return reference, query, "cell_type"
+
+
 @register_task("simulated")
 def simulated(
     n_cells: int = 2000,
