@@ -7,9 +7,16 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import scvi
+import torch
+from scvi import REGISTRY_KEYS
 
 from scvi_ext.cellular import CELLULAR
-from scvi_ext.classifier import LatentClassifier, NovelTypeReport
+from scvi_ext.classifier import (
+    NOVELTY_METHODS,
+    LatentClassifier,
+    LatentClassifierModule,
+    NovelTypeReport,
+)
 from scvi_ext.data import datasets_available, simulate
 
 TRAIN = {"enable_progress_bar": False, "enable_model_summary": False}
@@ -79,13 +86,18 @@ def test_save_load_keeps_upstream(classifier, data, tmp_path):
     loaded = LatentClassifier.load(tmp_path / "clf")
     assert isinstance(loaded.upstream_model, CELLULAR)
     np.testing.assert_array_equal(loaded.predict_proba(query), classifier.predict_proba(query))
+    for method in ("centroid_distance", "neighbour_distance"):
+        np.testing.assert_array_equal(
+            loaded.novelty_score(query, method=method),
+            classifier.novelty_score(query, method=method),
+        )
     with_data = LatentClassifier.load(tmp_path / "clf", adata=query)
     np.testing.assert_array_equal(with_data.predict(), classifier.predict(query))
 
 
 def test_novelty(classifier, data):
     _, query = data
-    for method in ("max_proba", "entropy", "centroid_distance"):
+    for method in NOVELTY_METHODS:
         score = classifier.novelty_score(query, method=method)
         assert score.shape == (query.n_obs,) and np.isfinite(score).all()
     with pytest.raises(ValueError, match="method"):
@@ -189,3 +201,17 @@ def test_kang_ifnb_control_to_stimulated():
     acc = float((clf.predict(query) == truth).mean())
     majority = pd.Series(truth).value_counts(normalize=True).iloc[0]
     assert acc > max(0.6, majority + 0.1)
+
+
+def test_neighbour_distance_is_the_kth_nearest_cosine_distance():
+    module = LatentClassifierModule(n_input=2, n_labels=2)
+    angles = torch.tensor([0.0, 0.1, 0.2, 1.5])
+    module.reference_cells[:4] = torch.stack([angles.cos(), angles.sin()], dim=1)
+    module.n_reference_cells.fill_(4)
+    x = torch.tensor([[1.0, 0.0], [0.0, -3.0]])
+    distance = module.neighbour_distance({REGISTRY_KEYS.X_KEY: x}, k=2)
+    expected = torch.tensor([1 - np.cos(0.1), 1 - np.cos(np.pi / 2 + 0.1)], dtype=torch.float32)
+    torch.testing.assert_close(distance, expected)
+    module.n_reference_cells.fill_(0)
+    with pytest.raises(RuntimeError, match="train the classifier first"):
+        module.neighbour_distance({REGISTRY_KEYS.X_KEY: x})

@@ -59,7 +59,7 @@ def cellular_method(
         Optuna trials for the classifier (0: default settings).
     """
     from scvi_ext.cellular import CELLULAR
-    from scvi_ext.classifier import LatentClassifier
+    from scvi_ext.classifier import NOVELTY_METHODS, LatentClassifier
 
     reference, query = _select_hvgs(reference, query)
     if batch_key is not None and reference.obs[batch_key].nunique() < 2:
@@ -91,12 +91,7 @@ def cellular_method(
         latent_cells="reference+query",
         settings=f"CELLULAR {n_epochs} epochs, n_latent={n_latent}; classifier "
         f"{classifier_epochs} epochs{f', {tune_trials} optuna trials' if tune_trials else ''}",
-        extra={
-            "novelty": {
-                m: classifier.novelty_score(query, method=m)
-                for m in ("max_proba", "entropy", "centroid_distance")
-            }
-        },
+        extra={"novelty": {m: classifier.novelty_score(query, method=m) for m in NOVELTY_METHODS}},
     )
 
 

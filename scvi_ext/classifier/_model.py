@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 UPSTREAM_FOLDER = "upstream"
 UPSTREAM_FILE = "upstream.json"
 UPSTREAM_STUB_CELLS = 20
-NOVELTY_METHODS = ("max_proba", "entropy", "centroid_distance")
+NOVELTY_METHODS = ("max_proba", "entropy", "centroid_distance", "neighbour_distance")
 
 
 @dataclass
@@ -357,6 +357,11 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
         one_hot = np.eye(n_labels + 1)[labels.astype(int)][:, :n_labels]
         centroids = one_hot.T @ features / np.maximum(one_hot.sum(axis=0), 1)[:, None]
         self.module.centroids.copy_(torch.as_tensor(centroids, dtype=torch.float32))
+        labelled = np.flatnonzero(labels < n_labels)
+        n_kept = min(len(labelled), len(self.module.reference_cells))
+        kept = np.random.default_rng(0).choice(labelled, n_kept, replace=False)
+        self.module.reference_cells[:n_kept] = torch.as_tensor(features[kept], dtype=torch.float32)
+        self.module.n_reference_cells.fill_(n_kept)
 
     def tune(
         self,
@@ -448,7 +453,8 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
-        method: Literal["max_proba", "entropy", "centroid_distance"] | None = None,
+        method: Literal["max_proba", "entropy", "centroid_distance", "neighbour_distance"]
+        | None = None,
     ) -> np.ndarray:
         """Per-cell score, higher for cells more likely of a type absent from training.
 
@@ -461,13 +467,16 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
             thesis's likelihood, in [0, 1]); ``"entropy"``: entropy of the class
             probabilities divided by ``log(n_classes)``; ``"centroid_distance"``: cosine
             distance to the nearest training centroid of a cell type in the representation
-            (in [0, 2]). Default: :attr:`default_novelty_method`.
+            (in [0, 2]); ``"neighbour_distance"``: cosine distance to the 10th nearest of up
+            to 2000 training cells kept with the model (in [0, 2]). Default:
+            :attr:`default_novelty_method`.
         """
         method = method or self.default_novelty_method
         if method not in NOVELTY_METHODS:
             raise ValueError(f"method must be one of {NOVELTY_METHODS}, not '{method}'.")
-        if method == "centroid_distance":
-            return self._map_minibatches(self.module.centroid_distance, adata, indices, batch_size)
+        if method in ("centroid_distance", "neighbour_distance"):
+            score = getattr(self.module, method)
+            return self._map_minibatches(score, adata, indices, batch_size)
         proba = self.predict_proba(adata, indices, batch_size)
         if method == "max_proba":
             return self._novelty_from_proba(proba)

@@ -8,6 +8,9 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
 from torch import nn
 
+#: Training cells kept (a seeded subsample) for the nearest-neighbour novelty score.
+N_REFERENCE_CELLS = 2000
+
 
 class LatentClassifierModule(BaseModuleClass):
     """BatchNorm on the input, two hidden layers (Linear -> BatchNorm -> ReLU -> Dropout), logits.
@@ -50,6 +53,8 @@ class LatentClassifierModule(BaseModuleClass):
             nn.Linear(n_hidden2, n_labels),
         )
         self.register_buffer("centroids", torch.zeros(n_labels, n_input))
+        self.register_buffer("reference_cells", torch.zeros(N_REFERENCE_CELLS, n_input))
+        self.register_buffer("n_reference_cells", torch.zeros((), dtype=torch.long))
 
     def _get_inference_input(self, tensors: dict) -> dict:
         return {"x": tensors[REGISTRY_KEYS.X_KEY]}
@@ -86,6 +91,19 @@ class LatentClassifierModule(BaseModuleClass):
         x = F.normalize(tensors[REGISTRY_KEYS.X_KEY].float(), dim=1, eps=1e-8)
         centroids = F.normalize(self.centroids, dim=1, eps=1e-8)
         return 1.0 - (x @ centroids.T).max(dim=1).values
+
+    @auto_move_data
+    def neighbour_distance(self, tensors: dict, k: int = 10) -> torch.Tensor:
+        """Cosine distance to the ``k``-th nearest kept training cell (Sun et al., ICML 2022)."""
+        x = F.normalize(tensors[REGISTRY_KEYS.X_KEY].float(), dim=1, eps=1e-8)
+        reference = F.normalize(
+            self.reference_cells[: int(self.n_reference_cells)], dim=1, eps=1e-8
+        )
+        if len(reference) == 0:
+            raise RuntimeError("No training cells are stored; train the classifier first.")
+        k = min(k, len(reference))
+        similarity = (x @ reference.T).topk(k, dim=1).values[:, -1]
+        return 1.0 - similarity
 
 
 def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_labels: int):
