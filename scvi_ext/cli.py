@@ -211,6 +211,23 @@ def _annotate(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _task_options(options: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as task keyword arguments (numbers parsed, else strings)."""
+    parsed: dict[str, Any] = {}
+    for option in options:
+        key, separator, value = option.partition("=")
+        if not separator or not key:
+            raise CLIError(f"--task-option takes KEY=VALUE, not {option!r}.")
+        try:
+            parsed[key] = int(value)
+        except ValueError:
+            try:
+                parsed[key] = float(value)
+            except ValueError:
+                parsed[key] = value
+    return parsed
+
+
 def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
     from scvi_ext.benchmark import STUDIES, TASKS, run_benchmark, run_study, summary_table
 
@@ -219,10 +236,10 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
         raise CLIError(f"Unknown task {args.task!r}; available: {available}.")
     outdir = args.outdir or f"scvi_ext_outputs/benchmark_{args.task}"
     if args.task in STUDIES:
-        if args.methods or args.max_epochs:
+        if args.methods or args.max_epochs or args.task_option:
             raise CLIError(
-                f"--methods and --max-epochs apply to annotation tasks; {args.task!r} is a "
-                "study with fixed methods."
+                f"--methods, --max-epochs and --task-option apply to annotation tasks; "
+                f"{args.task!r} is a study with fixed settings."
             )
         try:
             run_study(args.task, seeds=args.seeds, outdir=outdir, command=_command_line(argv))
@@ -237,9 +254,10 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
             methods=args.methods,
             outdir=outdir,
             method_kwargs=_epoch_options(args.max_epochs),
+            task_kwargs=_task_options(args.task_option),
             command=_command_line(argv),
         )
-    except FileNotFoundError as error:
+    except (FileNotFoundError, TypeError, ValueError) as error:
         raise CLIError(str(error)) from error
     print(summary_table(results))
     print(f"\nReport written to {Path(outdir).resolve()}/summary.md")
@@ -330,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     benchmark.add_argument(
         "--outdir", default=None, help="Report folder (default: scvi_ext_outputs/benchmark_TASK)."
+    )
+    benchmark.add_argument(
+        "--task-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Option of the task function, e.g. held_out_donor=1015 for kang_donors_lodo "
+        "(repeatable).",
     )
     benchmark.add_argument(
         "--max-epochs",

@@ -145,3 +145,17 @@ def test_benchmark_command(tmp_path, capsys):
 
     assert main(["benchmark", "--task", "no_such_task", "--outdir", str(outdir)]) == 2
     assert "Unknown task" in capsys.readouterr().err
+
+
+def test_benchmark_task_options(tmp_path, capsys):
+    argv = ["benchmark", "--task", "simulated", "--seeds", "0", "--methods", "logistic_regression"]
+    argv += ["--outdir", str(tmp_path), "--task-option", "n_cells=300"]
+    argv += ["--task-option", "n_genes=80", "--task-option", "query_fraction=0.4"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Reference: 180 cells, query: 120 cells, 80 genes" in summary
+    assert main([*argv, "--task-option", "n_cells"]) == 2
+    assert "--task-option takes KEY=VALUE, not 'n_cells'" in capsys.readouterr().err
+    assert main([*argv, "--task-option", "no_such_option=1"]) == 2
+    assert "no_such_option" in capsys.readouterr().err
