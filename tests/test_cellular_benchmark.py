@@ -85,7 +85,9 @@ def test_run_study_writes_tables_plots_and_summary(tmp_path, monkeypatch):
         scores = {"method": ["a", "b"], "auroc": [0.5 + seed / 10, 0.9], "n_cells": [10, 20]}
         return {"scores": pd.DataFrame(scores)}
 
-    monkeypatch.setitem(STUDIES, "toy", Study(run, "A toy study.", {"scores": "auroc"}))
+    monkeypatch.setitem(
+        STUDIES, "toy", Study(run, "A toy study.", {"scores": ("auroc", "n_cells")})
+    )
     tables = run_study(
         "toy", seeds=[0, 2], outdir=tmp_path, command="scvi-ext benchmark --task toy"
     )
@@ -111,7 +113,7 @@ def test_cli_runs_a_study_and_rejects_method_options(tmp_path, monkeypatch, caps
     assert "| a | 0.800 |" in capsys.readouterr().out
     code = main(["benchmark", "--task", "toy", "--methods", "scnym", "--outdir", str(tmp_path)])
     assert code == 2
-    assert "'toy' is a study with fixed methods" in capsys.readouterr().err
+    assert "'toy' is a study with fixed settings" in capsys.readouterr().err
 
 
 def test_task_method_options_are_merged_under_the_users(tmp_path, monkeypatch):

@@ -3,7 +3,8 @@
 - :func:`cellular_method` has the signature of :data:`~scvi_ext.benchmark.METHODS`
   entries: CELLULAR + :class:`~scvi_ext.model.LatentClassifier` on one split.
 - :func:`embedding_quality`, :func:`novel_type_detection` and :func:`training_throughput`
-  are stand-alone benchmarks returning DataFrames (written by the caller).
+  return DataFrames; :mod:`scvi_ext.benchmark._studies` runs them over seeds and writes
+  the reports.
 """
 
 from __future__ import annotations

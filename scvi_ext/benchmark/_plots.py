@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -144,31 +145,36 @@ def _palette(n_colours: int) -> list:
     return colours[:n_colours]
 
 
-def plot_study(table: pd.DataFrame, column: str, path: str | Path) -> None:
-    """Horizontal bars of ``column`` per row label (first column), one point per seed.
+def plot_study(table: pd.DataFrame, columns: Sequence[str], path: str | Path) -> None:
+    """Horizontal bars of ``columns`` per row label (first column), one point per seed.
 
     Parameters
     ----------
     table
         A study table with a ``seed`` column; its first column names the rows.
-    column
-        Numeric column to draw.
+    columns
+        Numeric columns to draw, one bar each per row.
     path
         PNG file to write.
     """
     key = table.columns[0]
     labels = list(dict.fromkeys(table[key].astype(str)))
-    figure = _new_figure(6.0, 1.0 + 0.4 * len(labels))
+    height = 0.8 / len(columns)
+    figure = _new_figure(6.5, 1.2 + 0.3 * len(labels) * len(columns))
     axes = figure.subplots()
     positions = np.arange(len(labels))
-    values = [
-        table.loc[table[key].astype(str) == label, column].to_numpy(float) for label in labels
-    ]
-    axes.barh(positions, [v.mean() for v in values], alpha=0.8)
-    for position, points in zip(positions, values, strict=True):
-        axes.scatter(points, np.full(len(points), position), color="k", s=12)
+    for number, column in enumerate(columns):
+        offset = (number - (len(columns) - 1) / 2) * height
+        values = [
+            table.loc[table[key].astype(str) == label, column].to_numpy(float) for label in labels
+        ]
+        axes.barh(positions + offset, [v.mean() for v in values], height, alpha=0.8, label=column)
+        for position, points in zip(positions, values, strict=True):
+            axes.scatter(points, np.full(len(points), position + offset), color="k", s=10)
     axes.set_yticks(positions, labels)
     axes.invert_yaxis()
-    axes.set_xlabel(column.replace("_", " "))
-    axes.set_title(f"{column.replace('_', ' ')} (points: seeds)")
+    if len(columns) > 1:
+        axes.legend(fontsize="small", frameon=False, loc="lower right")
+    axes.set_xlabel(columns[0].replace("_", " ") if len(columns) == 1 else "value")
+    axes.set_title(f"{key.replace('_', ' ')}: points are seeds")
     figure.savefig(path, dpi=120)
