@@ -140,6 +140,7 @@ def _write_summary(
     skipped: dict[str, str],
     command: str,
     caption: str | None,
+    machine: dict[str, str],
 ) -> None:
     lines = [f"# Benchmark: {task}", ""]
     lines += [
@@ -170,7 +171,7 @@ def _write_summary(
         "## Machine",
         "",
     ]
-    lines += [f"- {key}: {value}" for key, value in machine_info().items()]
+    lines += [f"- {key}: {value}" for key, value in machine.items()]
     lines += ["", "Plots: `accuracy.png`, `reliability.png`, `umap_query.png` (first seed).", ""]
     path.write_text("\n".join(lines))
 
@@ -257,6 +258,7 @@ def run_benchmark(
             f"method_kwargs={method_kwargs}, task_kwargs={task_kwargs})"
         )
 
+    machine = machine_info()  # before the methods run: some change torch's thread count
     reference, query, labels_key = TASKS[task](**(task_kwargs or {}))
     y_true = query.obs[labels_key].astype(str).to_numpy()
     split = {
@@ -315,6 +317,7 @@ def run_benchmark(
         skipped,
         command,
         caption,
+        machine,
     )
     if plots:
         plot_accuracy(results, outdir / "accuracy.png")

@@ -165,6 +165,7 @@ def run_study(
     study = STUDIES[name]
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()  # before the study runs: some methods change torch's threads
     per_seed: dict[str, list[pd.DataFrame]] = {}
     for seed in seeds:
         logger.info("Study %s, seed %d", name, seed)
@@ -181,6 +182,6 @@ def run_study(
         if table_name in study.headline:
             plot_study(table, study.headline[table_name], outdir / f"{table_name}.png")
     lines += ["## Command", "", "```", command or f"run_study({name!r}, {seeds})", "```", ""]
-    lines += ["## Machine", ""] + [f"- {k}: {v}" for k, v in machine_info().items()] + [""]
+    lines += ["## Machine", ""] + [f"- {k}: {v}" for k, v in machine.items()] + [""]
     (outdir / "summary.md").write_text("\n".join(lines))
     return tables
