@@ -327,7 +327,9 @@ def training_throughput(
     from scvi_ext.cellular._module import CELLULARModule
     from scvi_ext.data import select_genes
 
+    n_threads = torch.get_num_threads()
     adata = select_genes(adata, method="cellular")
+    torch.set_num_threads(n_threads)  # scanpy's gene selection may change it
     labels = adata.obs[labels_key].astype("category").cat.codes.to_numpy()
     batches = adata.obs[batch_key].astype("category").cat.codes.to_numpy()
     n_labels, n_batches = labels.max() + 1, batches.max() + 1

@@ -236,6 +236,8 @@ def run_benchmark(
     ``confidence_correct``, ``confidence_wrong``, ``train_seconds``,
     ``cells_per_second`` and ``settings``.
     """
+    import torch
+
     from ._tasks import TASK_METHOD_KWARGS, TASKS
 
     if task not in TASKS:
@@ -259,6 +261,7 @@ def run_benchmark(
         )
 
     machine = machine_info()  # before the methods run: some change torch's thread count
+    n_threads = torch.get_num_threads()
     reference, query, labels_key = TASKS[task](**(task_kwargs or {}))
     y_true = query.obs[labels_key].astype(str).to_numpy()
     split = {
@@ -277,6 +280,7 @@ def run_benchmark(
                 continue
             logger.info("Running %s (seed %d)", name, seed)
             set_seed(seed)
+            torch.set_num_threads(n_threads)  # scikit-learn/scanpy calls may change it
             try:
                 result = METHODS[name](
                     reference, query, labels_key, seed, **method_kwargs.get(name, {})
