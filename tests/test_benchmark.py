@@ -168,6 +168,19 @@ def test_kang_ifnb_task_split():
     assert reference.obs[labels_key].nunique() == 7
 
 
+@pytest.mark.skipif(not datasets_available(), reason="shared datasets not found")
+def test_real_data_tasks_split():
+    reference, query, labels_key = TASKS["kang_donors_lodo"](held_out_donor=1244)
+    assert set(query.obs["donor"].astype(str)) == {"1244"}
+    assert "1244" not in set(reference.obs["donor"].astype(str))
+    assert reference.n_obs + query.n_obs == 8684 and query.n_obs == 1704
+    with pytest.raises(ValueError, match="held_out_donor '42' is not a donor; donors: "):
+        TASKS["kang_donors_lodo"](held_out_donor=42)
+    reference, query, labels_key = TASKS["cellbench_celseq2_dropseq"]()
+    assert (reference.n_obs, query.n_obs) == (274, 225)
+    assert set(reference.obs[labels_key]) == set(query.obs[labels_key])
+
+
 def test_concat_reference_query(tiny_split):
     reference, query, labels_key = tiny_split
     reference = reference.copy()

@@ -125,16 +125,22 @@ def simulated(
 
 
 @register_task("kang_donors_lodo")
-def kang_donors_lodo(held_out_donor: str | None = None) -> tuple[ad.AnnData, ad.AnnData, str]:
+def kang_donors_lodo(
+    held_out_donor: str | int | None = None,
+) -> tuple[ad.AnnData, ad.AnnData, str]:
     """Kang et al. 2018 control PBMCs, 5 donors: train on four donors, annotate the fifth.
 
-    Labels ``cell_type`` (4 types); batches ``donor``. ``held_out_donor`` defaults to the
-    first donor in sorted order.
+    Labels ``cell_type`` (4 types); batches ``donor``. ``held_out_donor`` (a donor ID,
+    e.g. ``1015``) defaults to the first donor in sorted order.
     """
     from scvi_ext.data import load_dataset
 
     adata = load_dataset("kang_donors")
     donors = adata.obs["donor"].astype(str)
-    held_out = held_out_donor or sorted(donors.unique())[0]
+    held_out = sorted(donors.unique())[0] if held_out_donor is None else str(held_out_donor)
+    if held_out not in set(donors):
+        raise ValueError(
+            f"held_out_donor {held_out!r} is not a donor; donors: {sorted(donors.unique())}."
+        )
     is_query = (donors == held_out).to_numpy()
     return adata[~is_query].copy(), adata[is_query].copy(), "cell_type"
