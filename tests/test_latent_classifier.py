@@ -100,6 +100,9 @@ def test_novelty(classifier, data):
     for method in NOVELTY_METHODS:
         score = classifier.novelty_score(query, method=method)
         assert score.shape == (query.n_obs,) and np.isfinite(score).all()
+    np.testing.assert_array_equal(
+        classifier.novelty_score(query), classifier.novelty_score(query, method="entropy")
+    )
     with pytest.raises(ValueError, match="method"):
         classifier.novelty_score(query, method="magic")
     report = classifier.detect_novel(query, threshold=0.25)

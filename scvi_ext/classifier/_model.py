@@ -140,8 +140,10 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
 
     _module_cls = LatentClassifierModule
     _training_plan_cls = LatentClassifierTrainingPlan
-    #: Default of :meth:`novelty_score` (chosen by the novel type benchmark).
-    default_novelty_method: str = "max_proba"
+    #: Default of :meth:`novelty_score`, chosen by ``scvi-ext benchmark --task
+    #: kang_ifnb_novel_types`` (leave one type out, seed 0), mean per-cell AUROC: entropy
+    #: 0.665, centroid distance 0.653, max probability 0.652, neighbour distance 0.620.
+    default_novelty_method: str = "entropy"
 
     def __init__(
         self,
