@@ -82,6 +82,8 @@ def test_gradient_reversal_scales_and_flips_gradient():
 
 DDP_SCRIPT = textwrap.dedent(
     """
+    import os
+
     import numpy as np
     import scvi
     from scvi_ext.data import simulate
@@ -96,7 +98,10 @@ DDP_SCRIPT = textwrap.dedent(
     model = ScNym(adata, n_hidden=16)
     model.train(max_epochs=2, batch_size=32, accelerator="cpu", devices=2, strategy="ddp",
                 enable_progress_bar=False)
-    print("DDP_OK", model.predict().shape[0])
+    # one file per rank: the ranks share stdout, so their prints can interleave
+    rank = os.environ.get("LOCAL_RANK", "0")
+    with open(f"ddp_ok_rank{rank}.txt", "w") as handle:
+        handle.write(str(model.predict().shape[0]))
     """
 )
 
@@ -108,4 +113,7 @@ def test_cpu_ddp_with_two_processes_trains(tmp_path):
         [sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("DDP_OK 300") == 2, result.stdout[-2000:]  # both ranks finished
+    outputs = sorted(path.name for path in tmp_path.glob("ddp_ok_rank*.txt"))
+    assert outputs == ["ddp_ok_rank0.txt", "ddp_ok_rank1.txt"], result.stdout[-2000:]
+    for name in outputs:  # both ranks finished and predicted every cell
+        assert (tmp_path / name).read_text() == "300"
