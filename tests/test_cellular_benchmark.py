@@ -136,3 +136,9 @@ def test_task_method_options_are_merged_under_the_users(tmp_path, monkeypatch):
         plots=False,
     )
     assert seen == {"a": 1, "b": 3}
+
+
+def test_novel_type_plots_cover_every_novelty_score():
+    from scvi_ext.benchmark._studies import AUROC_COLUMNS
+
+    assert AUROC_COLUMNS == tuple(f"auroc_{method}" for method in NOVELTY_METHODS)

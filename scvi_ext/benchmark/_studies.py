@@ -2,7 +2,7 @@
 
 A study is a function ``(seed) -> {table name: DataFrame}``; :func:`run_study` runs it
 for several seeds and writes every table (per seed, and mean ± sd over seeds) with a bar
-chart of its headline column. They run from the command line like the annotation
+chart of its headline columns. They run from the command line like the annotation
 tasks: ``scvi-ext benchmark --task kang_donors_embedding``.
 """
 
@@ -40,6 +40,7 @@ class Study:
     headline: dict[str, tuple[str, ...]]
 
 
+# one per LatentClassifier novelty score (scvi_ext.classifier.NOVELTY_METHODS)
 AUROC_COLUMNS = (
     "auroc_max_proba",
     "auroc_entropy",
