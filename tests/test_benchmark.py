@@ -93,6 +93,8 @@ def test_runner_rejects_unknown_names(tmp_path):
         run_benchmark("no_such_task", seeds=[0], outdir=tmp_path)
     with pytest.raises(ValueError, match="Unknown methods"):
         run_benchmark("simulated", seeds=[0], methods=["no_such_method"], outdir=tmp_path)
+    with pytest.raises(ValueError, match="Give at least one seed."):
+        run_benchmark("simulated", seeds=[], outdir=tmp_path)
 
 
 def test_summary_table_mean_and_sd():

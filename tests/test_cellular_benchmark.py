@@ -102,6 +102,8 @@ def test_run_study_writes_tables_plots_and_summary(tmp_path, monkeypatch):
     assert (tmp_path / "scores.png").read_bytes()[:8] == PNG_SIGNATURE
     with pytest.raises(ValueError, match="Unknown study 'nope'"):
         run_study("nope", seeds=[0], outdir=tmp_path)
+    with pytest.raises(ValueError, match="Give at least one seed."):
+        run_study("toy", seeds=[], outdir=tmp_path)
 
 
 def test_cli_runs_a_study_and_rejects_method_options(tmp_path, monkeypatch, capsys):
