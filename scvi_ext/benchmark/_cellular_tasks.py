@@ -331,10 +331,11 @@ def training_throughput(
 
     All rows train the same encoder (2000 HVGs -> 1000 -> 500 -> 100) with Adam in one
     process: ``cellular_api`` is ``CELLULAR.train`` timed inside its epochs (scvi
-    data loading and validation included, trainer set-up not); ``cellular_loss_loop`` and ``cross_entropy_mlp`` are plain torch loops
-    over the same dense minibatches with the CELLULAR loss and with a linear head +
-    cross-entropy; ``reference_looped_loss`` is the same plain loop with the reference
-    code's Python loops, timed on ``looped_batches`` minibatches.
+    data loading and validation included, trainer set-up not); ``cellular_loss_loop``
+    and ``cross_entropy_mlp`` are plain torch loops over the same dense minibatches
+    with the CELLULAR loss and with a linear head + cross-entropy;
+    ``reference_looped_loss`` is the same plain loop with the reference code's Python
+    loops, timed on ``looped_batches`` minibatches.
     """
     import scvi
 
