@@ -1,3 +1,6 @@
+import os
+import subprocess
+import sys
 import tracemalloc
 
 import anndata as ad
@@ -412,6 +415,27 @@ def test_select_genes_returns_new_restricted_counts(sim_genes, method):
     if method == "cellular":
         # dispersion-based HVGs find the simulated marker / condition programs
         assert len(set(selected.var_names) & _program_genes(sim_genes)) >= 70
+
+
+THREADS_SCRIPT = """
+import torch
+torch.set_num_threads(1)
+from scvi_ext.data import select_genes, simulate
+assert torch.get_num_threads() == 1  # torch's OpenMP is in use before scanpy runs
+select_genes(simulate(n_cells=300, n_genes=200, seed=0), "cellular", n_top_genes=50)
+print("THREADS", torch.get_num_threads())
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 cores to see a change")
+def test_select_genes_keeps_torch_thread_count():
+    # scanpy's numba code raised torch's thread count to the number of cores
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", THREADS_SCRIPT], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "THREADS 1" in result.stdout
 
 
 def test_select_genes_can_is_top_variance_of_lognormalised(sim_genes):

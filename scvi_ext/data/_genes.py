@@ -1,6 +1,7 @@
 import anndata as ad
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 # method -> default number of genes (None: all genes)
 GENE_SELECTION_DEFAULTS: dict[str, int | None] = {
@@ -107,12 +108,16 @@ def _cell_ranger_hvgs(counts: sp.csr_matrix, n_top: int) -> np.ndarray:
         return expressed
     mean_library_size = float(np.asarray(counts.sum(axis=1)).mean())
     log_counts = _log_normalise(counts, mean_library_size)[:, expressed]
+    # scanpy's numba code can reset the OpenMP thread count that torch shares; keep the
+    # caller's torch setting
+    n_threads = torch.get_num_threads()
     hvg = sc.pp.highly_variable_genes(
         ad.AnnData(X=log_counts),
         flavor="cell_ranger",
         n_top_genes=n_top,
         inplace=False,
     )
+    torch.set_num_threads(n_threads)
     return expressed[np.asarray(hvg["highly_variable"], dtype=bool)]
 
 
