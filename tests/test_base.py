@@ -6,6 +6,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 from conftest import query_mask
 from scvi import REGISTRY_KEYS
@@ -16,6 +17,7 @@ from scvi_ext.base import (
     PairedDataLoader,
     PairedDataSplitter,
     labelled_mask,
+    query_neighbour_score,
     sigmoid_ramp,
 )
 from scvi_ext.model import ScNym
@@ -65,6 +67,39 @@ def test_splitter_holds_out_labelled_cells_only(sim_adata):
     assert query_mask(sim_adata)[splitter.unlabelled_idx].all()
     assert len(np.intersect1d(splitter.train_idx, splitter.val_idx)) == 0
     assert len(splitter.train_idx) + len(splitter.val_idx) == sim_adata.n_obs
+
+
+def test_query_neighbour_score_is_the_neighbourhood_density_ratio():
+    reference = np.array([[0.0], [0.1], [0.2], [0.3]])
+    query = np.array([[0.12], [0.18], [10.0], [10.1], [10.25]])
+    score = query_neighbour_score(reference, query, n_neighbors=2, counts=False)
+    # 0.12 and 0.18: one reference and one query neighbour -> (1/5) / (1/5 + 1/4)
+    np.testing.assert_allclose(score, [4 / 9, 4 / 9, 1.0, 1.0, 1.0])
+
+
+def test_query_neighbour_score_counts_dense_or_sparse_and_subsampled():
+    rng = np.random.default_rng(0)
+    reference = rng.poisson(2.0, (300, 40)).astype(float)
+    novel_program = np.r_[np.full(5, 20.0), np.full(35, 2.0)]  # 5 genes up in a new type
+    query = np.vstack([rng.poisson(2.0, (60, 40)), rng.poisson(novel_program, (60, 40))])
+    dense = query_neighbour_score(reference, query, n_neighbors=15, n_comps=10)
+    sparse = query_neighbour_score(
+        sp.csr_matrix(reference), sp.csr_matrix(query), n_neighbors=15, n_comps=10
+    )
+    np.testing.assert_allclose(dense, sparse, atol=1e-6)
+    assert dense[60:].mean() > 0.9 > 0.6 > dense[:60].mean()
+    subsampled = query_neighbour_score(reference, query, n_neighbors=15, max_reference_cells=100)
+    assert subsampled.shape == (120,) and ((0 <= subsampled) & (subsampled <= 1)).all()
+
+
+def test_query_neighbour_score_bad_inputs():
+    reference, query = np.zeros((10, 3)), np.ones((20, 3))
+    with pytest.raises(ValueError, match="The query has 4 genes and the reference 3"):
+        query_neighbour_score(reference, np.ones((20, 4)))
+    with pytest.raises(ValueError, match="The reference has no cells"):
+        query_neighbour_score(reference[:0], query)
+    with pytest.raises(ValueError, match="The query has 20 cells; .* at least n_neighbors=50"):
+        query_neighbour_score(reference, query)
 
 
 def test_sigmoid_ramp():

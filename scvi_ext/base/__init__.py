@@ -1,7 +1,9 @@
-"""Parts several methods share: the classifier mixin, the paired splitter, the plan base."""
+"""Parts several methods share: the classifier mixin, the paired splitter, the plan base,
+the query-neighbour novelty score."""
 
 from ._anndata import detached_anndata, label_names, registry_label_names
 from ._mixin import MIN_GENE_FRACTION, ClassifierMixin
+from ._novelty import query_neighbour_score
 from ._plan import (
     OPTIMIZERS,
     BaseTrainingPlan,
@@ -25,6 +27,7 @@ __all__ = [
     "detached_anndata",
     "label_names",
     "labelled_mask",
+    "query_neighbour_score",
     "registry_label_names",
     "sigmoid_ramp",
     "validation_early_stopping",

@@ -1,0 +1,100 @@
+"""Novelty of query cells judged against the reference cells themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+from sklearn.decomposition import PCA
+from sklearn.neighbors import NearestNeighbors
+
+#: Library size each cell is scaled to before ``log1p`` (counts input).
+TARGET_SUM = 1e4
+
+
+def _log_normalised(counts) -> np.ndarray | sp.csr_matrix:
+    sizes = np.asarray(counts.sum(axis=1)).ravel()
+    scale = (TARGET_SUM / np.maximum(sizes, 1.0)).astype(np.float32)
+    if sp.issparse(counts):
+        return (sp.diags(scale) @ sp.csr_matrix(counts, dtype=np.float32)).log1p()
+    return np.log1p(np.asarray(counts, dtype=np.float32) * scale[:, None])
+
+
+def query_neighbour_score(
+    reference,
+    query,
+    n_neighbors: int = 50,
+    n_comps: int = 30,
+    counts: bool = True,
+    max_reference_cells: int = 20_000,
+    seed: int = 0,
+) -> np.ndarray:
+    """How much more the query than the reference fills each query cell's neighbourhood.
+
+    Reference and query cells share one PCA (of log-normalised counts, or of the values as
+    given with ``counts=False``); for each query cell its ``n_neighbors`` nearest other
+    cells are counted by side, ``q`` in the query and ``r`` in the reference. The score is
+    the density ratio ``(q / n_query) / (q / n_query + r / n_reference)``: about 0.5 where
+    the query is as dense as the reference, 1 where no reference cell is near (a cell type
+    the reference lacks). It judges the query as a whole: a cell's score depends on the
+    other query cells, and a query far from the whole reference (another condition or
+    technology) scores high everywhere.
+
+    Parameters
+    ----------
+    reference, query
+        Cells x genes matrices (dense or sparse) with the same genes in the same order.
+    n_neighbors
+        Neighbours counted per query cell; the query needs at least this many cells.
+    n_comps
+        Principal components of the joint PCA (none when the values have fewer columns).
+    counts
+        The matrices hold counts: scale each cell to 10^4 and take ``log1p`` first.
+    max_reference_cells
+        Reference cells used at most (a seeded subsample beyond it).
+    seed
+        Seed of the subsample and the PCA solver.
+
+    Returns
+    -------
+    One score per query cell, in [0, 1].
+    """
+    n_query, n_reference = query.shape[0], reference.shape[0]
+    if query.shape[1] != reference.shape[1]:
+        raise ValueError(
+            f"The query has {query.shape[1]} genes and the reference {reference.shape[1]}; "
+            "give both the same genes in the same order."
+        )
+    if n_reference == 0:
+        raise ValueError("The reference has no cells to compare the query with.")
+    if n_query < n_neighbors:
+        raise ValueError(
+            f"The query has {n_query} cells; comparing it with the reference needs at least "
+            f"n_neighbors={n_neighbors}. Score fewer cells with a per-cell score (e.g. "
+            "method='entropy')."
+        )
+    rng = np.random.default_rng(seed)
+    if n_reference > max_reference_cells:
+        reference = reference[np.sort(rng.choice(n_reference, max_reference_cells, replace=False))]
+        n_reference = max_reference_cells
+    stack = sp.vstack if sp.issparse(reference) or sp.issparse(query) else np.vstack
+    joint = stack([reference, query])
+    if counts:
+        joint = _log_normalised(joint)
+    n_comps = min(n_comps, joint.shape[0] - 1)
+    if joint.shape[1] > n_comps:
+        solver = "arpack" if sp.issparse(joint) else "auto"
+        joint = PCA(n_comps, svd_solver=solver, random_state=seed).fit_transform(joint)
+    joint = np.asarray(joint.toarray() if sp.issparse(joint) else joint, dtype=np.float32)
+    k = min(n_neighbors, len(joint) - 1)
+    neighbours = (
+        NearestNeighbors(n_neighbors=k + 1)
+        .fit(joint)
+        .kneighbors(joint[n_reference:], return_distance=False)
+    )
+    # Drop each cell itself (it is usually, not always, the first of its neighbours).
+    is_self = neighbours == (n_reference + np.arange(n_query))[:, None]
+    order = np.argsort(is_self, axis=1, kind="stable")
+    neighbours = np.take_along_axis(neighbours, order, axis=1)[:, :k]
+    in_query = (neighbours >= n_reference).sum(axis=1) / n_query
+    in_reference = (neighbours < n_reference).sum(axis=1) / n_reference
+    return in_query / (in_query + in_reference)
