@@ -60,6 +60,26 @@ def test_novel_type_detection_protocol(cells):
     assert {"precision", "coverage", "threshold"} <= set(summary.columns)
 
 
+def test_novel_type_detection_in_a_shifted_query(cells):
+    per_type, _ = novel_type_detection(
+        cells,
+        batch_key="batch",
+        max_epochs=6,
+        classifier_epochs=10,
+        n_latent=16,
+        condition_key="condition",
+        reference_condition="reference",
+    )
+    in_query = cells.obs["condition"] == "query"
+    for row in per_type.itertuples():
+        is_left_out = cells.obs["cell_type"] == row.left_out
+        assert row.n_novel == (in_query & is_left_out).sum()
+        assert row.n_known == (in_query & ~is_left_out).sum()
+    assert per_type["auroc_query_neighbours"].mean() > 0.7
+    with pytest.raises(ValueError, match="reference_condition 'ctrl' is not a value of"):
+        novel_type_detection(cells, condition_key="condition", reference_condition="ctrl")
+
+
 def test_training_throughput_rows(cells):
     table = training_throughput(cells, batch_key="batch", n_epochs=1, batch_size=64)
     assert set(table.index) == {

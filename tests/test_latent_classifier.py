@@ -18,6 +18,7 @@ from scvi_ext.classifier import (
     NovelTypeReport,
 )
 from scvi_ext.data import datasets_available, simulate
+from scvi_ext.metrics import novelty_auroc
 
 TRAIN = {"enable_progress_bar": False, "enable_model_summary": False}
 FAST_PLAN = {"plan_kwargs": {"warmup_epochs": 0}}
@@ -91,6 +92,11 @@ def test_save_load_keeps_upstream(classifier, data, tmp_path):
             loaded.novelty_score(query, method=method),
             classifier.novelty_score(query, method=method),
         )
+    with pytest.raises(ValueError, match="pass reference=<the training AnnData>"):
+        loaded.novelty_score(query)
+    np.testing.assert_array_equal(
+        loaded.novelty_score(query, reference=data[0]), classifier.novelty_score(query)
+    )
     with_data = LatentClassifier.load(tmp_path / "clf", adata=query)
     np.testing.assert_array_equal(with_data.predict(), classifier.predict(query))
 
@@ -100,9 +106,15 @@ def test_novelty(classifier, data):
     for method in NOVELTY_METHODS:
         score = classifier.novelty_score(query, method=method)
         assert score.shape == (query.n_obs,) and np.isfinite(score).all()
+    assert LatentClassifier.default_novelty_method == "query_neighbours"
     np.testing.assert_array_equal(
-        classifier.novelty_score(query), classifier.novelty_score(query, method="entropy")
+        classifier.novelty_score(query), classifier.novelty_score(query, method="query_neighbours")
     )
+    with pytest.raises(ValueError, match="pass them as adata="):
+        classifier.novelty_score(method="query_neighbours")
+    threshold = float(np.median(classifier.novelty_score(query)))
+    flagged = classifier.predict(query, novelty_threshold=threshold) == "Unknown"
+    np.testing.assert_array_equal(flagged, classifier.novelty_score(query) > threshold)
     with pytest.raises(ValueError, match="method"):
         classifier.novelty_score(query, method="magic")
     report = classifier.detect_novel(query, threshold=0.25)
@@ -145,10 +157,30 @@ def test_pca_and_layer_inputs(data):
     clf = LatentClassifier(pca, n_hidden1=32, n_hidden2=32)
     clf.train(max_epochs=10, batch_size=32, **FAST_PLAN, **TRAIN)
     assert accuracy(clf.predict(), reference) > 0.5
+    score = clf.novelty_score(method="query_neighbours")  # against the kept training cells
+    assert ((score >= 0) & (score <= 1)).all() and 0.3 < score.mean() < 0.7
     LatentClassifier.setup_anndata(pca, labels_key="cell_type", layer="log")
     clf = LatentClassifier(pca, n_hidden1=32, n_hidden2=32)
     clf.train(max_epochs=10, batch_size=32, **FAST_PLAN, **TRAIN)
     assert accuracy(clf.predict(), reference) > 0.5
+
+
+def test_query_neighbours_flags_a_type_left_out_of_training(data):
+    reference, query = data
+    left_out = sorted(reference.obs["cell_type"].unique())[0]
+    known = reference[reference.obs["cell_type"] != left_out].copy()
+    scvi.settings.seed = 0
+    CELLULAR.setup_anndata(known, labels_key="cell_type", batch_key="batch")
+    model = CELLULAR(known, n_latent=8, n_hidden=(32, 16))
+    model.train(max_epochs=6, batch_size=64, **TRAIN)
+    clf = LatentClassifier.from_model(model, n_hidden1=32, n_hidden2=32)
+    clf.train(max_epochs=10, batch_size=64, **FAST_PLAN, **TRAIN)
+    is_novel = (query.obs["cell_type"] == left_out).to_numpy()
+    score = clf.novelty_score(query)
+    assert novelty_auroc(is_novel, score) > 0.9
+    assert score[is_novel].mean() > score[~is_novel].mean() + 0.2
+    with pytest.raises(ValueError, match="adata lacks 1 of the 120 genes"):
+        clf.novelty_score(query[:, 1:])
 
 
 def test_bad_inputs(data):

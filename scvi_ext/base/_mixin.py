@@ -127,7 +127,7 @@ class ClassifierMixin:
             return pd.DataFrame(proba, columns=names, index=self._obs_names(adata, indices))
         predictions = names[proba.argmax(axis=1)].astype(object)
         if novelty_threshold is not None:
-            novel = self._novelty_from_proba(proba) > novelty_threshold
+            novel = self.novelty_score(adata, indices, batch_size) > novelty_threshold
             predictions[novel] = self.unlabeled_category
         return predictions
 
@@ -180,14 +180,14 @@ class ClassifierMixin:
         """Write predictions into ``adata`` under documented keys and return it.
 
         Writes ``obs[f"{key}_prediction"]``, ``obs[f"{key}_confidence"]`` (maximum class
-        probability), ``obs[f"{key}_novelty"]`` and ``obsm[f"X_{key}"]`` (the latent), with
+        probability), ``obs[f"{key}_novelty"]`` (:meth:`novelty_score`) and ``obsm[f"X_{key}"]`` (the latent), with
         ``key`` defaulting to the lower-case class name. Nothing else is changed.
         """
         key = key_added or type(self).__name__.lower()
         target = self.adata if adata is None else adata
         proba = self.predict_proba(adata, batch_size=batch_size)
         predictions = self.label_names[proba.argmax(axis=1)].astype(object)
-        novelty = self._novelty_from_proba(proba)
+        novelty = self.novelty_score(adata, batch_size=batch_size)
         if novelty_threshold is not None:
             predictions[novelty > novelty_threshold] = self.unlabeled_category
         target.obs[f"{key}_prediction"] = pd.Categorical(predictions)

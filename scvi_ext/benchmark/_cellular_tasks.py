@@ -212,6 +212,8 @@ def novel_type_detection(
     classifier_epochs: int = 30,
     threshold: float = 0.25,
     n_latent: int = 100,
+    condition_key: str | None = None,
+    reference_condition: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The thesis's novel cell type protocol (2.7, Figure 3.11).
 
@@ -220,6 +222,11 @@ def novel_type_detection(
     folds, then score the test fold alone (no novel type) and the test fold plus the
     removed type (novel type present). Per-cell AUROC of each novelty score on the
     second set; dataset-level flag: minimum normalised likelihood below ``threshold``.
+
+    With ``condition_key``, the query is shifted instead: training takes the
+    ``reference_condition`` cells without the left-out type, the test set is every
+    other cell of the known types, and the novel cells are the left-out type's cells
+    outside the reference condition.
 
     Returns
     -------
@@ -236,15 +243,29 @@ def novel_type_detection(
     from scvi_ext.metrics import novelty_auroc, novelty_precision_coverage
 
     labels = adata.obs[labels_key].astype(str).to_numpy()
+    in_reference = np.ones(adata.n_obs, bool)
+    if condition_key is not None:
+        conditions = adata.obs[condition_key].astype(str)
+        if reference_condition not in set(conditions):
+            raise ValueError(
+                f"reference_condition '{reference_condition}' is not a value of "
+                f"obs['{condition_key}'] ({sorted(set(conditions))})."
+            )
+        in_reference = (conditions == reference_condition).to_numpy()
     rows = []
     dataset_scores, has_novel = {}, {}
     for left_out in sorted(np.unique(labels)):
-        known = adata[labels != left_out].copy()
-        novel = adata[labels == left_out].copy()
-        folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        train_idx, test_idx = next(folds.split(np.zeros(known.n_obs), known.obs[labels_key]))
-        reference = select_genes(known[train_idx].copy(), method="cellular")
-        test = known[test_idx][:, reference.var_names].copy()
+        if condition_key is None:
+            known = adata[labels != left_out]
+            folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+            train_idx, test_idx = next(folds.split(np.zeros(known.n_obs), known.obs[labels_key]))
+            train, test, novel = known[train_idx], known[test_idx], adata[labels == left_out]
+        else:
+            train = adata[in_reference & (labels != left_out)]
+            test = adata[~in_reference & (labels != left_out)]
+            novel = adata[~in_reference & (labels == left_out)]
+        reference = select_genes(train.copy(), method="cellular")
+        test = test[:, reference.var_names].copy()
         novel = novel[:, reference.var_names].copy()
         key = batch_key if batch_key and reference.obs[batch_key].nunique() > 1 else None
         scvi.settings.seed = seed

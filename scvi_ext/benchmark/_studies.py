@@ -46,6 +46,7 @@ AUROC_COLUMNS = (
     "auroc_entropy",
     "auroc_centroid_distance",
     "auroc_neighbour_distance",
+    "auroc_query_neighbours",
 )
 
 
@@ -58,14 +59,16 @@ def _embedding(seed: int) -> dict[str, pd.DataFrame]:
     return {"embedding_quality": table.rename_axis("method").reset_index()}
 
 
-def _novel_types(dataset: str, batch_key: str) -> Callable[[int], dict[str, pd.DataFrame]]:
+def _novel_types(
+    dataset: str, batch_key: str, **shift: str
+) -> Callable[[int], dict[str, pd.DataFrame]]:
     def run(seed: int) -> dict[str, pd.DataFrame]:
         from scvi_ext.data import load_dataset
 
         from ._cellular_tasks import novel_type_detection
 
         per_type, summary = novel_type_detection(
-            load_dataset(dataset), "cell_type", batch_key, seed=seed
+            load_dataset(dataset), "cell_type", batch_key, seed=seed, **shift
         )
         summary.insert(0, "dataset", dataset)
         return {"novel_types_per_left_out_type": per_type, "novel_types_summary": summary}
@@ -102,6 +105,14 @@ STUDIES: dict[str, Study] = {
         _novel_types("kang_ifnb", "condition"),
         "As kang_donors_novel_types on the Kang IFN-beta data (control and stimulated "
         "cells, condition as batch).",
+        {"novel_types_per_left_out_type": AUROC_COLUMNS},
+    ),
+    "kang_ifnb_shifted_novel_types": Study(
+        _novel_types(
+            "kang_ifnb", "condition", condition_key="condition", reference_condition="control"
+        ),
+        "Novel cell type in a shifted query: train on the control cells without one cell "
+        "type, score all stimulated cells (the left-out type among them).",
         {"novel_types_per_left_out_type": AUROC_COLUMNS},
     ),
     "kang_donors_throughput": Study(
