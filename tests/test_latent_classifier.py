@@ -159,6 +159,8 @@ def test_pca_and_layer_inputs(data):
     assert accuracy(clf.predict(), reference) > 0.5
     score = clf.novelty_score(method="query_neighbours")  # against the kept training cells
     assert ((score >= 0) & (score <= 1)).all() and 0.3 < score.mean() < 0.7
+    with pytest.raises(ValueError, match="reference= is for a classifier with an upstream"):
+        clf.novelty_score(method="query_neighbours", reference=pca)
     LatentClassifier.setup_anndata(pca, labels_key="cell_type", layer="log")
     clf = LatentClassifier(pca, n_hidden1=32, n_hidden2=32)
     clf.train(max_epochs=10, batch_size=32, **FAST_PLAN, **TRAIN)

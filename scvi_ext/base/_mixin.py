@@ -180,8 +180,9 @@ class ClassifierMixin:
         """Write predictions into ``adata`` under documented keys and return it.
 
         Writes ``obs[f"{key}_prediction"]``, ``obs[f"{key}_confidence"]`` (maximum class
-        probability), ``obs[f"{key}_novelty"]`` (:meth:`novelty_score`) and ``obsm[f"X_{key}"]`` (the latent), with
-        ``key`` defaulting to the lower-case class name. Nothing else is changed.
+        probability), ``obs[f"{key}_novelty"]`` (:meth:`novelty_score`) and
+        ``obsm[f"X_{key}"]`` (the latent), with ``key`` defaulting to the lower-case class
+        name. Nothing else is changed.
         """
         key = key_added or type(self).__name__.lower()
         target = self.adata if adata is None else adata

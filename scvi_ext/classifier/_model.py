@@ -8,7 +8,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -37,16 +37,10 @@ logger = logging.getLogger(__name__)
 UPSTREAM_FOLDER = "upstream"
 UPSTREAM_FILE = "upstream.json"
 UPSTREAM_STUB_CELLS = 20
-NOVELTY_METHODS = (
-    "max_proba",
-    "entropy",
-    "centroid_distance",
-    "neighbour_distance",
-    "query_neighbours",
-)
 NoveltyMethod = Literal[
     "max_proba", "entropy", "centroid_distance", "neighbour_distance", "query_neighbours"
 ]
+NOVELTY_METHODS: tuple[str, ...] = get_args(NoveltyMethod)
 
 
 @dataclass
@@ -496,8 +490,8 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
             Cells to score (default: the model's AnnData).
         method
             ``"query_neighbours"``: the cells are scored together against the training
-            cells by :func:`scvi_ext.base.query_neighbour_score` (in [0, 1], about 0.5 for
-            reference-like cells; at least 50 cells). With an upstream model it compares
+            cells by :func:`scvi_ext.base.query_neighbour_score` (in [0, 1]: 0.5 or less
+            for reference-like cells, near 1 for unseen ones; at least 50 cells). With an upstream model it compares
             log-normalised counts, not the embedding, which pulls cells of an unseen type
             onto the trained ones. ``"max_proba"``: ``1 -`` the min-max normalised maximum
             class probability (the thesis's likelihood, in [0, 1]); ``"entropy"``:
@@ -534,6 +528,11 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
         """Counts against the training counts (upstream model), else the representation
         against the training cells kept with the model."""
         if self.upstream_model is None:
+            if reference is not None:
+                raise ValueError(
+                    "reference= is for a classifier with an upstream model; this one "
+                    "compares with the training cells kept with it."
+                )
             representation = self._map_minibatches(
                 lambda tensors: tensors[REGISTRY_KEYS.X_KEY], adata, indices, batch_size
             )
