@@ -88,8 +88,9 @@ def test_query_neighbour_score_counts_dense_or_sparse_and_subsampled():
     )
     np.testing.assert_allclose(dense, sparse, atol=1e-6)
     assert dense[60:].mean() > 0.9 > 0.6 > dense[:60].mean()
-    subsampled = query_neighbour_score(reference, query, n_neighbors=15, max_reference_cells=100)
+    subsampled = query_neighbour_score(reference, query, n_neighbors=15, max_cells=50)
     assert subsampled.shape == (120,) and ((0 <= subsampled) & (subsampled <= 1)).all()
+    assert subsampled[60:].mean() > subsampled[:60].mean() + 0.3
 
 
 def test_query_neighbour_score_bad_inputs():

@@ -9,6 +9,8 @@ from sklearn.neighbors import NearestNeighbors
 
 #: Library size each cell is scaled to before ``log1p`` (counts input).
 TARGET_SUM = 1e4
+#: Cells the joint PCA is fitted on at most (a seeded subsample; all cells are projected).
+PCA_FIT_CELLS = 10_000
 
 
 def _log_normalised(counts) -> np.ndarray | sp.csr_matrix:
@@ -25,7 +27,7 @@ def query_neighbour_score(
     n_neighbors: int = 50,
     n_comps: int = 30,
     counts: bool = True,
-    max_reference_cells: int = 20_000,
+    max_cells: int = 20_000,
     seed: int = 0,
 ) -> np.ndarray:
     """How much more the query than the reference fills each query cell's neighbourhood.
@@ -49,10 +51,11 @@ def query_neighbour_score(
         Principal components of the joint PCA (none when the values have fewer columns).
     counts
         The matrices hold counts: scale each cell to 10^4 and take ``log1p`` first.
-    max_reference_cells
-        Reference cells used at most (a seeded subsample beyond it).
+    max_cells
+        Cells of each side that can be neighbours (a seeded subsample beyond it); every
+        query cell is scored. The PCA is fitted on at most :data:`PCA_FIT_CELLS` of them.
     seed
-        Seed of the subsample and the PCA solver.
+        Seed of the subsamples and the PCA solver.
 
     Returns
     -------
@@ -73,28 +76,33 @@ def query_neighbour_score(
             "method='entropy')."
         )
     rng = np.random.default_rng(seed)
-    if n_reference > max_reference_cells:
-        reference = reference[np.sort(rng.choice(n_reference, max_reference_cells, replace=False))]
-        n_reference = max_reference_cells
-    stack = sp.vstack if sp.issparse(reference) or sp.issparse(query) else np.vstack
-    joint = stack([reference, query])
+
+    def subsample(n: int, size: int) -> np.ndarray:
+        return np.arange(n) if n <= size else np.sort(rng.choice(n, size, replace=False))
+
+    pool_reference, pool_query = subsample(n_reference, max_cells), subsample(n_query, max_cells)
     if counts:
-        joint = _log_normalised(joint)
-    n_comps = min(n_comps, joint.shape[0] - 1)
-    if joint.shape[1] > n_comps:
-        solver = "arpack" if sp.issparse(joint) else "auto"
-        joint = PCA(n_comps, svd_solver=solver, random_state=seed).fit_transform(joint)
-    joint = np.asarray(joint.toarray() if sp.issparse(joint) else joint, dtype=np.float32)
-    k = min(n_neighbors, len(joint) - 1)
+        reference, query = _log_normalised(reference), _log_normalised(query)
+    stack = sp.vstack if sp.issparse(reference) or sp.issparse(query) else np.vstack
+    pool = stack([reference[pool_reference], query[pool_query]])
+    if pool.shape[1] > n_comps:
+        fit_cells = pool[subsample(pool.shape[0], PCA_FIT_CELLS)]
+        fit_cells = fit_cells.toarray() if sp.issparse(fit_cells) else fit_cells
+        n_comps = min(n_comps, len(fit_cells) - 1)
+        pca = PCA(n_comps, svd_solver="randomized", random_state=seed).fit(fit_cells)
+        pool, query = pca.transform(pool), pca.transform(query)
+    pool = np.asarray(pool.toarray() if sp.issparse(pool) else pool, dtype=np.float32)
+    query = np.asarray(query.toarray() if sp.issparse(query) else query, dtype=np.float32)
+    n_pool_reference, n_pool_query = len(pool_reference), len(pool_query)
+    k = min(n_neighbors, len(pool) - 1)
     neighbours = (
-        NearestNeighbors(n_neighbors=k + 1)
-        .fit(joint)
-        .kneighbors(joint[n_reference:], return_distance=False)
+        NearestNeighbors(n_neighbors=k + 1).fit(pool).kneighbors(query, return_distance=False)
     )
-    # Drop each cell itself (it is usually, not always, the first of its neighbours).
-    is_self = neighbours == (n_reference + np.arange(n_query))[:, None]
-    order = np.argsort(is_self, axis=1, kind="stable")
+    # Drop each query cell itself where it is in the pool (else the farthest neighbour).
+    own_index = np.full(n_query, -1)
+    own_index[pool_query] = n_pool_reference + np.arange(n_pool_query)
+    order = np.argsort(neighbours == own_index[:, None], axis=1, kind="stable")
     neighbours = np.take_along_axis(neighbours, order, axis=1)[:, :k]
-    in_query = (neighbours >= n_reference).sum(axis=1) / n_query
-    in_reference = (neighbours < n_reference).sum(axis=1) / n_reference
+    in_query = (neighbours >= n_pool_reference).sum(axis=1) / n_pool_query
+    in_reference = (neighbours < n_pool_reference).sum(axis=1) / n_pool_reference
     return in_query / (in_query + in_reference)
