@@ -161,7 +161,7 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
     _training_plan_cls = LatentClassifierTrainingPlan
     #: Default of :meth:`novelty_score`, chosen by ``scvi-ext benchmark --task
     #: kang_ifnb_novel_types`` (seeds 0-2) / ``kang_donors_novel_types`` (seed 0), leave one
-    #: type out, mean per-cell AUROC: query neighbours 0.960 / 0.998, entropy 0.669 / 0.978,
+    #: type out, mean per-cell AUROC: query neighbours 0.960 / 0.999, entropy 0.669 / 0.978,
     #: max probability 0.658 / 0.978, centroid distance 0.659 / 0.970, neighbour distance
     #: 0.625 / 0.969.
     default_novelty_method: str = "query_neighbours"
