@@ -78,6 +78,8 @@ def test_novel_type_detection_in_a_shifted_query(cells):
     assert per_type["auroc_query_neighbours"].mean() > 0.7
     with pytest.raises(ValueError, match="reference_condition 'ctrl' is not a value of"):
         novel_type_detection(cells, condition_key="condition", reference_condition="ctrl")
+    with pytest.raises(ValueError, match="condition_key 'stim' is not a column of adata.obs"):
+        novel_type_detection(cells, condition_key="stim", reference_condition="ctrl")
 
 
 def test_training_throughput_rows(cells):

@@ -157,6 +157,9 @@ def test_pca_and_layer_inputs(data):
     clf = LatentClassifier(pca, n_hidden1=32, n_hidden2=32)
     clf.train(max_epochs=10, batch_size=32, **FAST_PLAN, **TRAIN)
     assert accuracy(clf.predict(), reference) > 0.5
+    untrained = LatentClassifier(pca, n_hidden1=8, n_hidden2=8)
+    with pytest.raises(RuntimeError, match="No training cells are stored; train the classifier"):
+        untrained.novelty_score(method="query_neighbours")
     score = clf.novelty_score(method="query_neighbours")  # against the kept training cells
     assert ((score >= 0) & (score <= 1)).all() and 0.3 < score.mean() < 0.7
     with pytest.raises(ValueError, match="reference= is for a classifier with an upstream"):
@@ -183,6 +186,19 @@ def test_query_neighbours_flags_a_type_left_out_of_training(data):
     assert score[is_novel].mean() > score[~is_novel].mean() + 0.2
     with pytest.raises(ValueError, match="adata lacks 1 of the 120 genes"):
         clf.novelty_score(query[:, 1:])
+    no_layer = query.copy()
+    no_layer.layers["counts"] = no_layer.X.copy()
+    reference_in_layer = known.copy()
+    reference_in_layer.layers["counts"] = reference_in_layer.X.copy()
+    CELLULAR.setup_anndata(reference_in_layer, labels_key="cell_type", layer="counts")
+    layered = CELLULAR(reference_in_layer, n_latent=8, n_hidden=(32, 16))
+    layered.train(max_epochs=1, batch_size=64, **TRAIN)
+    layered_clf = LatentClassifier.from_model(layered, n_hidden1=16, n_hidden2=16)
+    layered_clf.train(max_epochs=1, **TRAIN)
+    assert layered_clf.novelty_score(no_layer).shape == (query.n_obs,)
+    del no_layer.layers["counts"]
+    with pytest.raises(ValueError, match="adata has no layer 'counts'"):
+        layered_clf.novelty_score(no_layer)
 
 
 def test_bad_inputs(data):

@@ -7,18 +7,12 @@ import scipy.sparse as sp
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
+from scvi_ext.data import log_normalise
+
 #: Library size each cell is scaled to before ``log1p`` (counts input).
 TARGET_SUM = 1e4
 #: Cells the joint PCA is fitted on at most (a seeded subsample; all cells are projected).
 PCA_FIT_CELLS = 10_000
-
-
-def _log_normalised(counts) -> np.ndarray | sp.csr_matrix:
-    sizes = np.asarray(counts.sum(axis=1)).ravel()
-    scale = (TARGET_SUM / np.maximum(sizes, 1.0)).astype(np.float32)
-    if sp.issparse(counts):
-        return (sp.diags(scale) @ sp.csr_matrix(counts, dtype=np.float32)).log1p()
-    return np.log1p(np.asarray(counts, dtype=np.float32) * scale[:, None])
 
 
 def query_neighbour_score(
@@ -82,7 +76,8 @@ def query_neighbour_score(
 
     pool_reference, pool_query = subsample(n_reference, max_cells), subsample(n_query, max_cells)
     if counts:
-        reference, query = _log_normalised(reference), _log_normalised(query)
+        reference = log_normalise(sp.csr_matrix(reference, dtype=np.float32), TARGET_SUM)
+        query = log_normalise(sp.csr_matrix(query, dtype=np.float32), TARGET_SUM)
     stack = sp.vstack if sp.issparse(reference) or sp.issparse(query) else np.vstack
     pool = stack([reference[pool_reference], query[pool_query]])
     if pool.shape[1] > n_comps:

@@ -239,12 +239,12 @@ def novel_type_detection(
 
     from scvi_ext.cellular import CELLULAR
     from scvi_ext.classifier import NOVELTY_METHODS, LatentClassifier
-    from scvi_ext.data import select_genes
+    from scvi_ext.data import select_genes, validate_obs_key
     from scvi_ext.metrics import novelty_auroc, novelty_precision_coverage
 
     labels = adata.obs[labels_key].astype(str).to_numpy()
-    in_reference = np.ones(adata.n_obs, bool)
     if condition_key is not None:
+        validate_obs_key(adata, condition_key, "condition_key")
         conditions = adata.obs[condition_key].astype(str)
         if reference_condition not in set(conditions):
             raise ValueError(

@@ -10,7 +10,6 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
@@ -26,7 +25,7 @@ from scvi_ext.base import (
     registry_label_names,
     validation_early_stopping,
 )
-from scvi_ext.data import validate_counts, validate_labels, validate_obs_key
+from scvi_ext.data import log_normalise, validate_counts, validate_labels, validate_obs_key
 
 from ._losses import class_weights, reference_centroid_distances
 from ._module import CELLULARModule
@@ -45,14 +44,7 @@ REPRESENTATION_METHODS = ("centroid", "median", "medoid")
 
 def _normalized_dense(counts, library_size: float) -> np.ndarray:
     """log1p of counts scaled to ``library_size`` per cell, as a dense float32 array."""
-    totals = np.asarray(counts.sum(axis=1)).ravel().astype(np.float64)
-    scale = library_size / np.maximum(totals, 1.0)
-    if sp.issparse(counts):
-        scaled = sp.diags(scale) @ counts
-        scaled = scaled.toarray()
-    else:
-        scaled = np.asarray(counts) * scale[:, None]
-    return np.log1p(scaled).astype(np.float32)
+    return log_normalise(counts, library_size).toarray().astype(np.float32)
 
 
 def _pca(matrix: np.ndarray, n_components: int, seed: int) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Datasets, a count simulator, gene selection and input validation."""
 
-from ._genes import GENE_SELECTION_DEFAULTS, select_genes
+from ._genes import GENE_SELECTION_DEFAULTS, log_normalise, select_genes
 from ._loaders import (
     DATASETS,
     datasets_available,
@@ -34,6 +34,7 @@ __all__ = [
     "load_kang_ifnb",
     "load_snareseq",
     "load_snareseq_gene_region_map",
+    "log_normalise",
     "select_genes",
     "simulate",
     "validate_counts",

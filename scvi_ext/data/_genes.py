@@ -92,9 +92,15 @@ def _library_sizes(counts: sp.csr_matrix) -> np.ndarray:
     return totals
 
 
-def _log_normalise(counts: sp.csr_matrix, target: np.ndarray | float) -> sp.csr_matrix:
-    """``log1p(counts / total * target)`` as a new CSR matrix."""
-    scale = target / _library_sizes(counts)
+def log_normalise(counts, target: np.ndarray | float) -> sp.csr_matrix:
+    """``log1p(counts / total * target)`` of a cells x genes matrix, as a new CSR matrix.
+
+    Empty cells stay all-zero; a floating ``counts`` dtype is kept (integers become float64).
+    """
+    counts = sp.csr_matrix(counts)
+    if not np.issubdtype(counts.dtype, np.floating):
+        counts = counts.astype(np.float64)
+    scale = (target / _library_sizes(counts)).astype(counts.dtype)
     normalised = sp.csr_matrix(sp.diags(scale) @ counts)
     np.log1p(normalised.data, out=normalised.data)
     return normalised
@@ -107,7 +113,7 @@ def _cell_ranger_hvgs(counts: sp.csr_matrix, n_top: int) -> np.ndarray:
     if n_top >= expressed.size:
         return expressed
     mean_library_size = float(np.asarray(counts.sum(axis=1)).mean())
-    log_counts = _log_normalise(counts, mean_library_size)[:, expressed]
+    log_counts = log_normalise(counts, mean_library_size)[:, expressed]
     # scanpy's numba code can reset the OpenMP thread count that torch shares; keep the
     # caller's torch setting
     n_threads = torch.get_num_threads()
@@ -122,7 +128,7 @@ def _cell_ranger_hvgs(counts: sp.csr_matrix, n_top: int) -> np.ndarray:
 
 
 def _top_variance_genes(counts: sp.csr_matrix, n_top: int) -> np.ndarray:
-    log_counts = _log_normalise(counts, _CAN_SCALE)
+    log_counts = log_normalise(counts, _CAN_SCALE)
     mean = np.asarray(log_counts.mean(axis=0)).ravel()
     mean_square = np.asarray(log_counts.multiply(log_counts).mean(axis=0)).ravel()
     variance = mean_square - mean**2
