@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import scvi
 import torch
-import torch.nn.functional as F
 
+from scvi_ext.benchmark._reference_loops import (
+    looped_batch_mixing_loss,
+    looped_cell_type_loss,
+    looped_cellular_loss,
+    looped_centroid_loss,
+)
 from scvi_ext.cellular import (
     CELLULAR,
     batch_mixing_loss,
@@ -22,56 +28,6 @@ TRAIN = {"enable_progress_bar": False, "enable_model_summary": False}
 
 
 # ---------------------------------------------------------------------- looped references
-def looped_cell_type_loss(z, labels, weights, temperature):
-    """The reference code's loop: one cell at a time, one cell type at a time."""
-    sim = torch.exp(F.cosine_similarity(z.unsqueeze(1), z.unsqueeze(0), dim=2) / temperature)
-    per_type = {}
-    for i in range(len(z)):
-        same = labels == labels[i]
-        if same.sum() >= 2 and (~same).sum() >= 1:
-            positive = sim[i][same].sum() - sim[i, i]
-            negative = sim[i][~same].sum()
-            loss = -torch.log(positive / (positive + negative))
-            per_type.setdefault(int(labels[i]), []).append(loss)
-    total = torch.tensor(0.0, dtype=z.dtype)
-    for label, losses in per_type.items():
-        total = total + torch.stack(losses).mean() * weights[label]
-    return total
-
-
-def looped_batch_loss(z, labels, batches, weights, temperature):
-    sim = torch.exp(F.cosine_similarity(z.unsqueeze(1), z.unsqueeze(0), dim=2) / temperature)
-    per_batch = {}
-    for i in range(len(z)):
-        same_type = labels == labels[i]
-        positive_mask = same_type & (batches == batches[i])
-        negative_mask = same_type & (batches != batches[i])
-        if positive_mask.sum() >= 2 and negative_mask.sum() >= 1:
-            positive = sim[i][positive_mask].sum() - sim[i, i]
-            negative = sim[i][negative_mask].sum()
-            loss = (-torch.log(positive / (positive + negative))) ** -1
-            per_batch.setdefault(int(batches[i]), []).append(loss)
-    total = torch.tensor(0.0, dtype=z.dtype)
-    for batch, losses in per_batch.items():
-        total = total + torch.stack(losses).mean() * weights[batch]
-    return total
-
-
-def looped_centroid_loss(z, labels, reference):
-    types = sorted(int(t) for t in labels.unique())
-    centroids = {t: z[labels == t].mean(dim=0) for t in types}
-    model = torch.zeros(len(types), len(types), dtype=z.dtype)
-    for i, a in enumerate(types):
-        for j, b in enumerate(types):
-            model[i, j] = torch.norm(centroids[b] - centroids[a], p=2)
-    ref = reference[types][:, types]
-    model = model * (ref != 0)
-    model = model / model.max()
-    keep = ref != 0
-    ref_kept = ref[keep] / ref[keep].max()
-    return F.mse_loss(model[keep], ref_kept)
-
-
 def looped_reference_distances(embedding, labels, batches, n_labels):
     result = np.zeros((n_labels, n_labels))
     for a in range(n_labels):
@@ -111,7 +67,7 @@ def test_batch_loss_matches_loop(small_batch):
     z, labels, batches = small_batch
     weights = class_weights(batches.numpy(), 3).double()
     vectorised = batch_mixing_loss(z, labels, batches, weights, 0.5)
-    looped = looped_batch_loss(z, labels, batches, weights, 0.5)
+    looped = looped_batch_mixing_loss(z, labels, batches, weights, 0.5)
     torch.testing.assert_close(vectorised, looped, rtol=1e-9, atol=1e-9)
 
 
@@ -127,7 +83,30 @@ def test_centroid_loss_matches_loop(small_batch):
     ref = torch.as_tensor(ref)
     ref[0, 1] = ref[1, 0] = 0.0  # a pair never seen in one batch is masked
     vectorised = centroid_loss(z, labels, ref)
-    looped = looped_centroid_loss(z, labels, ref)
+    looped = looped_centroid_loss(z, labels, pd.DataFrame(ref.numpy()))
+    torch.testing.assert_close(vectorised, looped, rtol=1e-9, atol=1e-9)
+
+
+def test_module_loss_matches_the_looped_loss_of_the_speed_benchmark(small_batch):
+    """The throughput benchmark compares CELLULAR with loops computing this same loss."""
+    from scvi_ext.cellular._module import CELLULARModule
+
+    z, labels, batches = small_batch
+    module = CELLULARModule(n_input=8, n_labels=6).double()
+    distances = torch.rand(6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    module.reference_distances.copy_((distances + distances.T).fill_diagonal_(0.0))
+    label_weights = class_weights(labels.numpy(), 6).double()
+    batch_weights = class_weights(batches.numpy(), 3).double()
+    vectorised = module.loss_terms(z, labels, batches, label_weights, batch_weights)["loss"]
+    looped = looped_cellular_loss(
+        z,
+        labels,
+        batches,
+        label_weights,
+        batch_weights,
+        pd.DataFrame(module.reference_distances.numpy()),
+        module.current_temperature(),
+    )
     torch.testing.assert_close(vectorised, looped, rtol=1e-9, atol=1e-9)
 
 

@@ -87,7 +87,7 @@ def test_training_throughput_rows(cells):
     assert set(table.index) == {
         "cross_entropy_mlp",
         "cellular_loss_loop",
-        "reference_looped_loss",
+        "reference_style_epoch",
         "cellular_api",
     }
     # finite: the API row is timed inside its epochs (a timer that never ran divides by 0)
