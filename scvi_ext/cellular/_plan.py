@@ -62,27 +62,23 @@ class CELLULARTrainingPlan(WarmupCosineMixin, BaseTrainingPlan):
         batches = batch[REGISTRY_KEYS.BATCH_KEY].long().ravel()
         return self.module.loss_terms(z, labels, batches, self.label_weights, self.batch_weights)
 
-    def _log_terms(self, prefix: str, terms: dict, n_cells: int) -> None:
-        log = {"on_step": False, "on_epoch": True, "batch_size": n_cells, "sync_dist": True}
-        self.log(f"{prefix}_loss", terms["loss"], prog_bar=True, **log)
-        for name in ("cell_type_loss", "batch_loss", "centroid_loss"):
-            self.log(f"{prefix}_{name}", terms[name], **log)
+    @staticmethod
+    def _metrics(prefix: str, terms: dict) -> dict[str, torch.Tensor]:
+        names = ("loss", "cell_type_loss", "batch_loss", "centroid_loss")
+        return {f"{prefix}_{name}": terms[name] for name in names}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         """One step of the CELLULAR loss."""
         self.module.clamp_temperature()
         terms = self._terms(batch)
-        self._log_terms("train", terms, len(batch[REGISTRY_KEYS.X_KEY]))
-        self.log(
-            "temperature",
-            self.module.current_temperature().detach(),
-            on_step=False,
-            on_epoch=True,
-            batch_size=len(batch[REGISTRY_KEYS.X_KEY]),
-        )
+        metrics = self._metrics("train", terms)
+        metrics["temperature"] = self.module.current_temperature()
+        self.log_step("train", metrics, n_cells=len(batch[REGISTRY_KEYS.X_KEY]))
         return terms["loss"]
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """The same loss on held-out cells."""
         terms = self._terms(batch)
-        self._log_terms("validation", terms, len(batch[REGISTRY_KEYS.X_KEY]))
+        self.log_step(
+            "validation", self._metrics("validation", terms), len(batch[REGISTRY_KEYS.X_KEY])
+        )

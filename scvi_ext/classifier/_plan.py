@@ -47,12 +47,11 @@ class LatentClassifierTrainingPlan(WarmupCosineMixin, BaseTrainingPlan):
         logits = self.module.predict_logits(batch)
         labels = batch[REGISTRY_KEYS.LABELS_KEY].long().ravel()
         loss = labelled_cross_entropy(logits, labels, self.module.n_labels)
-        log = {"on_step": False, "on_epoch": True, "batch_size": len(labels), "sync_dist": True}
-        self.log(f"{prefix}_loss", loss, prog_bar=True, **log)
+        self.log_step(prefix, {f"{prefix}_loss": loss}, n_cells=len(labels))
         labelled = labels < self.module.n_labels
         if bool(labelled.any()):
             correct = (logits[labelled].argmax(dim=1) == labels[labelled]).float().mean()
-            self.log(f"{prefix}_accuracy", correct, **log)
+            self.log_step(prefix, {f"{prefix}_accuracy": correct}, n_cells=int(labelled.sum()))
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

@@ -207,21 +207,24 @@ class ScNymTrainingPlan(BaseTrainingPlan):
         adversarial = domain_loss.mean()
 
         loss = supervised + self.unsup_weight * unsupervised + adversarial
-        n_cells = len(x)
-        log = {"on_step": False, "on_epoch": True, "batch_size": n_cells, "sync_dist": True}
-        self.log("train_loss", loss, prog_bar=True, **log)
-        self.log("train_supervised_loss", supervised, **log)
-        self.log("train_unsupervised_loss", unsupervised, **log)
-        self.log("train_adversarial_loss", adversarial, **log)
-        self.log("unsupervised_weight", self.unsup_weight, **log)
-        self.log("adversary_weight", self.adversary_weight, **log)
+        metrics = {
+            "train_loss": loss,
+            "train_supervised_loss": supervised,
+            "train_unsupervised_loss": unsupervised,
+            "train_adversarial_loss": adversarial,
+            "unsupervised_weight": self.unsup_weight,
+            "adversary_weight": self.adversary_weight,
+        }
+        self.log_step("train", metrics, n_cells=len(x))
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Cross-entropy and accuracy on held-out labelled cells."""
         logits = self.module.predict_logits(batch)
         labels = batch[REGISTRY_KEYS.LABELS_KEY].long().ravel()
-        log = {"on_step": False, "on_epoch": True, "batch_size": len(labels), "sync_dist": True}
-        self.log("validation_loss", F.cross_entropy(logits, labels), prog_bar=True, **log)
         accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        self.log("validation_accuracy", accuracy, **log)
+        metrics = {
+            "validation_loss": F.cross_entropy(logits, labels),
+            "validation_accuracy": accuracy,
+        }
+        self.log_step("validation", metrics, n_cells=len(labels))
