@@ -1,5 +1,7 @@
 """Tests of the CELLULAR benchmarks and of the study runner behind ``scvi-ext benchmark``."""
 
+import sys
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -88,12 +90,22 @@ def test_training_throughput_rows(cells):
         "cross_entropy_mlp",
         "cellular_loss_loop",
         "reference_style_epoch",
+        "reference_package",
         "cellular_api",
     }
     # finite: the API row is timed inside its epochs (a timer that never ran divides by 0)
     assert np.isfinite(table["cells_per_second"]).all()
     assert (table["cells_per_second"] > 0).all()
     assert table.loc["cross_entropy_mlp", "slowdown_vs_cross_entropy"] == pytest.approx(1.0)
+    assert table.loc["reference_package", "speedup_vs_reference_package"] == pytest.approx(1.0)
+
+
+def test_training_throughput_without_the_reference_package(cells, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "CELLULAR_CL", None)  # import fails as if not installed
+    table = training_throughput(cells, batch_key="batch", n_epochs=1, batch_size=64)
+    assert "reference_package" not in table.index
+    assert "speedup_vs_reference_package" not in table.columns
+    assert "pip install --no-deps 'CELLULAR-CL==0.0.4'" in caplog.text
 
 
 def test_embedding_quality_scores_cellular_and_pca(cells):

@@ -1,4 +1,4 @@
-"""CELLULAR's loss and training epoch written the way the reference code runs them.
+"""CELLULAR's reference code: its training epoch rewritten by us, and the package itself.
 
 The published CELLULAR code computes its loss with Python loops: one iteration per cell
 (boolean masks over the minibatch, per-type losses grown with ``torch.cat``), one per
@@ -10,16 +10,30 @@ epoch. This module is our own rewrite of that structure, for two uses:
   values as these loops (``looped_*`` functions);
 - :func:`reference_style_throughput` times a training epoch of this structure, the
   side-by-side stand-in for the reference code in the throughput benchmark.
+
+:func:`reference_package_throughput` times the published package itself (``CELLULAR-CL``
+on PyPI, installed with ``--no-deps`` because it pins old versions of everything).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import tempfile
 import time
+from unittest import mock
 
+import anndata as ad
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+
+from ._methods import MethodUnavailableError
+
+#: The published reference package and the version the benchmark was written against.
+REFERENCE_PACKAGE = "CELLULAR-CL==0.0.4"
 
 
 def _similarities(z: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
@@ -185,3 +199,90 @@ def reference_style_throughput(
         for batch in loader(validation, shuffle=False):
             loss_of(*batch).item()
     return n_trained / (time.perf_counter() - start)
+
+
+def reference_package_throughput(
+    x: np.ndarray,
+    labels: np.ndarray,
+    batches: np.ndarray,
+    n_epochs: int = 2,
+    batch_size: int = 256,
+    seed: int = 0,
+) -> float:
+    """Training cells per second of the published CELLULAR package's epochs.
+
+    Runs ``CELLULAR_CL.train`` (latent space only, its defaults: 80/20 split, validation
+    each epoch) and times its epoch loop, not its data preparation (HVGs, PCA).
+
+    Parameters
+    ----------
+    x
+        Log-normalised expression, cells x genes (all genes are used as its HVGs).
+    labels, batches
+        Cell type and batch of each cell.
+    n_epochs, batch_size, seed
+        Training settings passed to the package.
+
+    Raises
+    ------
+    MethodUnavailableError
+        When the package is not installed.
+    RuntimeError
+        When its training fails (it reports errors by printing them and stopping).
+
+    Notes
+    -----
+    CELLULAR-CL 0.0.4 builds its loss for ``device="cuda"`` whatever the training device,
+    so every step fails on a machine without CUDA; the loss is given the training device
+    for the duration of the call (the only change).
+    """
+    try:
+        import CELLULAR_CL
+        from CELLULAR_CL.functions import train as package_training
+    except ImportError as error:
+        raise MethodUnavailableError(
+            f"The CELLULAR reference package is not installed (pip install --no-deps "
+            f"'{REFERENCE_PACKAGE}')."
+        ) from error
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    loss_init = package_training.CustomSNNLoss.__init__
+    train_model = package_training.train_module.train_model
+    timing: dict[str, float] = {}
+
+    def loss_on_device(self, *args, **kwargs):
+        kwargs.setdefault("device", device)
+        loss_init(self, *args, **kwargs)
+
+    def timed_train_model(self, *args, **kwargs):
+        start = time.perf_counter()
+        best_loss = train_model(self, *args, **kwargs)
+        timing["seconds"] = time.perf_counter() - start
+        loader = kwargs["train_loader"]
+        timing["cells"] = len(loader) * loader.batch_size * kwargs["num_epochs"]
+        timing["best_loss"] = best_loss
+        return best_loss
+
+    obs = pd.DataFrame({"cell_type": np.asarray(labels).astype(str)})
+    obs["batch"] = np.asarray(batches).astype(str)
+    obs.index = obs.index.astype(str)
+    adata = ad.AnnData(X=np.asarray(x, dtype=np.float32), obs=obs)
+    with (
+        tempfile.TemporaryDirectory() as model_path,
+        mock.patch.object(package_training.CustomSNNLoss, "__init__", loss_on_device),
+        mock.patch.object(package_training.train_module, "train_model", timed_train_model),
+        contextlib.redirect_stdout(io.StringIO()) as printed,
+    ):
+        CELLULAR_CL.train(
+            adata,
+            target_key="cell_type",
+            batch_key="batch",
+            HVGs=adata.n_vars,
+            model_path=f"{model_path}/",
+            device=device,
+            seed=seed,
+            batch_size=batch_size,
+            epochs=n_epochs,
+        )
+    if not np.isfinite(timing.get("best_loss", np.inf)):
+        raise RuntimeError(f"CELLULAR-CL training failed:\n{printed.getvalue()[-2000:]}")
+    return timing["cells"] / timing["seconds"]
