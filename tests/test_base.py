@@ -153,3 +153,34 @@ def test_cpu_ddp_with_two_processes_trains(tmp_path):
     assert outputs == ["ddp_ok_rank0.txt", "ddp_ok_rank1.txt"], result.stdout[-2000:]
     for name in outputs:  # both ranks finished and predicted every cell
         assert (tmp_path / name).read_text() == "300"
+
+
+def test_plan_logs_cell_weighted_epoch_means_and_keeps_the_best_epoch(monkeypatch):
+    from types import SimpleNamespace
+
+    from scvi_ext.scnym import ScNymModule, ScNymTrainingPlan
+
+    plan = ScNymTrainingPlan(ScNymModule(n_input=5, n_labels=2))
+    reduce = SimpleNamespace(reduce=lambda tensor, reduce_op: tensor)
+    plan._trainer = SimpleNamespace(sanity_checking=False, strategy=reduce, current_epoch=0)
+    logged = {}
+    monkeypatch.setattr(plan, "log", lambda name, value, **kwargs: logged.update({name: value}))
+
+    plan.log_step("validation", {"validation_loss": torch.tensor(1.0), "other": 0.5}, n_cells=30)
+    plan.log_step("validation", {"validation_loss": torch.tensor(3.0)}, n_cells=10)
+    plan.log_step("validation", {"no_cells": torch.tensor(7.0)}, n_cells=0)
+    plan.on_validation_epoch_end()
+    assert float(logged["validation_loss"]) == pytest.approx(1.5)  # (30 x 1 + 10 x 3) / 40
+    assert float(logged["other"]) == pytest.approx(0.5)
+    assert np.isnan(float(logged["no_cells"]))
+    assert plan.best_validation_loss == pytest.approx(1.5)
+    assert plan._best_state is not None
+
+    logged.clear()  # the sanity check's steps are dropped, not logged
+    plan._trainer.sanity_checking = True
+    plan.log_step("validation", {"validation_loss": torch.tensor(0.1)}, n_cells=5)
+    plan.on_validation_epoch_end()
+    assert logged == {}
+    plan._trainer.sanity_checking = False
+    plan.on_validation_epoch_end()
+    assert logged == {} and plan.best_validation_loss == pytest.approx(1.5)

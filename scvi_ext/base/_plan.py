@@ -129,7 +129,9 @@ class BaseTrainingPlan(TrainingPlan):
         """Add one step's metrics, weighted by its ``n_cells``, to the epoch means of ``stage``.
 
         ``stage`` is ``"train"`` or ``"validation"``; the means are logged under the metric
-        names when the epoch ends, with ``{stage}_loss`` on the progress bar.
+        names when the epoch ends, with ``{stage}_loss`` on the progress bar (NaN for a
+        metric whose cells summed to 0). Under DDP every process must pass the same metric
+        names, since their means are averaged over processes.
         """
         sums = self._metric_sums.setdefault(stage, {})
         for name, value in metrics.items():
@@ -145,7 +147,8 @@ class BaseTrainingPlan(TrainingPlan):
             return {}
         means = {}
         for name, (total, count) in sums.items():
-            mean = torch.as_tensor(total / max(count, 1), dtype=torch.float32, device=self.device)
+            mean = total / count if count > 0 else math.nan
+            mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
             mean = self.trainer.strategy.reduce(mean, reduce_op="mean")
             self.log(name, mean, on_step=False, on_epoch=True, prog_bar=name == f"{stage}_loss")
             means[name] = float(mean)

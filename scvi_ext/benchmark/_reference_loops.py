@@ -271,6 +271,7 @@ def reference_package_throughput(
         mock.patch.object(package_training.CustomSNNLoss, "__init__", loss_on_device),
         mock.patch.object(package_training.train_module, "train_model", timed_train_model),
         contextlib.redirect_stdout(io.StringIO()) as printed,
+        contextlib.redirect_stderr(printed),
     ):
         CELLULAR_CL.train(
             adata,

@@ -49,9 +49,10 @@ class LatentClassifierTrainingPlan(WarmupCosineMixin, BaseTrainingPlan):
         loss = labelled_cross_entropy(logits, labels, self.module.n_labels)
         self.log_step(prefix, {f"{prefix}_loss": loss}, n_cells=len(labels))
         labelled = labels < self.module.n_labels
-        if bool(labelled.any()):
-            correct = (logits[labelled].argmax(dim=1) == labels[labelled]).float().mean()
-            self.log_step(prefix, {f"{prefix}_accuracy": correct}, n_cells=int(labelled.sum()))
+        n_labelled = int(labelled.sum())
+        correct = (logits[labelled].argmax(dim=1) == labels[labelled]).float().sum()
+        accuracy = correct / max(n_labelled, 1)
+        self.log_step(prefix, {f"{prefix}_accuracy": accuracy}, n_cells=n_labelled)
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
