@@ -184,3 +184,16 @@ def test_plan_logs_cell_weighted_epoch_means_and_keeps_the_best_epoch(monkeypatc
     plan._trainer.sanity_checking = False
     plan.on_validation_epoch_end()
     assert logged == {} and plan.best_validation_loss == pytest.approx(1.5)
+
+
+def test_create_optimizer_fuses_adam_and_leaves_others_alone():
+    from scvi_ext.base import create_optimizer
+
+    weights = [torch.nn.Parameter(torch.zeros(3, 2)), torch.nn.Parameter(torch.zeros(2))]
+    adam = create_optimizer(torch.optim.Adam, iter(weights), lr=1e-3)  # a generator is fine
+    assert adam.defaults["fused"] is True
+    assert len(adam.param_groups[0]["params"]) == 2
+    adadelta = create_optimizer(torch.optim.Adadelta, weights, lr=1.0)
+    assert not adadelta.defaults.get("fused")
+    elsewhere = [torch.nn.Parameter(torch.zeros(2, device="meta"))]  # no fused kernel there
+    assert not create_optimizer(torch.optim.Adam, elsewhere, lr=1e-3).defaults.get("fused")

@@ -8,7 +8,7 @@ import pytest
 import scvi
 import torch
 
-from scvi_ext.benchmark._reference_loops import (
+from scvi_ext.benchmark._cellular_reference import (
     looped_batch_mixing_loss,
     looped_cell_type_loss,
     looped_cellular_loss,
