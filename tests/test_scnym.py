@@ -141,6 +141,42 @@ def test_novelty_threshold_returns_unlabeled_category(sim_adata):
     assert (predictions == "Unknown").sum() == (scores > np.median(scores)).sum()
 
 
+def test_novelty_methods_and_query_neighbours_against_the_labelled_cells(sim_adata, tmp_path):
+    from scvi_ext.metrics import novelty_auroc
+
+    data = sim_adata.copy()
+    left_out = sorted(data.obs["cell_type"].unique())[0]
+    is_reference = (data.obs["labels"] != "Unknown").to_numpy()
+    data = data[~(is_reference & (data.obs["cell_type"] == left_out).to_numpy())].copy()
+    model = trained(data)
+    query = data[data.obs["labels"] == "Unknown"].copy()
+    is_novel = (query.obs["cell_type"] == left_out).to_numpy()
+
+    entropy = model.novelty_score(query, method="entropy")
+    assert entropy.min() >= 0 and entropy.max() <= 1 + 1e-6
+    score = model.novelty_score(query, method="query_neighbours")  # vs the labelled cells
+    assert score.shape == (query.n_obs,)
+    assert novelty_auroc(is_novel, score) > 0.9
+    reference = data[data.obs["labels"] != "Unknown"]
+    np.testing.assert_allclose(
+        score, model.novelty_score(query, method="query_neighbours", reference=reference)
+    )
+    with pytest.raises(ValueError, match="pass them as adata="):
+        model.novelty_score(method="query_neighbours")
+    with pytest.raises(ValueError, match="method must be one of"):
+        model.novelty_score(query, method="centroid_distance")
+    with pytest.raises(ValueError, match="adata lacks 1 of the 100 genes"):
+        model.novelty_score(query[:, 1:], method="query_neighbours")
+
+    model.save(tmp_path / "model")
+    bare = ScNym.load(tmp_path / "model", adata=False)
+    with pytest.raises(ValueError, match="pass reference=<AnnData with the reference counts>"):
+        bare.novelty_score(query, method="query_neighbours")
+    np.testing.assert_allclose(
+        bare.novelty_score(query, method="query_neighbours", reference=reference), score
+    )
+
+
 def test_pseudolabel_threshold_trains(sim_adata):
     ScNym.setup_anndata(sim_adata, labels_key="labels", unlabeled_category="Unknown")
     model = ScNym(sim_adata, n_hidden=32)

@@ -2,8 +2,8 @@
 the query-neighbour novelty score."""
 
 from ._anndata import detached_anndata, label_names, registry_label_names
-from ._mixin import MIN_GENE_FRACTION, ClassifierMixin
-from ._novelty import query_neighbour_score
+from ._mixin import BASE_NOVELTY_METHODS, MIN_GENE_FRACTION, ClassifierMixin
+from ._novelty import query_neighbour_score, registered_counts
 from ._plan import (
     OPTIMIZERS,
     BaseTrainingPlan,
@@ -16,6 +16,7 @@ from ._plan import (
 from ._splitter import LABELLED, UNLABELLED, PairedDataLoader, PairedDataSplitter, labelled_mask
 
 __all__ = [
+    "BASE_NOVELTY_METHODS",
     "LABELLED",
     "MIN_GENE_FRACTION",
     "OPTIMIZERS",
@@ -30,6 +31,7 @@ __all__ = [
     "label_names",
     "labelled_mask",
     "query_neighbour_score",
+    "registered_counts",
     "registry_label_names",
     "sigmoid_ramp",
     "validation_early_stopping",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Sequence
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -15,11 +16,16 @@ from scvi.model.base import BaseModelClass
 from scvi_ext.data import validate_gene_overlap
 
 from ._anndata import detached_anndata, label_names, registry_label_names
+from ._novelty import query_neighbour_score, registered_counts
 
 logger = logging.getLogger(__name__)
 
 #: Default minimum fraction of reference genes a query must have.
 MIN_GENE_FRACTION = 0.5
+
+BaseNoveltyMethod = Literal["max_proba", "entropy", "query_neighbours"]
+#: Novelty scores every classifier model offers (:meth:`ClassifierMixin.novelty_score`).
+BASE_NOVELTY_METHODS: tuple[str, ...] = get_args(BaseNoveltyMethod)
 
 
 class ClassifierMixin:
@@ -141,25 +147,85 @@ class ClassifierMixin:
         return self.predict_proba(adata, indices, batch_size).max(axis=1)
 
     @staticmethod
-    def _novelty_from_proba(proba: np.ndarray) -> np.ndarray:
+    def _novelty_from_proba(proba: np.ndarray, method: str = "max_proba") -> np.ndarray:
+        """``"max_proba"``: 1 - the min-max normalised maximum probability; ``"entropy"``:
+        the entropy divided by ``log(n_classes)``. Both in [0, 1]."""
         n_classes = proba.shape[1]
         if n_classes < 2:
             return np.zeros(len(proba))
+        if method == "entropy":
+            entropy = -(proba * np.log(np.clip(proba, 1e-12, 1.0))).sum(axis=1)
+            return entropy / np.log(n_classes)
         scaled = (proba.max(axis=1) - 1.0 / n_classes) / (1.0 - 1.0 / n_classes)
         return 1.0 - np.clip(scaled, 0.0, 1.0)
+
+    def _neighbour_score_on_counts(
+        self,
+        registry: dict,
+        adata: AnnData | None,
+        indices: Sequence[int] | None,
+        reference: AnnData,
+    ) -> np.ndarray:
+        """:func:`query_neighbour_score` of the counts of ``adata`` against ``reference``,
+        on the genes (and layer) of the model that ``registry`` describes."""
+        if adata is None:
+            raise ValueError(
+                "method='query_neighbours' scores new cells against the training cells; "
+                "pass them as adata=<AnnData with counts>."
+            )
+        cells = adata if indices is None else adata[np.asarray(indices)]
+        return query_neighbour_score(
+            registered_counts(reference, registry, "reference"),
+            registered_counts(cells, registry, "adata"),
+        )
 
     def novelty_score(
         self,
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
+        method: BaseNoveltyMethod = "max_proba",
+        reference: AnnData | None = None,
     ) -> np.ndarray:
         """Per-cell score, higher when a cell more likely belongs to a type absent from training.
 
-        ``1 - p_max`` after min-max normalising the maximum class probability ``p_max``
-        between ``1 / n_classes`` (no preference) and 1 (certain); in [0, 1].
+        Parameters
+        ----------
+        adata, indices, batch_size
+            Cells to score (default: the model's AnnData).
+        method
+            ``"max_proba"`` (default): ``1 - p_max`` after min-max normalising the maximum
+            class probability between ``1 / n_classes`` and 1, in [0, 1]. ``"entropy"``:
+            entropy of the class probabilities divided by ``log(n_classes)``.
+            ``"query_neighbours"``: the cells of ``adata`` (at least 50, with counts) are
+            scored together against the reference counts by
+            :func:`scvi_ext.base.query_neighbour_score`, which does not use the model: 0.5
+            or less for reference-like cells, near 1 for a type the reference lacks. It
+            separated left-out types far better than the probability scores in our
+            benchmarks, but a query from another condition scores high everywhere.
+        reference
+            ``"query_neighbours"``: AnnData with the reference counts (default: the
+            labelled cells of the model's AnnData).
         """
-        return self._novelty_from_proba(self.predict_proba(adata, indices, batch_size))
+        if method not in BASE_NOVELTY_METHODS:
+            raise ValueError(f"method must be one of {BASE_NOVELTY_METHODS}, not '{method}'.")
+        if method != "query_neighbours":
+            return self._novelty_from_proba(self.predict_proba(adata, indices, batch_size), method)
+        if reference is None:
+            reference = self._labelled_cells()
+        return self._neighbour_score_on_counts(self.registry_, adata, indices, reference)
+
+    def _labelled_cells(self) -> AnnData:
+        """The labelled cells of the model's AnnData (the reference of its training)."""
+        if self.adata is not None:
+            labels = self.adata.obs[self.setup_args["labels_key"]].astype(str)
+            labelled = (labels != str(self.unlabeled_category)).to_numpy()
+            if labelled.any():
+                return self.adata[labelled]
+        raise ValueError(
+            "The model has no AnnData with labelled cells to compare with (loaded with "
+            "adata=False, or a query model); pass reference=<AnnData with the reference counts>."
+        )
 
     def get_latent_representation(
         self,

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
@@ -101,3 +104,26 @@ def query_neighbour_score(
     in_query = (neighbours >= n_pool_reference).sum(axis=1) / n_pool_query
     in_reference = (neighbours < n_pool_reference).sum(axis=1) / n_pool_reference
     return in_query / (in_query + in_reference)
+
+
+def registered_counts(adata: AnnData, registry: dict, name: str):
+    """Counts of a model's registered genes (in its order) from ``adata``.
+
+    Reads ``adata.layers[layer]`` when the model was set up with ``layer``, else
+    ``adata.X``. ``name`` names ``adata`` in the errors.
+    """
+    genes = pd.Index(
+        registry["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]["column_names"]
+    )
+    layer = registry["setup_args"].get("layer")
+    missing = genes.difference(adata.var_names)
+    if len(missing):
+        raise ValueError(
+            f"{name} lacks {len(missing)} of the {len(genes)} genes the model was trained on "
+            f"(e.g. {list(missing[:3])}); give it the same genes."
+        )
+    if layer is not None and layer not in adata.layers:
+        raise ValueError(f"{name} has no layer '{layer}' (the model's counts).")
+    columns = adata.var_names.get_indexer(genes)
+    matrix = adata.X if layer is None else adata.layers[layer]
+    return matrix[:, columns]

@@ -86,21 +86,6 @@ def _feature_matrix(adata: AnnData, obsm_key: str | None, layer: str | None):
     return adata.X, "adata.X"
 
 
-def _counts(adata: AnnData, genes: pd.Index, layer: str | None, name: str):
-    """Counts of ``genes`` (in that order) from ``adata.layers[layer]`` or ``adata.X``."""
-    missing = genes.difference(adata.var_names)
-    if len(missing):
-        raise ValueError(
-            f"{name} lacks {len(missing)} of the {len(genes)} genes the upstream model was "
-            f"trained on (e.g. {list(missing[:3])}); give it the same genes."
-        )
-    if layer is not None and layer not in adata.layers:
-        raise ValueError(f"{name} has no layer '{layer}' (the upstream model's counts).")
-    columns = adata.var_names.get_indexer(genes)
-    matrix = adata.X if layer is None else adata.layers[layer]
-    return matrix[:, columns]
-
-
 def _check_finite(matrix, where: str) -> None:
     values = matrix.data if sp.issparse(matrix) else np.asarray(matrix)
     if not np.issubdtype(values.dtype, np.number):
@@ -512,11 +497,7 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
         if method in ("centroid_distance", "neighbour_distance"):
             score = getattr(self.module, method)
             return self._map_minibatches(score, adata, indices, batch_size)
-        proba = self.predict_proba(adata, indices, batch_size)
-        if method == "max_proba":
-            return self._novelty_from_proba(proba)
-        entropy = -(proba * np.log(np.clip(proba, 1e-12, 1.0))).sum(axis=1)
-        return entropy / np.log(max(proba.shape[1], 2))
+        return self._novelty_from_proba(self.predict_proba(adata, indices, batch_size), method)
 
     def _query_neighbour_score(
         self,
@@ -547,18 +528,8 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
                 "which are not saved with the classifier; pass reference=<the training "
                 "AnnData>, or choose another method, e.g. method='entropy'."
             )
-        if adata is None:
-            raise ValueError(
-                "method='query_neighbours' scores new cells against the training cells; "
-                "pass them as adata=<AnnData with counts>."
-            )
-        cells = adata if indices is None else adata[np.asarray(indices)]
-        setup_args = self.upstream_model.registry_["setup_args"]
-        x_state = self.upstream_model.registry_["field_registries"][REGISTRY_KEYS.X_KEY]
-        genes = pd.Index(x_state["state_registry"]["column_names"])
-        return query_neighbour_score(
-            _counts(reference, genes, setup_args.get("layer"), "reference"),
-            _counts(cells, genes, setup_args.get("layer"), "adata"),
+        return self._neighbour_score_on_counts(
+            self.upstream_model.registry_, adata, indices, reference
         )
 
     def detect_novel(
