@@ -180,3 +180,21 @@ def test_novel_type_plots_cover_every_novelty_score():
     from scvi_ext.benchmark._studies import AUROC_COLUMNS
 
     assert AUROC_COLUMNS == tuple(f"auroc_{method}" for method in NOVELTY_METHODS)
+
+
+def test_reference_package_failure_is_an_error_not_a_timing(monkeypatch):
+    from CELLULAR_CL.functions import train as package_training
+
+    from scvi_ext.benchmark._cellular_reference import reference_package_throughput
+
+    def failed_training(self, *args, **kwargs):  # the package prints errors and returns inf
+        print("**Training forced to finish early due to error during training**")
+        return np.inf
+
+    monkeypatch.setattr(package_training.train_module, "train_model", failed_training)
+    rng = np.random.default_rng(0)
+    x = np.log1p(rng.poisson(1.0, (200, 120))).astype(np.float32)
+    with pytest.raises(
+        RuntimeError, match=r"(?s)CELLULAR-CL training failed:\n.*forced to finish early"
+    ):
+        reference_package_throughput(x, rng.integers(0, 3, 200), rng.integers(0, 2, 200))

@@ -64,7 +64,7 @@ def looped_cell_type_loss(
 def looped_batch_mixing_loss(
     z: torch.Tensor, labels: torch.Tensor, batches: torch.Tensor, weights, temperature: float
 ) -> torch.Tensor:
-    """Class-weighted batch-mixing loss (``1 / -log p`` among cells of a type), one cell at a time."""
+    """Class-weighted batch-mixing loss (``1 / -log p`` within a type), one cell at a time."""
     sim = _similarities(z, temperature)
     per_batch = {int(b): z.new_zeros(0) for b in batches.unique()}
     for i in range(len(z)):

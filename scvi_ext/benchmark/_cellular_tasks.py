@@ -326,15 +326,18 @@ def training_throughput(
     batch_size: int = 256,
     seed: int = 0,
 ) -> pd.DataFrame:
-    """Cells/s per training epoch: CELLULAR vs a cross-entropy MLP of the same size.
+    """Cells/s per training epoch: CELLULAR vs an MLP and vs the reference code.
 
     All rows train the same encoder (2000 HVGs -> 1000 -> 500 -> 100) with Adam in one
-    process (ours fused, as the models train, :func:`~scvi_ext.base.create_optimizer`): ``cellular_api`` is ``CELLULAR.train`` timed inside its epochs (scvi
-    data loading and validation included, trainer set-up not); ``cellular_loss_loop``
-    and ``cross_entropy_mlp`` are plain torch loops over the same dense minibatches
-    with the CELLULAR loss and with a linear head + cross-entropy;
-    ``reference_looped_loss`` is the same plain loop with the reference code's Python
-    loops, timed on ``looped_batches`` minibatches.
+    process (ours fused, as the models train: :func:`~scvi_ext.base.create_optimizer`).
+    ``cellular_api`` is ``CELLULAR.train`` timed inside its epochs (scvi data loading and
+    validation included, trainer set-up not); ``cellular_loss_loop`` and
+    ``cross_entropy_mlp`` are plain torch loops over the same dense minibatches with the
+    CELLULAR loss and with a linear head + cross-entropy; ``reference_style_epoch`` is one
+    epoch run the way the reference code runs it (per-cell ``DataLoader``, the loss in
+    Python loops, a validation pass: :func:`._cellular_reference.reference_style_throughput`);
+    ``reference_package`` is the published package's own epochs (CELLULAR-CL, when
+    installed: :func:`._cellular_reference.reference_package_throughput`).
     """
     import scvi
 

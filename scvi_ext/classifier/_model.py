@@ -476,15 +476,16 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
         method
             ``"query_neighbours"``: the cells are scored together against the training
             cells by :func:`scvi_ext.base.query_neighbour_score` (in [0, 1]: 0.5 or less
-            for reference-like cells, near 1 for unseen ones; at least 50 cells). With an upstream model it compares
-            log-normalised counts, not the embedding, which pulls cells of an unseen type
-            onto the trained ones. ``"max_proba"``: ``1 -`` the min-max normalised maximum
-            class probability (the thesis's likelihood, in [0, 1]); ``"entropy"``:
-            entropy of the class probabilities divided by ``log(n_classes)``;
-            ``"centroid_distance"``: cosine distance to the nearest training centroid of a
-            cell type in the representation (in [0, 2]); ``"neighbour_distance"``: cosine
-            distance to the 10th nearest of up to 2000 training cells kept with the model
-            (in [0, 2]). Default: :attr:`default_novelty_method`.
+            for reference-like cells, near 1 for unseen ones; at least 50 cells). With an
+            upstream model it compares log-normalised counts, not the embedding, which
+            pulls cells of an unseen type onto the trained ones. ``"max_proba"``: ``1 -``
+            the min-max normalised maximum class probability (the thesis's likelihood, in
+            [0, 1]); ``"entropy"``: entropy of the class probabilities divided by
+            ``log(n_classes)``; ``"centroid_distance"``: cosine distance to the nearest
+            training centroid of a cell type in the representation (in [0, 2]);
+            ``"neighbour_distance"``: cosine distance to the 10th nearest of up to 2000
+            training cells kept with the model (in [0, 2]). Default:
+            :attr:`default_novelty_method`.
         reference
             ``"query_neighbours"`` with an upstream model: the training AnnData with
             counts (default: the one given to :meth:`from_model`, which is not saved).
