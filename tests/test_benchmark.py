@@ -1,6 +1,7 @@
 """Tests of scvi_ext.benchmark: methods, tasks, runner and report."""
 
 import importlib.util
+import re
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from scvi_ext.benchmark import (
     run_benchmark,
     summary_table,
 )
-from scvi_ext.benchmark._methods import reference_hvgs
+from scvi_ext.benchmark._methods import query_label_ceiling, reference_hvgs
 from scvi_ext.data import datasets_available
 
 TINY_TASK = {"n_cells": 400, "n_genes": 200, "n_cell_types": 4}
@@ -45,8 +46,8 @@ def test_runner_writes_report_and_logistic_regression_beats_chance(tmp_path, tin
         method_kwargs={"scanvi": TINY_SCANVI},
         task_kwargs=TINY_TASK,
     )
-    assert len(results) == 4
-    assert set(results["method"]) == {"logistic_regression", "scanvi"}
+    assert len(results) == 6
+    assert set(results["method"]) == {"logistic_regression", "scanvi", "query_label_ceiling"}
     for column in ["accuracy", "balanced_accuracy", "macro_f1", "weighted_f1", "ece"]:
         assert results[column].between(0, 1).all()
     assert results["train_seconds"].gt(0).all()
@@ -58,10 +59,17 @@ def test_runner_writes_report_and_logistic_regression_beats_chance(tmp_path, tin
     lr_accuracy = results.loc[results["method"] == "logistic_regression", "accuracy"]
     assert lr_accuracy.min() > chance + 0.4
 
+    ceiling = results.loc[results["method"] == "query_label_ceiling", "accuracy"]
+    assert ceiling.min() > chance + 0.4
+
     csv = pd.read_csv(tmp_path / "results_per_seed.csv")
-    assert list(csv["seed"]) == [0, 0, 1, 1]
+    assert list(csv["seed"]) == [0, 0, 0, 1, 1, 1]
     summary = (tmp_path / "summary.md").read_text()
     assert "| logistic_regression |" in summary and "| scanvi |" in summary
+    assert "| query_label_ceiling | logistic regression, 5-fold CV on the query's labels |" in (
+        summary
+    )
+    assert "is not a transfer method" in summary
     assert " ± " in summary
     assert "cpu count" in summary and "torch" in summary and "run_benchmark(" in summary
     assert "200 genes, scVI 2 + scANVI 1 epochs" in summary
@@ -81,11 +89,42 @@ def test_unavailable_method_is_skipped_and_reported(tmp_path, monkeypatch):
         outdir=tmp_path,
         task_kwargs=TINY_TASK,
         plots=False,
+        ceiling=False,
     )
     assert list(results["method"]) == ["logistic_regression"]
     summary = (tmp_path / "summary.md").read_text()
     assert "celltypist: not installed here" in summary
+    assert "is not a transfer method" not in summary
     assert not (tmp_path / "umap_query.png").exists()
+    # The ceiling alone is no benchmark.
+    with pytest.raises(RuntimeError, match="No method could run"):
+        run_benchmark("simulated", seeds=[0], methods=["celltypist"], outdir=tmp_path, plots=False)
+
+
+def test_query_label_ceiling_predicts_each_cell_from_other_folds(tiny_split):
+    _, query, key = tiny_split
+    result = query_label_ceiling(query, key, seed=0)
+    truth = query.obs[key].astype(str).to_numpy()
+    assert result.name == "query_label_ceiling" and len(result.predictions) == query.n_obs
+    assert (result.predictions == truth).mean() > 1 / TINY_TASK["n_cell_types"] + 0.4
+    assert np.all((result.confidence > 0) & (result.confidence <= 1))
+    # Labels unrelated to the counts: a model that had seen a cell's label would still
+    # recall it; out-of-fold predictions stay near chance.
+    shuffled = query.copy()
+    shuffled.obs[key] = np.random.default_rng(0).permutation(truth)
+    noise = query_label_ceiling(shuffled, key, seed=0)
+    assert (noise.predictions == shuffled.obs[key].to_numpy()).mean() < 0.4
+
+
+def test_query_label_ceiling_needs_two_labels(tmp_path, tiny_split):
+    _, query, key = tiny_split
+    one_type = query[query.obs[key] == query.obs[key].iloc[0]]
+    message = (
+        f"The query has {one_type.n_obs} cells of 1 label(s); cross-validating on its "
+        "labels needs at least 2 labels and 10 cells."
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        query_label_ceiling(one_type, key)
 
 
 def test_runner_rejects_unknown_names(tmp_path):

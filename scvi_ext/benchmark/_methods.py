@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,6 +246,60 @@ def logistic_regression(
         train_seconds=train_seconds,
         cells_per_second=None,
         settings=f"{int(genes.sum())} HVGs, max_iter={max_iter}",
+    )
+
+
+QUERY_LABEL_CEILING = "query_label_ceiling"
+
+
+def query_label_ceiling(
+    query: ad.AnnData, labels_key: str, seed: int = 0, *, n_folds: int = 5
+) -> MethodResult:
+    """What the query's own labels allow: :func:`logistic_regression` cross-validated on them.
+
+    Not a transfer method, and not in :data:`METHODS`: it reads the query's labels, which
+    the methods never see. Each query cell is predicted by logistic regression trained on
+    the other ``n_folds - 1`` folds of the query (stratified, shuffled with ``seed``), so
+    there is no reference-to-query shift. Label noise and overlapping types cap it below 1;
+    a transfer method close to it has little left to gain on the task.
+
+    Parameters
+    ----------
+    query, labels_key, seed
+        See the module docstring; ``query.obs[labels_key]`` must hold the true labels.
+    n_folds
+        Number of cross-validation folds.
+
+    Returns
+    -------
+    :class:`MethodResult` with the out-of-fold predictions of every query cell.
+    """
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = query.obs[labels_key].astype(str).to_numpy()
+    n_types = len(np.unique(labels))
+    if n_types < 2 or query.n_obs < 2 * n_folds:
+        raise ValueError(
+            f"The query has {query.n_obs} cells of {n_types} label(s); cross-validating on "
+            f"its labels needs at least 2 labels and {2 * n_folds} cells."
+        )
+    predictions = np.empty(query.n_obs, dtype=object)
+    confidence = np.empty(query.n_obs)
+    train_seconds = 0.0
+    folds = StratifiedKFold(n_folds, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():  # a rare type may have fewer cells than folds
+        warnings.filterwarnings("ignore", message="The least populated class")
+        splits = list(folds.split(np.zeros((query.n_obs, 1)), labels))
+    for train, test in splits:
+        fold = logistic_regression(query[train], query[test], labels_key, seed)
+        predictions[test], confidence[test] = fold.predictions, fold.confidence
+        train_seconds += fold.train_seconds
+    return MethodResult(
+        name=QUERY_LABEL_CEILING,
+        predictions=predictions.astype(str),
+        confidence=confidence,
+        train_seconds=train_seconds,
+        settings=f"logistic regression, {n_folds}-fold CV on the query's labels",
     )
 
 

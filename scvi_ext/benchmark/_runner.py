@@ -13,7 +13,14 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
-from ._methods import METHODS, MethodResult, MethodUnavailableError, log_normalize
+from ._methods import (
+    METHODS,
+    QUERY_LABEL_CEILING,
+    MethodResult,
+    MethodUnavailableError,
+    log_normalize,
+    query_label_ceiling,
+)
 from ._plots import plot_accuracy, plot_reliability, plot_umap
 
 logger = logging.getLogger(__name__)
@@ -97,6 +104,23 @@ def machine_info() -> dict[str, str]:
     }
 
 
+def result_row(
+    task: str, method: str, seed: int, y_true: np.ndarray, result: MethodResult, n_reference: int
+) -> dict[str, Any]:
+    """One row of the per-seed results: the scores of ``result`` and how it ran."""
+    return {
+        "task": task,
+        "method": method,
+        "seed": seed,
+        **score_predictions(y_true, result),
+        "train_seconds": result.train_seconds,
+        "cells_per_second": result.cells_per_second,
+        "settings": result.settings,
+        "n_reference": n_reference,
+        "n_query": len(y_true),
+    }
+
+
 def _format_cell(values: pd.Series, number_format: str) -> str:
     values = values.dropna()
     if values.empty:
@@ -157,6 +181,13 @@ def _write_summary(
         lines += ["Skipped methods:", ""]
         lines += [f"- {name}: {reason}" for name, reason in skipped.items()]
         lines.append("")
+    if QUERY_LABEL_CEILING in set(results["method"]):
+        lines += [
+            f"`{QUERY_LABEL_CEILING}` is not a transfer method: logistic regression trained "
+            "on the query's own labels, each cell predicted by the other folds. It shows what "
+            "the labels allow without a reference-to-query shift.",
+            "",
+        ]
     lines += [
         "`train s`: wall time of model fitting; `cells/s`: training cells processed per "
         "second per epoch (– for methods without epochs); `confidence (right/wrong)`: mean "
@@ -200,6 +231,7 @@ def run_benchmark(
     command: str | None = None,
     caption: str | None = None,
     plots: bool = True,
+    ceiling: bool = True,
 ) -> pd.DataFrame:
     """Run methods on one task for several seeds and write a report.
 
@@ -228,6 +260,10 @@ def run_benchmark(
         Extra sentence written above the table.
     plots
         Write the PNG figures.
+    ceiling
+        Add the row ``query_label_ceiling``: logistic regression cross-validated on the
+        query's own labels (:func:`~scvi_ext.benchmark._methods.query_label_ceiling`),
+        what the labels allow without a reference-to-query shift.
 
     Returns
     -------
@@ -289,27 +325,24 @@ def run_benchmark(
                 logger.warning("Skipping %s: %s", name, error)
                 skipped[name] = str(error)
                 continue
-            scores = score_predictions(y_true, result)
-            rows.append(
-                {
-                    "task": task,
-                    "method": name,
-                    "seed": seed,
-                    **scores,
-                    "train_seconds": result.train_seconds,
-                    "cells_per_second": result.cells_per_second,
-                    "settings": result.settings,
-                    "n_reference": reference.n_obs,
-                    "n_query": query.n_obs,
-                }
-            )
-            logger.info("%s seed %d: accuracy %.3f", name, seed, scores["accuracy"])
+            rows.append(result_row(task, name, seed, y_true, result, reference.n_obs))
+            logger.info("%s seed %d: accuracy %.3f", name, seed, rows[-1]["accuracy"])
             if seed == seeds[0]:
                 first_seed_results[name] = result
+        if ceiling and QUERY_LABEL_CEILING not in skipped:
+            try:
+                result = query_label_ceiling(query, labels_key, seed)
+            except ValueError as error:
+                logger.warning("No query-label ceiling: %s", error)
+                skipped[QUERY_LABEL_CEILING] = str(error)
+            else:
+                rows.append(
+                    result_row(task, QUERY_LABEL_CEILING, seed, y_true, result, reference.n_obs)
+                )
 
-    results = pd.DataFrame(rows)
-    if results.empty:
+    if not first_seed_results:
         raise RuntimeError(f"No method could run: {skipped}.")
+    results = pd.DataFrame(rows)
     results["cells_per_second"] = results["cells_per_second"].astype(float)
     results.to_csv(outdir / "results_per_seed.csv", index=False)
     _write_summary(
