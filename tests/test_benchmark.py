@@ -13,10 +13,11 @@ from scvi_ext.benchmark import (
     MethodResult,
     MethodUnavailableError,
     concat_reference_query,
+    query_label_ceiling,
     run_benchmark,
     summary_table,
 )
-from scvi_ext.benchmark._methods import query_label_ceiling, reference_hvgs
+from scvi_ext.benchmark._methods import reference_hvgs
 from scvi_ext.data import datasets_available
 
 TINY_TASK = {"n_cells": 400, "n_genes": 200, "n_cell_types": 4}

@@ -18,6 +18,7 @@ from ._methods import (
     MethodUnavailableError,
     concat_reference_query,
     log_normalize,
+    query_label_ceiling,
 )
 from ._runner import run_benchmark, score_predictions, set_seed, summary_table
 from ._studies import STUDIES, Study, run_study
@@ -38,6 +39,7 @@ __all__ = [
     "embedding_quality",
     "kang_donors_lodo",
     "novel_type_detection",
+    "query_label_ceiling",
     "training_throughput",
     "log_normalize",
     "register_task",

@@ -262,7 +262,7 @@ def run_benchmark(
         Write the PNG figures.
     ceiling
         Add the row ``query_label_ceiling``: logistic regression cross-validated on the
-        query's own labels (:func:`~scvi_ext.benchmark._methods.query_label_ceiling`),
+        query's own labels (:func:`~scvi_ext.benchmark.query_label_ceiling`),
         what the labels allow without a reference-to-query shift.
 
     Returns
