@@ -169,10 +169,13 @@ def test_plan_logs_cell_weighted_epoch_means_and_keeps_the_best_epoch(monkeypatc
     plan.log_step("validation", {"validation_loss": torch.tensor(1.0), "other": 0.5}, n_cells=30)
     plan.log_step("validation", {"validation_loss": torch.tensor(3.0)}, n_cells=10)
     plan.log_step("validation", {"no_cells": torch.tensor(7.0)}, n_cells=0)
+    plan.log_step("validation", {"counted": torch.tensor(0.25)}, n_cells=torch.tensor(4))
+    plan.log_step("validation", {"counted": torch.tensor(1.0)}, n_cells=torch.tensor(12))
     plan.on_validation_epoch_end()
     assert float(logged["validation_loss"]) == pytest.approx(1.5)  # (30 x 1 + 10 x 3) / 40
     assert float(logged["other"]) == pytest.approx(0.5)
     assert np.isnan(float(logged["no_cells"]))
+    assert float(logged["counted"]) == pytest.approx(0.8125)  # counts on the device
     assert plan.best_validation_loss == pytest.approx(1.5)
     assert plan._best_state is not None
 

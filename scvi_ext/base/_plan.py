@@ -133,7 +133,9 @@ class BaseTrainingPlan(TrainingPlan):
         self.best_validation_loss = math.inf
         self.best_epoch: int | None = None
         self._best_state: dict[str, torch.Tensor] | None = None
-        self._metric_sums: dict[str, dict[str, tuple[torch.Tensor | float, int]]] = {}
+        self._metric_sums: dict[
+            str, dict[str, tuple[torch.Tensor | float, int | torch.Tensor]]
+        ] = {}
 
     def _create_optimizer(self, params) -> torch.optim.Optimizer:
         kwargs = {"lr": self.lr, "weight_decay": self.weight_decay}
@@ -145,13 +147,16 @@ class BaseTrainingPlan(TrainingPlan):
         """Train mode at every epoch (dropout on, BatchNorm statistics updated)."""
         self.module.train()
 
-    def log_step(self, stage: str, metrics: dict[str, torch.Tensor | float], n_cells: int) -> None:
+    def log_step(
+        self, stage: str, metrics: dict[str, torch.Tensor | float], n_cells: int | torch.Tensor
+    ) -> None:
         """Add one step's metrics, weighted by its ``n_cells``, to the epoch means of ``stage``.
 
         ``stage`` is ``"train"`` or ``"validation"``; the means are logged under the metric
         names when the epoch ends, with ``{stage}_loss`` on the progress bar (NaN for a
-        metric whose cells summed to 0). Under DDP every process must pass the same metric
-        names, since their means are averaged over processes.
+        metric whose cells summed to 0). ``n_cells`` may be a tensor (a count computed on
+        the device), so that the step does not wait for the device. Under DDP every process
+        must pass the same metric names, since their means are averaged over processes.
         """
         sums = self._metric_sums.setdefault(stage, {})
         for name, value in metrics.items():

@@ -176,7 +176,7 @@ def reference_style_throughput(
     reference = pd.DataFrame(
         module.reference_distances.numpy(), index=range(n_labels), columns=range(n_labels)
     )
-    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)
+    optimizer = torch.optim.Adam(module.parameters(), lr=1e-3)  # unfused, as the reference
 
     def loss_of(x_batch, y_batch, b_batch):
         module.clamp_temperature()
