@@ -37,6 +37,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text}")
+    return value
+
+
 def _command_line(argv: list[str]) -> str:
     return shlex.join(["scvi-ext", *argv])
 
@@ -174,12 +181,13 @@ def _annotate(args: argparse.Namespace, argv: list[str]) -> int:
     )
 
     from scvi_ext.benchmark import concat_reference_query
-    from scvi_ext.benchmark._methods import LABELS_COLUMN
+    from scvi_ext.benchmark._methods import LABELS_COLUMN, reference_hvgs
     from scvi_ext.model import ScNym
 
+    genes = shared[reference_hvgs(reference[:, shared], args.n_top_genes or None)]
     adata = concat_reference_query(
-        reference[:, shared],
-        query[:, shared],
+        reference[:, genes],
+        query[:, genes],
         args.labels_key,
         unlabeled_category=args.unlabeled_category,
         batch_key=args.batch_key,
@@ -206,7 +214,10 @@ def _annotate(args: argparse.Namespace, argv: list[str]) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     annotated.write_h5ad(out_path)
     counts = annotated.obs["scnym_prediction"].value_counts()
-    print(f"Wrote {out_path} ({annotated.n_obs} query cells). Predicted labels:")
+    print(
+        f"Wrote {out_path} ({annotated.n_obs} query cells, ScNym on {len(genes)} genes). "
+        "Predicted labels:"
+    )
     print(counts.to_string())
     return 0
 
@@ -301,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train ScNym on reference + query (query cells unlabelled) and write a copy of "
             "the query with obs 'scnym_prediction', 'scnym_confidence' and obsm 'X_scnym'. "
-            "Both inputs need raw counts in X; only their shared genes are used."
+            "Both inputs need raw counts in X; ScNym trains on the most variable of their "
+            "shared genes (--n-top-genes)."
         ),
     )
     annotate.add_argument("--reference", required=True, help="Labelled reference .h5ad.")
@@ -318,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="Training epochs (default: ScNym's).",
+    )
+    annotate.add_argument(
+        "--n-top-genes",
+        type=_non_negative_int,
+        default=2000,
+        help=(
+            "Train on this many highly variable genes of the reference, as the benchmark "
+            "does (default 2000; 0 = every shared gene)."
+        ),
     )
     annotate.add_argument(
         "--batch-key", default=None, help="obs column of batches, in both inputs."

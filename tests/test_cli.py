@@ -84,6 +84,22 @@ def test_annotate_writes_copy_and_keeps_inputs(tmp_path, h5ad_inputs, capsys):
     assert {path: _sha256(path) for path in h5ad_inputs} == hashes
 
 
+@requires_scnym
+def test_annotate_trains_on_reference_hvgs(tmp_path, h5ad_inputs, capsys):
+    reference_path, query_path = h5ad_inputs
+    out_path = tmp_path / "annotated.h5ad"
+
+    assert main(_annotate_args(reference_path, query_path, out_path)) == 0
+    assert "ScNym on 99 genes" in capsys.readouterr().out  # default 2000: every shared gene
+    args = _annotate_args(reference_path, query_path, out_path, "--overwrite")
+    assert main([*args, "--n-top-genes", "20"]) == 0
+    assert "ScNym on 20 genes" in capsys.readouterr().out
+    assert ad.read_h5ad(out_path).n_vars == 100  # the copy keeps every query gene
+    with pytest.raises(SystemExit):
+        main([*args, "--n-top-genes", "-1"])
+    assert "expected 0 or a positive integer, got -1" in capsys.readouterr().err
+
+
 def test_annotate_errors(tmp_path, h5ad_inputs, capsys):
     reference_path, query_path = h5ad_inputs
     hashes = {path: _sha256(path) for path in h5ad_inputs}
