@@ -180,7 +180,7 @@ def _annotate(args: argparse.Namespace, argv: list[str]) -> int:
         query.n_vars,
     )
 
-    from scvi_ext.benchmark import concat_reference_query
+    from scvi_ext.benchmark import concat_reference_query, set_seed
     from scvi_ext.benchmark._methods import LABELS_COLUMN, reference_hvgs
     from scvi_ext.model import ScNym
 
@@ -201,6 +201,7 @@ def _annotate(args: argparse.Namespace, argv: list[str]) -> int:
         )
     except ValueError as error:
         raise CLIError(str(error)) from error
+    set_seed(args.seed)
     model = ScNym(adata)
     train_kwargs = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
     model.train(**train_kwargs)
@@ -343,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument(
         "--batch-key", default=None, help="obs column of batches, in both inputs."
     )
+    annotate.add_argument("--seed", type=int, default=0, help="Random seed (default 0).")
     annotate.add_argument("--overwrite", action="store_true", help="Replace an existing --out.")
     annotate.set_defaults(handler=_annotate)
 

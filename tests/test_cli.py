@@ -82,6 +82,8 @@ def test_annotate_writes_copy_and_keeps_inputs(tmp_path, h5ad_inputs, capsys):
     assert _sha256(out_path) == out_hash
     assert main(_annotate_args(reference_path, query_path, out_path, "--overwrite")) == 0
     assert {path: _sha256(path) for path in h5ad_inputs} == hashes
+    rerun = ad.read_h5ad(out_path)  # the same default seed: the same model
+    np.testing.assert_array_equal(rerun.obs["scnym_confidence"], annotated.obs["scnym_confidence"])
 
 
 @requires_scnym
