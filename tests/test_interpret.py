@@ -1,9 +1,12 @@
 """Gradient saliency recovers the simulated marker genes."""
 
 import pytest
+import torch
 
 from scvi_ext.interpret import saliency
+from scvi_ext.interpret._saliency import _attributions
 from scvi_ext.model import ScNym
+from scvi_ext.scnym._module import ScNymModule
 
 
 @pytest.fixture
@@ -42,3 +45,17 @@ def test_bad_saliency_arguments(trained_model):
         saliency(trained_model, method="guided")
     with pytest.raises(ValueError, match="Unknown cell types"):
         saliency(trained_model, cell_types=["neuron"])
+
+
+@pytest.mark.parametrize("method", ["integrated", "expected"])
+def test_attributions_stay_on_the_modules_device(method):
+    # No GPU here: the meta device stands in for one. A tensor made on the CPU and mixed
+    # with the module's tensors raises, as it would on a GPU.
+    module = ScNymModule(n_input=20, n_labels=3).eval().to("meta")
+    x = torch.ones(4, 20, device="meta")
+    batch_index = torch.zeros(4, 1, device="meta")
+    baselines = torch.zeros(5, 20, device="meta")
+    generator = torch.Generator().manual_seed(0)
+    scores = _attributions(module, x, batch_index, 0, baselines, 2, generator, method)
+    assert scores.device.type == "meta"
+    assert scores.shape == x.shape

@@ -22,16 +22,20 @@ def _attributions(
     generator: torch.Generator,
     method: str,
 ) -> torch.Tensor:
-    """Integrated or expected gradients of ``target``'s log-probability, per cell and gene."""
+    """Integrated or expected gradients of ``target``'s log-probability, per cell and gene.
+
+    ``generator`` is a CPU generator (the same draws on every device); its draws are moved
+    to ``x``'s device.
+    """
     total = torch.zeros_like(x)
     for step in range(n_steps):
         if method == "integrated":
-            alpha = torch.full((len(x), 1), (step + 0.5) / n_steps)
+            alpha = torch.full((len(x), 1), (step + 0.5) / n_steps, device=x.device)
             baseline = baselines[:1].expand_as(x)
         else:
-            alpha = torch.rand((len(x), 1), generator=generator)
+            alpha = torch.rand((len(x), 1), generator=generator).to(x.device)
             picks = torch.randint(len(baselines), (len(x),), generator=generator)
-            baseline = baselines[picks]
+            baseline = baselines[picks.to(baselines.device)]
         point = (baseline + alpha * (x - baseline)).requires_grad_(True)
         logits, _ = module.classify_normalized(point, batch_index)
         log_prob = torch.log_softmax(logits, dim=1)[:, target].sum()
