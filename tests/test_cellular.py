@@ -234,6 +234,9 @@ def test_bad_inputs(adata):
         CELLULAR.setup_anndata(logged, labels_key="cell_type", batch_key="batch")
     with pytest.raises(ValueError, match="batch_key 'donor'"):
         CELLULAR.setup_anndata(data, labels_key="cell_type", batch_key="donor")
+    CELLULAR.setup_anndata(data, labels_key="cell_type", batch_key="batch")
+    with pytest.raises(RuntimeError, match="library size is not set; train the model first"):
+        CELLULAR(data).get_latent_representation()
 
 
 @pytest.mark.skipif(not datasets_available(), reason="shared datasets absent")

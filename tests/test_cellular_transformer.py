@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -267,3 +269,13 @@ def test_bad_inputs(adata, gene_embeddings, gene_sets, tmp_path):
     feedforward = CELLULAR(data, n_latent=4, n_hidden=(8,))
     with pytest.raises(ValueError, match="transformer encoder"):
         attention_rollout(feedforward)
+
+
+def test_token_attentions_move_loader_tensors_to_the_modules_device(model2):
+    # No GPU here: the meta device stands in for one. Loader tensors come on the CPU and
+    # must be moved to the module's device, as on a GPU.
+    module = copy.deepcopy(model2.module).to("meta")
+    tensors = next(iter(model2._make_data_loader(model2.adata, indices=np.arange(8))))
+    attentions = module.token_attentions(tensors, "genes")
+    assert len(attentions) == SMALL["n_layers"]
+    assert all(layer.device.type == "meta" for layer in attentions)

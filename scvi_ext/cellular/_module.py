@@ -120,9 +120,8 @@ class CELLULARModule(BaseModuleClass):
 
     # ------------------------------------------------------------------ embedding
     def normalize(self, counts: torch.Tensor) -> torch.Tensor:
-        """``log1p(counts / total * library_size)`` of each cell."""
-        if float(self.library_size) <= 0:
-            raise RuntimeError("CELLULAR's library size is not set; train the model first.")
+        """``log1p(counts / total * library_size)`` of each cell (``library_size`` is set by
+        :meth:`CELLULAR.train`; checking it here would make every step wait for the device)."""
         total = counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
         return torch.log1p(counts / total * self.library_size)
 
@@ -149,6 +148,7 @@ class CELLULARModule(BaseModuleClass):
         """Embedding of a minibatch."""
         return self.inference(**self._get_inference_input(tensors))["z"]
 
+    @auto_move_data
     def token_attentions(self, tensors: dict, branch: str) -> list[torch.Tensor]:
         """Per-layer attention weights (cells, heads, tokens, tokens) of a transformer branch."""
         if not isinstance(self.encoder, TransformerEncoder):
