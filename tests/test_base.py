@@ -200,3 +200,41 @@ def test_create_optimizer_fuses_adam_and_leaves_others_alone():
     assert not adadelta.defaults.get("fused")
     elsewhere = [torch.nn.Parameter(torch.zeros(2, device="meta"))]  # no fused kernel there
     assert not create_optimizer(torch.optim.Adam, elsewhere, lr=1e-3).defaults.get("fused")
+
+
+def _meta_minibatch(n_cells: int, n_genes: int, label: int) -> dict:
+    return {
+        REGISTRY_KEYS.X_KEY: torch.ones(n_cells, n_genes, device="meta"),
+        REGISTRY_KEYS.BATCH_KEY: torch.zeros(n_cells, 1, device="meta"),
+        REGISTRY_KEYS.LABELS_KEY: torch.full((n_cells, 1), label, device="meta"),
+    }
+
+
+@pytest.mark.parametrize("plan_name", ["scnym", "latent_classifier"])
+def test_plan_steps_run_on_the_modules_device_without_waiting_for_it(plan_name):
+    # No GPU here: the meta device stands in for one. It has no data, so any tensor made on
+    # the CPU, any .item()/bool() and any boolean-mask indexing in a step raises: each
+    # would be a device mismatch or a wait for the GPU in every step.
+    from scvi_ext.classifier._module import LatentClassifierModule
+    from scvi_ext.classifier._plan import LatentClassifierTrainingPlan
+    from scvi_ext.scnym._module import ScNymModule
+    from scvi_ext.scnym._plan import ScNymTrainingPlan
+
+    n_genes, n_labels = 20, 3
+    if plan_name == "scnym":
+        plan = ScNymTrainingPlan(
+            ScNymModule(n_input=n_genes, n_labels=n_labels), pseudolabel_min_confidence=0.5
+        )
+        train_batch = {
+            LABELLED: _meta_minibatch(4, n_genes, 0),
+            UNLABELLED: _meta_minibatch(4, n_genes, n_labels),
+        }
+    else:
+        plan = LatentClassifierTrainingPlan(LatentClassifierModule(n_genes, n_labels))
+        train_batch = _meta_minibatch(4, n_genes, n_labels)  # unlabelled cells mixed in
+        train_batch[REGISTRY_KEYS.LABELS_KEY][:2] = 1
+    plan = plan.to("meta")
+    loss = plan.training_step(train_batch, 0)
+    assert loss.device.type == "meta"
+    assert loss.shape == ()
+    plan.validation_step(_meta_minibatch(4, n_genes, 0), 0)

@@ -8,6 +8,7 @@ import pytest
 import scanpy as sc
 import scvi
 import torch
+import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 
 from scvi_ext.cellular import CELLULAR
@@ -17,6 +18,7 @@ from scvi_ext.classifier import (
     LatentClassifierModule,
     NovelTypeReport,
 )
+from scvi_ext.classifier._module import labelled_cross_entropy
 from scvi_ext.data import datasets_available, simulate
 from scvi_ext.metrics import novelty_auroc
 
@@ -268,3 +270,15 @@ def test_neighbour_distance_is_the_kth_nearest_cosine_distance():
     module.n_reference_cells.fill_(0)
     with pytest.raises(RuntimeError, match="train the classifier first"):
         module.neighbour_distance({REGISTRY_KEYS.X_KEY: x})
+
+
+def test_labelled_cross_entropy_averages_over_labelled_cells_only():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3, requires_grad=True)
+    labels = torch.tensor([0, 3, 2, 3, 1, 1])  # code 3 = the unlabeled category
+    labelled = labels < 3
+    expected = F.cross_entropy(logits[labelled], labels[labelled])
+    torch.testing.assert_close(labelled_cross_entropy(logits, labels, 3), expected)
+    none = labelled_cross_entropy(logits, torch.full((6,), 3), 3)
+    assert float(none) == 0.0
+    none.backward()  # still part of the graph

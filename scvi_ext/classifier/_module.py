@@ -107,8 +107,10 @@ class LatentClassifierModule(BaseModuleClass):
 
 
 def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_labels: int):
-    """Mean cross-entropy over cells whose label code is below ``n_labels``."""
+    """Mean cross-entropy over cells whose label code is below ``n_labels`` (0 if none).
+
+    Masked rather than indexed, so that a training step never waits for the device.
+    """
     labelled = labels < n_labels
-    if not bool(labelled.any()):
-        return logits.sum() * 0.0
-    return F.cross_entropy(logits[labelled], labels[labelled])
+    per_cell = F.cross_entropy(logits, labels.clamp(max=n_labels - 1), reduction="none")
+    return (per_cell * labelled).sum() / labelled.sum().clamp_min(1)

@@ -49,8 +49,8 @@ class LatentClassifierTrainingPlan(WarmupCosineMixin, BaseTrainingPlan):
         loss = labelled_cross_entropy(logits, labels, self.module.n_labels)
         self.log_step(prefix, {f"{prefix}_loss": loss}, n_cells=len(labels))
         labelled = labels < self.module.n_labels
-        n_labelled = labelled.sum()  # a tensor: no host sync in the step
-        correct = (logits[labelled].argmax(dim=1) == labels[labelled]).float().sum()
+        n_labelled = labelled.sum()  # tensors and masks only: no host sync in the step
+        correct = ((logits.argmax(dim=1) == labels) & labelled).float().sum()
         accuracy = correct / n_labelled.clamp_min(1)
         self.log_step(prefix, {f"{prefix}_accuracy": accuracy}, n_cells=n_labelled)
         return loss
