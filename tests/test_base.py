@@ -210,11 +210,13 @@ def _meta_minibatch(n_cells: int, n_genes: int, label: int) -> dict:
     }
 
 
-@pytest.mark.parametrize("plan_name", ["scnym", "latent_classifier"])
+@pytest.mark.parametrize("plan_name", ["scnym", "latent_classifier", "cellular"])
 def test_plan_steps_run_on_the_modules_device_without_waiting_for_it(plan_name):
     # No GPU here: the meta device stands in for one. It has no data, so any tensor made on
     # the CPU, any .item()/bool() and any boolean-mask indexing in a step raises: each
     # would be a device mismatch or a wait for the GPU in every step.
+    from scvi_ext.cellular._module import CELLULARModule
+    from scvi_ext.cellular._plan import CELLULARTrainingPlan
     from scvi_ext.classifier._module import LatentClassifierModule
     from scvi_ext.classifier._plan import LatentClassifierTrainingPlan
     from scvi_ext.scnym._module import ScNymModule
@@ -230,7 +232,13 @@ def test_plan_steps_run_on_the_modules_device_without_waiting_for_it(plan_name):
             UNLABELLED: _meta_minibatch(4, n_genes, n_labels),
         }
     else:
-        plan = LatentClassifierTrainingPlan(LatentClassifierModule(n_genes, n_labels))
+        if plan_name == "latent_classifier":
+            plan = LatentClassifierTrainingPlan(LatentClassifierModule(n_genes, n_labels))
+        else:
+            module = CELLULARModule(n_genes, n_labels, n_latent=4, n_hidden=(8,))
+            plan = CELLULARTrainingPlan(
+                module, label_weights=torch.ones(n_labels), batch_weights=torch.ones(2)
+            )
         train_batch = _meta_minibatch(4, n_genes, n_labels)  # unlabelled cells mixed in
         train_batch[REGISTRY_KEYS.LABELS_KEY][:2] = 1
     plan = plan.to("meta")

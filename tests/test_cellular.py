@@ -110,6 +110,30 @@ def test_module_loss_matches_the_looped_loss_of_the_speed_benchmark(small_batch)
     torch.testing.assert_close(vectorised, looped, rtol=1e-9, atol=1e-9)
 
 
+def test_module_loss_leaves_unlabelled_cells_out(small_batch):
+    from scvi_ext.cellular._module import CELLULARModule
+
+    z, labels, batches = small_batch
+    module = CELLULARModule(n_input=8, n_labels=6).double()
+    distances = torch.rand(6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    module.reference_distances.copy_((distances + distances.T).fill_diagonal_(0.0))
+    label_weights = class_weights(labels.numpy(), 6).double()
+    batch_weights = class_weights(batches.numpy(), 3).double()
+    with_unlabelled = labels.clone()
+    with_unlabelled[::3] = 6  # the unlabeled category's code
+    labelled = with_unlabelled < 6
+    masked = module.loss_terms(z, with_unlabelled, batches, label_weights, batch_weights)
+    subset = module.loss_terms(
+        z[labelled], labels[labelled], batches[labelled], label_weights, batch_weights
+    )
+    for name in ("cell_type_loss", "batch_loss", "centroid_loss", "loss"):
+        assert float(subset[name]) > 0, name
+        torch.testing.assert_close(masked[name], subset[name], rtol=1e-9, atol=1e-9)
+    unlabelled = torch.full_like(labels, 6)
+    nothing = module.loss_terms(z, unlabelled, batches, label_weights, batch_weights)
+    assert all(float(value) == 0.0 for value in nothing.values())
+
+
 def test_losses_have_gradients_and_handle_degenerate_batches(small_batch):
     z, labels, batches = small_batch
     z = z.clone().requires_grad_(True)

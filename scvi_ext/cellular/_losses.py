@@ -2,7 +2,8 @@
 
 Every function works on a whole minibatch at once: pairwise similarities are one matrix
 product and per-class averages are scatter sums, so a training step has no Python loop
-over cells or pairs.
+over cells or pairs. Cells left out (``include``) are masked, never indexed away, so a step
+never waits for the device.
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ def _log_ratio(
     return log_positive - log_all
 
 
+def _other_cell_pairs(z: torch.Tensor, include: torch.Tensor | None) -> torch.Tensor:
+    """Pairs of distinct cells, both included."""
+    pairs = ~torch.eye(len(z), dtype=torch.bool, device=z.device)
+    if include is not None:
+        pairs = pairs & include[:, None] & include[None, :]
+    return pairs
+
+
 def cosine_logits(z: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
     """Pairwise cosine similarities divided by the temperature."""
     normalized = F.normalize(z, dim=1, eps=1e-8)
@@ -58,6 +67,7 @@ def cell_type_loss(
     labels: torch.Tensor,
     weights: torch.Tensor,
     temperature: torch.Tensor | float,
+    include: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Class-weighted soft nearest-neighbour loss on cell types (thesis eq. 2.9, 2.13).
 
@@ -71,20 +81,23 @@ def cell_type_loss(
     z
         Embeddings, cells x dimensions.
     labels
-        Cell type codes in ``[0, len(weights))``.
+        Cell type codes, in ``[0, len(weights))`` for included cells.
     weights
         Per-type weights (:func:`class_weights`).
     temperature
         Temperature ``T``.
+    include
+        Boolean mask of the cells that take part (default: all), e.g. the labelled ones.
     """
     logits = cosine_logits(z, temperature)
-    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    pairs = _other_cell_pairs(z, include)
     same = labels[:, None] == labels[None, :]
-    positive = same & ~eye
-    negative = ~same
+    positive = same & pairs
+    negative = ~same & pairs
     valid = positive.any(dim=1) & negative.any(dim=1)
     per_cell = -_log_ratio(logits, positive, negative)
-    return _weighted_class_mean(per_cell, valid, labels, weights)
+    groups = labels.clamp(0, len(weights) - 1)  # excluded cells are not valid
+    return _weighted_class_mean(per_cell, valid, groups, weights)
 
 
 def batch_mixing_loss(
@@ -94,6 +107,7 @@ def batch_mixing_loss(
     weights: torch.Tensor,
     temperature: float = 0.5,
     eps: float = 1e-6,
+    include: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Class-weighted batch-mixing loss (thesis eq. 2.11, 2.14).
 
@@ -117,13 +131,15 @@ def batch_mixing_loss(
         Fixed temperature (reference code: 0.5).
     eps
         Lower bound of ``-log(p)``.
+    include
+        Boolean mask of the cells that take part (default: all).
     """
     logits = cosine_logits(z, temperature)
-    eye = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    pairs = _other_cell_pairs(z, include)
     same_type = labels[:, None] == labels[None, :]
     same_batch = batches[:, None] == batches[None, :]
-    positive = same_type & same_batch & ~eye
-    negative = same_type & ~same_batch
+    positive = same_type & same_batch & pairs
+    negative = same_type & ~same_batch & pairs
     valid = positive.any(dim=1) & negative.any(dim=1)
     neg_log = (-_log_ratio(logits, positive, negative)).clamp_min(eps)
     per_cell = torch.where(valid, 1.0 / neg_log, torch.zeros_like(neg_log))
@@ -131,7 +147,10 @@ def batch_mixing_loss(
 
 
 def centroid_loss(
-    z: torch.Tensor, labels: torch.Tensor, reference_distances: torch.Tensor
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    reference_distances: torch.Tensor,
+    include: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MSE between the minibatch's and the reference's relative centroid distances (eq. 2.16).
 
@@ -146,25 +165,29 @@ def centroid_loss(
     z
         Embeddings.
     labels
-        Cell type codes in ``[0, n_labels)``.
+        Cell type codes, in ``[0, n_labels)`` for included cells.
     reference_distances
         ``n_labels x n_labels`` reference matrix (:func:`reference_centroid_distances`).
+    include
+        Boolean mask of the cells that take part (default: all).
     """
     n_labels = reference_distances.shape[0]
-    one_hot = F.one_hot(labels, n_labels).to(z.dtype)
+    one_hot = F.one_hot(labels.clamp(0, n_labels - 1), n_labels).to(z.dtype)
+    if include is not None:
+        one_hot = one_hot * include[:, None].to(z.dtype)
     counts = one_hot.sum(dim=0)
     centroids = one_hot.T @ z / counts.clamp_min(1.0)[:, None]
     present = counts > 0
     mask = present[:, None] & present[None, :] & (reference_distances != 0)
-    if not bool(mask.any()):
-        return z.sum() * 0.0
     squared = (centroids[:, None, :] - centroids[None, :, :]).pow(2).sum(dim=-1)
-    distances = torch.where(mask, squared.clamp_min(1e-12).sqrt(), torch.zeros_like(squared))
-    model = distances[mask]
-    reference = reference_distances.to(z)[mask]
+    zeros = torch.zeros_like(squared)
+    # distances are >= 0, so the maximum over all entries is the maximum over the mask
+    model = torch.where(mask, squared.clamp_min(1e-12).sqrt(), zeros)
+    reference = torch.where(mask, reference_distances.to(z), zeros)
     model = model / model.max().clamp_min(1e-12)
-    reference = reference / reference.max()
-    return F.mse_loss(model, reference)
+    reference = reference / reference.max().clamp_min(1e-12)
+    squared_error = (model - reference).pow(2) * mask
+    return squared_error.sum() / mask.sum().clamp_min(1)
 
 
 def reference_centroid_distances(

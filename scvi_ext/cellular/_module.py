@@ -186,24 +186,24 @@ class CELLULARModule(BaseModuleClass):
         """The three loss terms and their weighted sum on labelled cells.
 
         Cells whose label code is ``n_labels`` or more (the unlabeled category) are left
-        out. Returns a dict with ``loss``, ``cell_type_loss``, ``batch_loss`` and
-        ``centroid_loss``.
+        out (masked, so that the step never waits for the device). Returns a dict with
+        ``loss``, ``cell_type_loss``, ``batch_loss`` and ``centroid_loss``.
         """
         labelled = labels < self.n_labels
-        z, labels = z[labelled], labels[labelled]
         zero = z.sum() * 0.0
         terms = {"cell_type_loss": zero, "batch_loss": zero, "centroid_loss": zero}
-        if len(z) > 1:
-            if self.cell_type_weight:
-                terms["cell_type_loss"] = cell_type_loss(
-                    z, labels, label_weights, self.current_temperature()
-                )
-            if self.batch_weight and batches is not None and batch_weights is not None:
-                terms["batch_loss"] = batch_mixing_loss(
-                    z, labels, batches[labelled], batch_weights, self.batch_temperature
-                )
-            if self.centroid_weight:
-                terms["centroid_loss"] = centroid_loss(z, labels, self.reference_distances)
+        if self.cell_type_weight:
+            terms["cell_type_loss"] = cell_type_loss(
+                z, labels, label_weights, self.current_temperature(), include=labelled
+            )
+        if self.batch_weight and batches is not None and batch_weights is not None:
+            terms["batch_loss"] = batch_mixing_loss(
+                z, labels, batches, batch_weights, self.batch_temperature, include=labelled
+            )
+        if self.centroid_weight:
+            terms["centroid_loss"] = centroid_loss(
+                z, labels, self.reference_distances, include=labelled
+            )
         terms["loss"] = (
             self.cell_type_weight * terms["cell_type_loss"]
             + self.batch_weight * terms["batch_loss"]
