@@ -87,16 +87,26 @@ def test_centroid_loss_matches_loop(small_batch):
     torch.testing.assert_close(vectorised, looped, rtol=1e-9, atol=1e-9)
 
 
-def test_module_loss_matches_the_looped_loss_of_the_speed_benchmark(small_batch):
-    """The throughput benchmark compares CELLULAR with loops computing this same loss."""
+@pytest.fixture
+def module_and_weights(small_batch):
+    """A float64 module with a random symmetric reference matrix, and the class weights."""
     from scvi_ext.cellular._module import CELLULARModule
 
-    z, labels, batches = small_batch
+    _, labels, batches = small_batch
     module = CELLULARModule(n_input=8, n_labels=6).double()
     distances = torch.rand(6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     module.reference_distances.copy_((distances + distances.T).fill_diagonal_(0.0))
     label_weights = class_weights(labels.numpy(), 6).double()
     batch_weights = class_weights(batches.numpy(), 3).double()
+    return module, label_weights, batch_weights
+
+
+def test_module_loss_matches_the_looped_loss_of_the_speed_benchmark(
+    small_batch, module_and_weights
+):
+    """The throughput benchmark compares CELLULAR with loops computing this same loss."""
+    z, labels, batches = small_batch
+    module, label_weights, batch_weights = module_and_weights
     vectorised = module.loss_terms(z, labels, batches, label_weights, batch_weights)["loss"]
     looped = looped_cellular_loss(
         z,
@@ -110,15 +120,9 @@ def test_module_loss_matches_the_looped_loss_of_the_speed_benchmark(small_batch)
     torch.testing.assert_close(vectorised, looped, rtol=1e-9, atol=1e-9)
 
 
-def test_module_loss_leaves_unlabelled_cells_out(small_batch):
-    from scvi_ext.cellular._module import CELLULARModule
-
+def test_module_loss_leaves_unlabelled_cells_out(small_batch, module_and_weights):
     z, labels, batches = small_batch
-    module = CELLULARModule(n_input=8, n_labels=6).double()
-    distances = torch.rand(6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    module.reference_distances.copy_((distances + distances.T).fill_diagonal_(0.0))
-    label_weights = class_weights(labels.numpy(), 6).double()
-    batch_weights = class_weights(batches.numpy(), 3).double()
+    module, label_weights, batch_weights = module_and_weights
     with_unlabelled = labels.clone()
     with_unlabelled[::3] = 6  # the unlabeled category's code
     labelled = with_unlabelled < 6
