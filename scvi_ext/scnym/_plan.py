@@ -55,7 +55,8 @@ class ScNymTrainingPlan(BaseTrainingPlan):
     module
         A :class:`ScNymModule`.
     optimizer, lr, weight_decay
-        Reference code defaults: Adadelta, learning rate 1.0, weight decay 1e-4.
+        The paper's: Adadelta, learning rate 1.0, weight decay 1e-5 (the reference code's
+        default weight decay is 1e-4).
     mixup_alpha
         Beta distribution parameter of MixUp (paper: 0.3).
     sharpen_temperature
@@ -84,7 +85,7 @@ class ScNymTrainingPlan(BaseTrainingPlan):
         *,
         optimizer: Literal["Adam", "AdamW", "Adadelta", "SGD", "Custom"] = "Adadelta",
         lr: float = 1.0,
-        weight_decay: float = 1e-4,
+        weight_decay: float = 1e-5,
         mixup_alpha: float = 0.3,
         sharpen_temperature: float = 0.5,
         unsup_max_weight: float = 1.0,
