@@ -17,6 +17,7 @@ from scvi_ext.data import validate_gene_overlap
 
 from ._anndata import detached_anndata, label_names, registry_label_names
 from ._novelty import query_neighbour_score, registered_counts
+from ._splitter import labelled_mask
 
 logger = logging.getLogger(__name__)
 
@@ -218,8 +219,7 @@ class ClassifierMixin:
     def _labelled_cells(self) -> AnnData:
         """The labelled cells of the model's AnnData (the reference of its training)."""
         if self.adata is not None:
-            labels = self.adata.obs[self.setup_args["labels_key"]].astype(str)
-            labelled = (labels != str(self.unlabeled_category)).to_numpy()
+            labelled = labelled_mask(self.adata_manager)
             if labelled.any():
                 return self.adata[labelled]
         raise ValueError(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -393,20 +393,14 @@ class CELLULAR(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseMode
         centroids = one_hot.T @ latent / np.maximum(one_hot.sum(axis=0), 1)[:, None]
         self.module.centroids.copy_(torch.as_tensor(centroids, dtype=torch.float32))
 
-    def _map_minibatches(
-        self,
-        fn: Callable[[dict], torch.Tensor],
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
-    ) -> np.ndarray:
-        """Like the mixin's, after checking that training has set the library size."""
+    def _inference_adata(self, adata: AnnData | None) -> AnnData:
+        """Like the mixin's, but any batch is accepted: the encoder does not read batches.
+
+        Every inference passes here first, so it also checks that training has set the
+        library size the module normalises with.
+        """
         if float(self.module.library_size) <= 0:
             raise RuntimeError("CELLULAR's library size is not set; train the model first.")
-        return super()._map_minibatches(fn, adata, indices, batch_size)
-
-    def _inference_adata(self, adata: AnnData | None) -> AnnData:
-        """Like the mixin's, but any batch is accepted: the encoder does not read batches."""
         if adata is None or adata is self.adata:
             return super()._inference_adata(adata)
         light = detached_anndata(adata, self.setup_args, known_labels=list(self.label_names))
