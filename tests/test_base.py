@@ -235,10 +235,10 @@ def test_plan_steps_run_on_the_modules_device_without_waiting_for_it(plan_name):
         if plan_name == "latent_classifier":
             plan = LatentClassifierTrainingPlan(LatentClassifierModule(n_genes, n_labels))
         else:
-            module = CELLULARModule(n_genes, n_labels, n_latent=4, n_hidden=(8,))
-            plan = CELLULARTrainingPlan(
-                module, label_weights=torch.ones(n_labels), batch_weights=torch.ones(2)
-            )
+            module = CELLULARModule(n_genes, n_labels, n_batch=2, n_latent=4, n_hidden=(8,))
+            module.label_weights.fill_(1.0 / n_labels)
+            module.batch_weights.fill_(0.5)
+            plan = CELLULARTrainingPlan(module)
         train_batch = _meta_minibatch(4, n_genes, n_labels)  # unlabelled cells mixed in
         train_batch[REGISTRY_KEYS.LABELS_KEY][:2] = 1
     plan = plan.to("meta")

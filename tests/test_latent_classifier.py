@@ -160,7 +160,9 @@ def test_pca_and_layer_inputs(data):
     clf.train(max_epochs=10, batch_size=32, **FAST_PLAN, **TRAIN)
     assert accuracy(clf.predict(), reference) > 0.5
     untrained = LatentClassifier(pca, n_hidden1=8, n_hidden2=8)
-    with pytest.raises(RuntimeError, match="No training cells are stored; train the classifier"):
+    with pytest.raises(
+        RuntimeError, match="This LatentClassifier is not trained; call model.train"
+    ):
         untrained.novelty_score(method="query_neighbours")
     score = clf.novelty_score(method="query_neighbours")  # against the kept training cells
     assert ((score >= 0) & (score <= 1)).all() and 0.3 < score.mean() < 0.7

@@ -1,39 +1,88 @@
-"""Parts several methods share: the classifier mixin, the paired splitter, the plan base,
-the query-neighbour novelty score."""
+"""The model contract (docs/adding_a_model.md) and the parts several methods share.
 
-from ._anndata import detached_anndata, label_names, registry_label_names
-from ._mixin import BASE_NOVELTY_METHODS, MIN_GENE_FRACTION, ClassifierMixin
+Capabilities, each a mixin whose module satisfies a protocol: :class:`InferenceMixin`
+(every model: data at the door, training, loading, query mapping), :class:`EmbeddingMixin`
+and :class:`ClassifierMixin`. Shared training parts: :class:`BaseTrainingPlan`, the paired
+labelled/unlabelled :class:`PairedDataSplitter`; minibatch statistics; calibration; the
+query-neighbour novelty score.
+"""
+
+from ._anndata import (
+    MIN_GENE_FRACTION,
+    align_genes,
+    detached_anndata,
+    registry_gene_names,
+    registry_known_labels,
+    registry_label_names,
+)
+from ._calibration import fit_temperature
+from ._classifier import (
+    BASE_NOVELTY_METHODS,
+    PROBABILITY_NOVELTY_METHODS,
+    ClassifierMixin,
+    probability_novelty,
+)
+from ._embedding import EmbeddingMixin
+from ._inference import InferenceMixin, valid_plan_kwargs
 from ._novelty import query_neighbour_score, registered_counts
 from ._plan import (
     OPTIMIZERS,
     BaseTrainingPlan,
-    WarmupCosineMixin,
+    OptimizerName,
+    WarmupCosineTrainingPlan,
     create_optimizer,
     sigmoid_ramp,
     validation_early_stopping,
     warmup_cosine_factor,
 )
+from ._protocols import (
+    ClassifierModule,
+    DifferentiableClassifierModule,
+    EmbeddingModule,
+    InferenceModule,
+    TokenAttentionModule,
+)
+from ._setup import register_labelled_counts, resolve_unlabeled_category
 from ._splitter import LABELLED, UNLABELLED, PairedDataLoader, PairedDataSplitter, labelled_mask
+from ._statistics import class_means, class_sums
 
 __all__ = [
     "BASE_NOVELTY_METHODS",
     "LABELLED",
     "MIN_GENE_FRACTION",
     "OPTIMIZERS",
+    "PROBABILITY_NOVELTY_METHODS",
     "UNLABELLED",
     "BaseTrainingPlan",
     "ClassifierMixin",
+    "ClassifierModule",
+    "DifferentiableClassifierModule",
+    "EmbeddingMixin",
+    "EmbeddingModule",
+    "InferenceMixin",
+    "InferenceModule",
+    "OptimizerName",
     "PairedDataLoader",
     "PairedDataSplitter",
-    "WarmupCosineMixin",
+    "TokenAttentionModule",
+    "WarmupCosineTrainingPlan",
+    "align_genes",
+    "class_means",
+    "class_sums",
     "create_optimizer",
     "detached_anndata",
-    "label_names",
+    "fit_temperature",
     "labelled_mask",
+    "probability_novelty",
     "query_neighbour_score",
+    "register_labelled_counts",
     "registered_counts",
+    "registry_gene_names",
+    "registry_known_labels",
     "registry_label_names",
+    "resolve_unlabeled_category",
     "sigmoid_ramp",
+    "valid_plan_kwargs",
     "validation_early_stopping",
     "warmup_cosine_factor",
 ]

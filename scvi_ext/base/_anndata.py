@@ -1,4 +1,4 @@
-"""AnnData helpers shared by the models: registration checks and safe copies."""
+"""AnnData helpers shared by the models: registry look-ups, genes matched by name, light copies."""
 
 from __future__ import annotations
 
@@ -7,39 +7,90 @@ import warnings
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
+
+from scvi_ext.data import validate_gene_overlap
 
 logger = logging.getLogger(__name__)
 
-
-def label_names(adata_manager: AnnDataManager) -> np.ndarray:
-    """Cell type names in code order, without the unlabeled category.
-
-    The unlabeled category, when registered, has the last code (scvi moves it there), so
-    column ``k`` of a soft prediction is ``label_names(...)[k]``, as in scANVI.
-    """
-    state = adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
-    mapping = np.asarray(state.categorical_mapping)
-    unlabeled = state.get("unlabeled_category", None)
-    return mapping[mapping != unlabeled] if unlabeled is not None else mapping
+#: Default minimum fraction of the model's genes a new AnnData must have.
+MIN_GENE_FRACTION = 0.5
 
 
 def registry_label_names(registry: dict) -> tuple[list[str], str | None]:
-    """Label names and unlabeled category from a saved registry dictionary."""
+    """Cell type names in code order (the unlabeled category left out) and that category.
+
+    scvi moves the unlabeled category to the last code, so column ``k`` of a soft
+    prediction is ``names[k]``, as in scANVI.
+    """
     state = registry["field_registries"][REGISTRY_KEYS.LABELS_KEY]["state_registry"]
     unlabeled = state.get("unlabeled_category")
     names = [name for name in state["categorical_mapping"] if name != unlabeled]
     return names, unlabeled
 
 
+def registry_known_labels(registry: dict) -> list[str] | None:
+    """The cell types of a model with labels, else ``None``."""
+    if REGISTRY_KEYS.LABELS_KEY not in registry["field_registries"]:
+        return None
+    return registry_label_names(registry)[0]
+
+
+def registry_gene_names(registry: dict) -> pd.Index:
+    """The features a model was registered with, in its order (genes for count models)."""
+    state = registry["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]
+    return pd.Index([str(name) for name in state["column_names"]])
+
+
+def align_genes(matrix, var_names: pd.Index, genes: pd.Index, name: str = "adata"):
+    """The columns of ``matrix`` (cells x ``var_names``) reordered to ``genes``, matched by name.
+
+    Genes of ``genes`` absent from ``var_names`` become zero columns (with a warning); extra
+    genes are dropped. ``matrix`` is returned as it is when the genes already match.
+
+    Raises
+    ------
+    ValueError
+        When ``var_names`` has duplicates, or holds fewer than :data:`MIN_GENE_FRACTION` of
+        ``genes`` (the message carries the alignment report).
+    """
+    var_names = pd.Index(var_names.astype(str))
+    if var_names.equals(genes):
+        return matrix
+    if not var_names.is_unique:
+        duplicated = list(var_names[var_names.duplicated()].unique()[:3])
+        raise ValueError(
+            f"{name} has duplicated gene names (e.g. {duplicated}); make them unique first "
+            "(AnnData.var_names_make_unique())."
+        )
+    report = validate_gene_overlap(genes, var_names, MIN_GENE_FRACTION)
+    columns = var_names.get_indexer(genes)
+    present = columns >= 0
+    if present.all():
+        logger.info("Genes of %s matched to the model's by name (reordered or subset).", name)
+        return matrix[:, columns]
+    warnings.warn(
+        f"{name} lacks {len(genes) - report['n_shared']} of the model's {len(genes)} genes "
+        f"(e.g. {report['missing_genes'][:3]}); they are read as zero counts.",
+        UserWarning,
+        stacklevel=3,
+    )
+    selection = sp.csr_matrix(
+        (np.ones(int(present.sum())), (columns[present], np.flatnonzero(present))),
+        shape=(len(var_names), len(genes)),
+    )
+    return sp.csr_matrix(matrix) @ selection
+
+
 def detached_anndata(
     adata: AnnData,
     setup_args: dict,
     known_labels: list[str] | None = None,
+    genes: pd.Index | None = None,
 ) -> AnnData:
-    """A light AnnData that shares the count matrix of ``adata`` but owns its ``obs``.
+    """A light AnnData that shares (or aligns) the count matrix of ``adata`` and owns its ``obs``.
 
     scvi registration writes ``_scvi_*`` columns and ``uns`` entries into the AnnData it is
     given; working on this object keeps the user's AnnData untouched. Labels absent from
@@ -54,6 +105,8 @@ def detached_anndata(
         The model's ``setup_anndata`` arguments (``layer``, ``labels_key``, ...).
     known_labels
         Cell types of the reference.
+    genes
+        The model's genes: the matrix is matched to them by name (:func:`align_genes`).
     """
     layer = setup_args.get("layer")
     if layer is not None and layer not in adata.layers:
@@ -62,6 +115,9 @@ def detached_anndata(
             "the model was set up with counts in this layer."
         )
     matrix = adata.X if layer is None else adata.layers[layer]
+    var_names = adata.var_names
+    if genes is not None and matrix is not None:
+        matrix, var_names = align_genes(matrix, adata.var_names, genes), genes
     obs_keys = [
         value
         for key, value in setup_args.items()
@@ -86,7 +142,7 @@ def detached_anndata(
                 )
                 labels[unseen] = unlabeled
             obs[labels_key] = pd.Categorical(labels)
-    var = pd.DataFrame(index=adata.var_names.copy())
+    var = pd.DataFrame(index=pd.Index(var_names).copy())
     if layer is None:
         return AnnData(X=matrix, obs=obs, var=var)
     return AnnData(X=None, obs=obs, var=var, layers={layer: matrix})

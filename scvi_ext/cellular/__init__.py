@@ -1,6 +1,7 @@
 """CELLULAR: contrastive cell embeddings with cell type centroid structure."""
 
 from ._losses import (
+    batch_centroid_distances,
     batch_mixing_loss,
     cell_type_loss,
     centroid_loss,
@@ -15,6 +16,7 @@ __all__ = [
     "CELLULAR",
     "CELLULARModule",
     "CELLULARTrainingPlan",
+    "batch_centroid_distances",
     "FeedForwardEncoder",
     "batch_mixing_loss",
     "cell_type_loss",

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from scvi_ext.base import class_means, class_sums
+
 
 def class_weights(codes: np.ndarray, n_classes: int) -> torch.Tensor:
     """Inverse-frequency weights ``(1/N_i) / sum_j (1/N_j)`` (thesis eq. 2.12).
@@ -193,11 +195,9 @@ def centroid_loss(
 def reference_centroid_distances(
     embedding: np.ndarray, labels: np.ndarray, batches: np.ndarray, n_labels: int
 ) -> np.ndarray:
-    """Reference matrix of the centroid loss (thesis Algorithm 1, step 1).
+    """Reference matrix of the centroid loss (thesis Algorithm 1, step 1) from cells.
 
-    For each batch, the Euclidean distances between the centroids of the cell types it
-    contains; averaged over the batches where both types occur, 0 for pairs never seen
-    together, divided by the maximum.
+    The centroids of each cell type in each batch, then :func:`batch_centroid_distances`.
 
     Parameters
     ----------
@@ -210,21 +210,33 @@ def reference_centroid_distances(
     n_labels
         Number of cell types.
     """
-    embedding = np.asarray(embedding, dtype=np.float64)
-    total = np.zeros((n_labels, n_labels))
-    n_seen = np.zeros((n_labels, n_labels))
-    for batch in np.unique(batches):
-        in_batch = batches == batch
-        codes = labels[in_batch]
-        one_hot = np.eye(n_labels)[codes]
-        counts = one_hot.sum(axis=0)
-        present = counts > 0
-        centroids = one_hot.T @ embedding[in_batch] / np.maximum(counts, 1)[:, None]
-        diff = centroids[:, None, :] - centroids[None, :, :]
-        distances = np.sqrt((diff**2).sum(axis=-1))
-        both = present[:, None] & present[None, :]
-        total += np.where(both, distances, 0.0)
-        n_seen += both
+    n_batches = int(np.max(batches)) + 1
+    groups = torch.as_tensor(np.asarray(batches) * n_labels + np.asarray(labels))
+    sums, counts = class_sums(torch.as_tensor(embedding), groups, n_batches * n_labels)
+    centroids = class_means(sums, counts).reshape(n_batches, n_labels, -1).numpy()
+    return batch_centroid_distances(centroids, counts.reshape(n_batches, n_labels).numpy() > 0)
+
+
+def batch_centroid_distances(centroids: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """Reference matrix of the centroid loss from per-batch cell type centroids.
+
+    For each batch, the Euclidean distances between the centroids of the cell types it
+    contains; averaged over the batches where both types occur, 0 for pairs never seen
+    together, divided by the maximum.
+
+    Parameters
+    ----------
+    centroids
+        Batches x cell types x components.
+    present
+        Batches x cell types: whether the batch has cells of the type.
+    """
+    centroids = np.asarray(centroids, dtype=np.float64)
+    diff = centroids[:, :, None, :] - centroids[:, None, :, :]
+    distances = np.sqrt((diff**2).sum(axis=-1))
+    both = present[:, :, None] & present[:, None, :]
+    total = np.where(both, distances, 0.0).sum(axis=0)
+    n_seen = both.sum(axis=0)
     mean = np.where(n_seen > 0, total / np.maximum(n_seen, 1), 0.0)
     largest = mean.max()
     return mean / largest if largest > 0 else mean

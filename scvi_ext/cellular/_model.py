@@ -13,21 +13,22 @@ import pandas as pd
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
+from scvi.data.fields import CategoricalObsField
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin
 from scvi.utils import setup_anndata_dsp
 
 from scvi_ext.base import (
     ClassifierMixin,
-    detached_anndata,
+    EmbeddingMixin,
+    class_means,
+    class_sums,
     labelled_mask,
+    register_labelled_counts,
     registry_label_names,
     validation_early_stopping,
 )
-from scvi_ext.data import log_normalise, validate_counts, validate_labels, validate_obs_key
 
-from ._losses import class_weights, reference_centroid_distances
+from ._losses import batch_centroid_distances, class_weights
 from ._module import CELLULARModule
 from ._plan import CELLULARTrainingPlan
 from ._transformer import (
@@ -42,21 +43,9 @@ logger = logging.getLogger(__name__)
 REPRESENTATION_METHODS = ("centroid", "median", "medoid")
 
 
-def _normalized_dense(counts, library_size: float) -> np.ndarray:
-    """log1p of counts scaled to ``library_size`` per cell, as a dense float32 array."""
-    return log_normalise(counts, library_size).toarray().astype(np.float32)
-
-
-def _pca(matrix: np.ndarray, n_components: int, seed: int) -> np.ndarray:
-    from sklearn.decomposition import PCA
-
-    n_components = int(min(n_components, matrix.shape[0] - 1, matrix.shape[1] - 1))
-    return PCA(
-        n_components=n_components, svd_solver="randomized", random_state=seed
-    ).fit_transform(matrix)
-
-
-class CELLULAR(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class CELLULAR(
+    ClassifierMixin, EmbeddingMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelClass
+):
     """CELLULAR cell embedding (Andersson, master's thesis 2024, Models 1-3).
 
     An encoder from 2000 HVG counts to an ``n_latent``-dimensional space trained with a
@@ -164,7 +153,7 @@ class CELLULAR(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseMode
                     "tokens + gene embeddings), gene_sets (one token per gene set) or both "
                     "(Model 3)."
                 )
-            genes = self._gene_names()
+            genes = list(self.gene_names)
             if gene_embeddings is not None:
                 embedding_matrix = gene_embedding_matrix(gene_embeddings, genes)
             if gene_sets is not None:
@@ -190,6 +179,7 @@ class CELLULAR(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseMode
         self.module = self._module_cls(
             n_input=n_input,
             n_labels=n_labels,
+            n_batch=self.summary_stats.n_batch,
             n_latent=n_latent,
             n_hidden=tuple(n_hidden),
             dropout_rate=dropout_rate,
@@ -221,11 +211,6 @@ class CELLULAR(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseMode
         if resolved_sets is not None:
             saved["gene_sets"] = resolved_sets
 
-    def _gene_names(self) -> list[str]:
-        """The registered genes (available with ``load(adata=False)`` too)."""
-        state = self.registry_["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]
-        return [str(gene) for gene in state["column_names"]]
-
     # ------------------------------------------------------------------ setup
     @classmethod
     @setup_anndata_dsp.dedent
@@ -235,7 +220,7 @@ class CELLULAR(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseMode
         labels_key: str,
         batch_key: str | None = None,
         layer: str | None = None,
-        unlabeled_category: str = "Unknown",
+        unlabeled_category: str | None = None,
         **kwargs,
     ) -> None:
         """Register an AnnData with raw counts for :class:`CELLULAR`.
@@ -245,65 +230,102 @@ class CELLULAR(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseMode
 
         Parameters
         ----------
-        adata
-            AnnData with raw counts in ``X`` or ``layer``.
+        %(param_adata)s
         labels_key
-            ``obs`` column of cell types. Cells labelled ``unlabeled_category`` are left out
-            of the loss (query cells).
+            ``obs`` column of cell type names. Cells labelled ``unlabeled_category`` are
+            left out of the loss (query cells).
         batch_key
             ``obs`` column of batches (patients, donors, ...) for the batch-mixing loss and
             the centroid reference. Must have at least two batches; ``None`` switches the
             batch-mixing loss off. A cell type present in one batch only is allowed (with
             a warning): its batch-mixing term is empty and its centroid distances come from
             that batch alone.
-        layer
-            Layer with raw counts (default ``X``).
+        %(param_layer)s
         unlabeled_category
-            Label of cells without a cell type.
+            Label of cells without a cell type; it must occur in the column. ``None``
+            (default): every cell is labelled.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        validate_counts(adata, layer)
-        is_reference = "source_registry" not in kwargs
-        if is_reference:
-            validate_labels(adata, labels_key, unlabeled_category)
-        if batch_key is not None:
-            validate_obs_key(adata, batch_key, "batch_key")
-            if is_reference:
-                _check_batches(adata, labels_key, batch_key, unlabeled_category)
-        fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
-            LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category),
-            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
-        ]
-        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        adata_manager.register_fields(adata, **kwargs)
-        cls.register_manager(adata_manager)
+        register_labelled_counts(
+            cls,
+            adata,
+            setup_method_args,
+            labels_key=labels_key,
+            unlabeled_category=unlabeled_category,
+            layer=layer,
+            obs_keys={"batch_key": batch_key},
+            fields=[CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key)],
+            **kwargs,
+        )
+        if batch_key is not None and "source_registry" not in kwargs:
+            _check_batches(adata, labels_key, batch_key, unlabeled_category)
 
     # ------------------------------------------------------------------ training
     def _codes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Label codes, batch codes and the labelled mask of the model's cells (``obs``)."""
         manager = self.adata_manager
         labels = manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY).ravel().astype(np.int64)
         batches = manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY).ravel().astype(np.int64)
         return labels, batches, labelled_mask(manager)
 
-    def _fit_reference_statistics(self, n_pca_components: int) -> None:
-        """Mean library size and the PCA centroid distance matrix of the reference."""
-        counts = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        labels, batches, labelled = self._codes()
-        library_size = float(np.asarray(counts.sum(axis=1)).mean())
-        normalized = _normalized_dense(counts[np.flatnonzero(labelled)], library_size)
-        from scvi import settings
+    def fit_statistics(self, n_pca_components: int | None = None) -> None:
+        """Fit the module's statistics, reading the counts minibatch by minibatch.
 
-        embedding = _pca(normalized, n_pca_components, settings.seed)
-        distances = reference_centroid_distances(
-            embedding, labels[labelled], batches[labelled], self.module.n_labels
+        Every call: the class and batch weights (inverse frequencies among the labelled
+        cells). Once per reference model (not for a query model): the mean library size of
+        all cells, and from the labelled cells normalised with it, the reference centroid
+        distance matrix (an exact PCA with ``n_pca_components``, default ``n_latent``,
+        from the accumulated gene covariance, which holds ``n_genes**2`` numbers) and, for
+        gene tokens, each gene's expression range.
+        """
+        labels, batches, labelled = self._codes()
+        module = self.module
+        module.label_weights.copy_(class_weights(labels[labelled], module.n_labels))
+        if module.n_batch > 1:
+            module.batch_weights.copy_(class_weights(batches[labelled], module.n_batch))
+        if self.is_query_model or float(module.library_size) > 0:
+            return
+        n_components = n_pca_components or module.n_latent
+        total = sum(
+            float(tensors[REGISTRY_KEYS.X_KEY].double().sum())
+            for tensors in self.iter_minibatches()
         )
-        self.module.library_size.fill_(library_size)
-        if isinstance(self.module.encoder, TransformerEncoder):
-            self.module.encoder.set_expression_range(
-                normalized.min(axis=0), normalized.max(axis=0)
-            )
-        self.module.reference_distances.copy_(torch.as_tensor(distances, dtype=torch.float32))
+        module.library_size.fill_(total / self.adata.n_obs)
+        n_groups = module.n_batch * module.n_labels
+        n_genes = self.summary_stats.n_vars
+        gram = torch.zeros(n_genes, n_genes, dtype=torch.float64)
+        group_sums = torch.zeros(n_groups, n_genes, dtype=torch.float64)
+        group_counts = torch.zeros(n_groups, dtype=torch.float64)
+        low = torch.full((n_genes,), torch.inf, dtype=torch.float64)
+        high = torch.full((n_genes,), -torch.inf, dtype=torch.float64)
+        with torch.no_grad():
+            for tensors in self.iter_minibatches(indices=np.flatnonzero(labelled)):
+                x = module.normalize(tensors[REGISTRY_KEYS.X_KEY].to(module.library_size))
+                x = x.double().cpu()
+                groups = tensors[REGISTRY_KEYS.BATCH_KEY].long().ravel() * module.n_labels
+                sums, counts = class_sums(
+                    x, groups + tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel(), n_groups
+                )
+                gram += x.T @ x
+                group_sums += sums
+                group_counts += counts
+                low, high = (
+                    torch.minimum(low, x.min(dim=0).values),
+                    torch.maximum(high, x.max(dim=0).values),
+                )
+        n_cells = float(group_counts.sum())
+        mean = group_sums.sum(dim=0) / n_cells
+        covariance = (gram - n_cells * torch.outer(mean, mean)) / max(n_cells - 1, 1)
+        n_components = int(min(n_components, n_cells - 1, n_genes - 1))
+        components = torch.linalg.eigh(covariance).eigenvectors[:, -n_components:]
+        centroids = class_means(group_sums, group_counts) @ components
+        distances = batch_centroid_distances(
+            centroids.reshape(module.n_batch, module.n_labels, -1).numpy(),
+            group_counts.reshape(module.n_batch, module.n_labels).numpy() > 0,
+        )
+        module.reference_distances.copy_(torch.as_tensor(distances, dtype=torch.float32))
+        if isinstance(module.encoder, TransformerEncoder):
+            module.encoder.set_expression_range(low.numpy(), high.numpy())
 
     def train(
         self,
@@ -354,23 +376,15 @@ class CELLULAR(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseMode
         **trainer_kwargs
             Passed to :class:`~scvi.train.Trainer`.
         """
-        if not self.is_query_model and float(self.module.library_size) <= 0:
-            self._fit_reference_statistics(n_pca_components or self.module.n_latent)
-        labels, batches, labelled = self._codes()
+        self.fit_statistics(n_pca_components)
         plan_kwargs = dict(plan_kwargs or {})
         if self.is_query_model:
             plan_kwargs.setdefault("weight_decay", 0.0)
-        plan_kwargs.setdefault(
-            "label_weights", class_weights(labels[labelled], self.module.n_labels)
-        )
-        n_batch = self.summary_stats.n_batch
-        if n_batch > 1:
-            plan_kwargs.setdefault("batch_weights", class_weights(batches[labelled], n_batch))
         plan_kwargs.setdefault("cosine_epochs", max_epochs)
         early_stopping = validation_early_stopping(
             early_stopping, early_stopping_patience, train_size, validation_size, trainer_kwargs
         )
-        result = super().train(
+        return super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
@@ -381,35 +395,28 @@ class CELLULAR(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseMode
             plan_kwargs=plan_kwargs,
             **trainer_kwargs,
         )
+
+    def _after_training(self) -> None:
+        """Store the cell type centroids of a reference model (for :meth:`predict`), then
+        calibrate."""
         if not self.is_query_model:
-            self._store_centroids()
-        return result
+            labels, _, labelled = self._codes()
+            latent = self.get_latent_representation(indices=np.flatnonzero(labelled))
+            sums, counts = class_sums(
+                torch.as_tensor(latent), torch.as_tensor(labels[labelled]), self.module.n_labels
+            )
+            self.module.centroids.copy_(class_means(sums, counts).float())
+        super()._after_training()
 
-    def _store_centroids(self) -> None:
-        labels, _, labelled = self._codes()
-        latent = self.get_latent_representation(indices=np.flatnonzero(labelled))
-        n_labels = self.module.n_labels
-        one_hot = np.eye(n_labels + 1)[labels[labelled]][:, :n_labels]
-        centroids = one_hot.T @ latent / np.maximum(one_hot.sum(axis=0), 1)[:, None]
-        self.module.centroids.copy_(torch.as_tensor(centroids, dtype=torch.float32))
-
-    def _inference_adata(self, adata: AnnData | None) -> AnnData:
-        """Like the mixin's, but any batch is accepted: the encoder does not read batches.
-
-        Every inference passes here first, so it also checks that training has set the
-        library size the module normalises with.
-        """
-        if float(self.module.library_size) <= 0:
-            raise RuntimeError("CELLULAR's library size is not set; train the model first.")
-        if adata is None or adata is self.adata:
-            return super()._inference_adata(adata)
-        light = detached_anndata(adata, self.setup_args, known_labels=list(self.label_names))
+    def _light_copy(self, adata: AnnData) -> AnnData:
+        """Like the base's, but any batch is accepted: the encoder does not read batches."""
+        light = super()._light_copy(adata)
         batch_key = self.setup_args.get("batch_key")
         if batch_key is not None:
             state = self.registry_["field_registries"][REGISTRY_KEYS.BATCH_KEY]["state_registry"]
             reference_batch = state["categorical_mapping"][0]
             light.obs[batch_key] = pd.Categorical([reference_batch] * light.n_obs)
-        return self._validate_anndata(light)
+        return light
 
     # ------------------------------------------------------------------ downstream
     def cell_type_representations(

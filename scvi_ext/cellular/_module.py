@@ -61,9 +61,11 @@ class CELLULARModule(BaseModuleClass):
 
     Counts are normalised inside the module: each cell is scaled to ``library_size`` (the
     mean library size of the reference, a buffer set before training) and log1p'd (thesis
-    2.2.1). The loss is ``cell_type_weight`` x soft nearest-neighbour loss on cell types +
-    ``batch_weight`` x batch-mixing loss + ``centroid_weight`` x centroid MSE; a weight of
-    0 switches its term off.
+    2.2.1). :meth:`loss` is ``cell_type_weight`` x soft nearest-neighbour loss on cell
+    types + ``batch_weight`` x batch-mixing loss + ``centroid_weight`` x centroid MSE; a
+    weight of 0 switches its term off. Fitted statistics are buffers: ``library_size``,
+    ``reference_distances``, ``centroids`` (saved) and the class weights ``label_weights``
+    / ``batch_weights`` (refitted at every training).
 
     Parameters
     ----------
@@ -71,6 +73,8 @@ class CELLULARModule(BaseModuleClass):
         Number of genes.
     n_labels
         Number of cell types (the unlabeled category excluded).
+    n_batch
+        Number of batches of the batch-mixing loss (1: no batch-mixing loss).
     n_latent
         Embedding size (thesis: 100).
     n_hidden
@@ -93,6 +97,7 @@ class CELLULARModule(BaseModuleClass):
         self,
         n_input: int,
         n_labels: int,
+        n_batch: int = 1,
         n_latent: int = 100,
         n_hidden: tuple[int, ...] = (1000, 500),
         dropout_rate: float = 0.2,
@@ -105,6 +110,7 @@ class CELLULARModule(BaseModuleClass):
     ):
         super().__init__()
         self.n_labels = n_labels
+        self.n_batch = n_batch
         self.n_latent = n_latent
         self.cell_type_weight = cell_type_weight
         self.batch_weight = batch_weight
@@ -117,11 +123,15 @@ class CELLULARModule(BaseModuleClass):
         self.register_buffer("library_size", torch.tensor(0.0))
         self.register_buffer("reference_distances", torch.zeros(n_labels, n_labels))
         self.register_buffer("centroids", torch.zeros(n_labels, n_latent))
+        # Fitted on the training data at every train() (not saved): class weights.
+        self.register_buffer("label_weights", torch.zeros(n_labels), persistent=False)
+        self.register_buffer("batch_weights", torch.zeros(n_batch), persistent=False)
 
     # ------------------------------------------------------------------ embedding
     def normalize(self, counts: torch.Tensor) -> torch.Tensor:
         """``log1p(counts / total * library_size)`` of each cell (``library_size`` is set by
-        :meth:`CELLULAR.train`; checking it here would make every step wait for the device)."""
+        :meth:`CELLULAR.fit_statistics`; checking it here would make every step wait for the
+        device)."""
         total = counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
         return torch.log1p(counts / total * self.library_size)
 
@@ -147,6 +157,16 @@ class CELLULARModule(BaseModuleClass):
     def latent(self, tensors: dict) -> torch.Tensor:
         """Embedding of a minibatch."""
         return self.inference(**self._get_inference_input(tensors))["z"]
+
+    @property
+    def token_names(self) -> dict[str, list[str]]:
+        """Token names of each branch of a transformer encoder (empty otherwise)."""
+        return getattr(self.encoder, "token_names", {})
+
+    @property
+    def n_heads(self) -> int:
+        """Attention heads of the transformer encoder (0 otherwise)."""
+        return getattr(self.encoder, "n_heads", 0)
 
     @auto_move_data
     def token_attentions(self, tensors: dict, branch: str) -> list[torch.Tensor]:
@@ -175,53 +195,39 @@ class CELLULARModule(BaseModuleClass):
         """Clamp the temperature parameter in place (the reference code does this each step)."""
         self.temperature.clamp_(MIN_TEMPERATURE, MAX_TEMPERATURE)
 
-    def loss_terms(
-        self,
-        z: torch.Tensor,
-        labels: torch.Tensor,
-        batches: torch.Tensor | None,
-        label_weights: torch.Tensor,
-        batch_weights: torch.Tensor | None,
-    ) -> dict[str, torch.Tensor]:
-        """The three loss terms and their weighted sum on labelled cells.
+    def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
+        """``cell_type_weight`` x cell type loss + ``batch_weight`` x batch-mixing loss
+        + ``centroid_weight`` x centroid loss, on the labelled cells of a minibatch.
 
         Cells whose label code is ``n_labels`` or more (the unlabeled category) are left
-        out (masked, so that the step never waits for the device). Returns a dict with
-        ``loss``, ``cell_type_loss``, ``batch_loss`` and ``centroid_loss``.
+        out (masked, so that the step never waits for the device). The class and batch
+        weights are the module's buffers ``label_weights`` and ``batch_weights``, set by
+        :meth:`CELLULAR.fit_statistics`. The three terms go out as ``extra_metrics``.
         """
+        z = inference_outputs["z"]
+        labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
         labelled = labels < self.n_labels
         zero = z.sum() * 0.0
         terms = {"cell_type_loss": zero, "batch_loss": zero, "centroid_loss": zero}
         if self.cell_type_weight:
             terms["cell_type_loss"] = cell_type_loss(
-                z, labels, label_weights, self.current_temperature(), include=labelled
+                z, labels, self.label_weights, self.current_temperature(), include=labelled
             )
-        if self.batch_weight and batches is not None and batch_weights is not None:
+        if self.batch_weight and self.n_batch > 1:
+            batches = tensors[REGISTRY_KEYS.BATCH_KEY].long().ravel()
             terms["batch_loss"] = batch_mixing_loss(
-                z, labels, batches, batch_weights, self.batch_temperature, include=labelled
+                z, labels, batches, self.batch_weights, self.batch_temperature, include=labelled
             )
         if self.centroid_weight:
             terms["centroid_loss"] = centroid_loss(
                 z, labels, self.reference_distances, include=labelled
             )
-        terms["loss"] = (
+        loss = (
             self.cell_type_weight * terms["cell_type_loss"]
             + self.batch_weight * terms["batch_loss"]
             + self.centroid_weight * terms["centroid_loss"]
         )
-        return terms
-
-    def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
-        """Unweighted-by-class loss (the plan passes the class and batch weights)."""
-        labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
-        batches = tensors[REGISTRY_KEYS.BATCH_KEY].long().ravel()
-        n_batch = int(batches.max()) + 1
-        uniform_labels = torch.full((self.n_labels,), 1.0 / self.n_labels, device=labels.device)
-        uniform_batches = torch.full((n_batch,), 1.0 / n_batch, device=labels.device)
-        terms = self.loss_terms(
-            inference_outputs["z"], labels, batches, uniform_labels, uniform_batches
-        )
-        return LossOutput(loss=terms["loss"], n_obs_minibatch=len(labels))
+        return LossOutput(loss=loss, n_obs_minibatch=len(labels), extra_metrics=terms)
 
     def similarity(self, z: torch.Tensor) -> torch.Tensor:
         """Cosine similarity logits between cells at the current temperature."""

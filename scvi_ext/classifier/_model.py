@@ -13,21 +13,29 @@ from typing import Literal, get_args
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
-from scvi.data import AnnDataManager
-from scvi.data.fields import LabelsWithUnlabeledObsField, LayerField, ObsmField
+from scvi.data.fields import LayerField, ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.utils import setup_anndata_dsp
 
 from scvi_ext.base import (
+    BASE_NOVELTY_METHODS,
     ClassifierMixin,
+    EmbeddingMixin,
+    class_means,
+    class_sums,
     detached_anndata,
+    labelled_mask,
+    probability_novelty,
     query_neighbour_score,
+    register_labelled_counts,
+    registry_gene_names,
+    registry_known_labels,
     registry_label_names,
     validation_early_stopping,
 )
-from scvi_ext.data import validate_labels
 
 from ._module import LatentClassifierModule
 from ._plan import LatentClassifierTrainingPlan
@@ -37,10 +45,9 @@ logger = logging.getLogger(__name__)
 UPSTREAM_FOLDER = "upstream"
 UPSTREAM_FILE = "upstream.json"
 UPSTREAM_STUB_CELLS = 20
-NoveltyMethod = Literal[
-    "max_proba", "entropy", "centroid_distance", "neighbour_distance", "query_neighbours"
-]
-NOVELTY_METHODS: tuple[str, ...] = get_args(NoveltyMethod)
+#: Novelty scores of the representation, added to those of every classifier.
+RepresentationNoveltyMethod = Literal["centroid_distance", "neighbour_distance"]
+NOVELTY_METHODS: tuple[str, ...] = BASE_NOVELTY_METHODS + get_args(RepresentationNoveltyMethod)
 
 
 @dataclass
@@ -97,24 +104,24 @@ def _check_finite(matrix, where: str) -> None:
 def embed_with(model: BaseModelClass, adata: AnnData, batch_size: int | None = None) -> np.ndarray:
     """Embedding of ``adata`` by a trained scvi-tools model, without modifying ``adata``.
 
-    scvi models register the AnnData they embed; a light copy sharing the counts takes
-    that registration instead of the user's object. Cell types the model never saw become
-    its unlabeled category (scANVI).
+    Models of this package match genes by name themselves. For other scvi-tools models, a
+    light copy of ``adata`` on the model's genes (matched by name) takes the registration
+    instead of the user's object; cell types the model never saw become its unlabeled
+    category (scANVI).
     """
-    if adata is model.adata:
-        return np.asarray(model.get_latent_representation(batch_size=batch_size))
-    if isinstance(model, ClassifierMixin):
-        return np.asarray(model.get_latent_representation(adata, batch_size=batch_size))
-    setup_args = dict(model.registry_["setup_args"])
-    try:
-        known_labels, _ = registry_label_names(model.registry_)
-    except KeyError:
-        known_labels = None
-    light = detached_anndata(adata, setup_args, known_labels=known_labels)
+    if adata is model.adata or isinstance(model, EmbeddingMixin):
+        source = None if adata is model.adata else adata
+        return np.asarray(model.get_latent_representation(source, batch_size=batch_size))
+    light = detached_anndata(
+        adata,
+        dict(model.registry_["setup_args"]),
+        registry_known_labels(model.registry_),
+        genes=registry_gene_names(model.registry_),
+    )
     return np.asarray(model.get_latent_representation(light, batch_size=batch_size))
 
 
-class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Feed-forward cell type classifier on a fixed representation (thesis 2.6).
 
     It reads a representation registered with :meth:`setup_anndata` (``obsm`` key,
@@ -144,12 +151,11 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
 
     _module_cls = LatentClassifierModule
     _training_plan_cls = LatentClassifierTrainingPlan
-    #: Default of :meth:`novelty_score`, chosen by ``scvi-ext benchmark --task
-    #: kang_ifnb_novel_types`` (seeds 0-2) / ``kang_donors_novel_types`` (seed 0), leave one
-    #: type out, mean per-cell AUROC: query neighbours 0.960 / 0.999, entropy 0.669 / 0.978,
-    #: max probability 0.658 / 0.978, centroid distance 0.659 / 0.970, neighbour distance
-    #: 0.625 / 0.969.
+    _counts_input = False
+    #: Default of :meth:`novelty_score`: the best in the leave-one-type-out benchmark
+    #: (README, "Novel cell types").
     default_novelty_method: str = "query_neighbours"
+    novelty_methods = NOVELTY_METHODS
 
     def __init__(
         self,
@@ -188,17 +194,16 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
         labels_key: str,
         obsm_key: str | None = None,
         layer: str | None = None,
-        unlabeled_category: str = "Unknown",
+        unlabeled_category: str | None = None,
         **kwargs,
     ) -> None:
         """Register the representation and labels of an AnnData.
 
         Parameters
         ----------
-        adata
-            AnnData with the representation.
+        %(param_adata)s
         labels_key
-            ``obs`` column of cell types; cells labelled ``unlabeled_category`` are not
+            ``obs`` column of cell type names; cells labelled ``unlabeled_category`` are not
             trained on.
         obsm_key
             ``obsm`` key of the representation (e.g. ``"X_cellular"``, ``"X_pca"``).
@@ -206,27 +211,29 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
             Layer holding the representation when it is not in ``obsm`` (default ``X``).
             Used as given: pass log-normalised values, not raw counts.
         unlabeled_category
-            Label of cells without a cell type.
+            Label of cells without a cell type; it must occur in the column. ``None``
+            (default): every cell is labelled.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if obsm_key is not None and layer is not None:
             raise ValueError("Pass either obsm_key or layer, not both.")
         matrix, where = _feature_matrix(adata, obsm_key, layer)
         _check_finite(matrix, where)
-        if "source_registry" not in kwargs:
-            validate_labels(adata, labels_key, unlabeled_category)
-        feature_field = (
+        x_field = (
             ObsmField(REGISTRY_KEYS.X_KEY, obsm_key)
             if obsm_key is not None
             else LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False)
         )
-        fields = [
-            feature_field,
-            LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category),
-        ]
-        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        adata_manager.register_fields(adata, **kwargs)
-        cls.register_manager(adata_manager)
+        register_labelled_counts(
+            cls,
+            adata,
+            setup_method_args,
+            labels_key=labels_key,
+            unlabeled_category=unlabeled_category,
+            layer=layer,
+            x_field=x_field,
+            **kwargs,
+        )
 
     @classmethod
     def from_model(
@@ -234,7 +241,7 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
         model: BaseModelClass,
         adata: AnnData | None = None,
         labels_key: str | None = None,
-        unlabeled_category: str = "Unknown",
+        unlabeled_category: str | None = None,
         batch_size: int | None = None,
         **model_kwargs,
     ) -> LatentClassifier:
@@ -250,7 +257,7 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
         labels_key
             ``obs`` column of cell types (default: the model's ``labels_key``).
         unlabeled_category
-            Label of cells without a cell type.
+            Label of cells without a cell type (``None``: every cell is labelled).
         batch_size
             Minibatch size for embedding.
         **model_kwargs
@@ -281,24 +288,27 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
         return classifier
 
     # ------------------------------------------------------------------ data
-    def _inference_adata(self, adata: AnnData | None) -> AnnData:
-        """Registered representation of ``adata``; counts go through the upstream model."""
-        if adata is None or adata is self.adata:
-            return super()._inference_adata(adata)
+    def _light_copy(self, adata: AnnData) -> AnnData:
+        """The registered representation of new cells; counts go through the upstream model."""
         setup_args = self.setup_args
         obsm_key = setup_args.get("obsm_key")
-        light = detached_anndata(
-            adata,
-            {key: value for key, value in setup_args.items() if key != "obsm_key"},
-            known_labels=list(self.label_names),
-        )
+        if obsm_key is None:
+            light = detached_anndata(adata, setup_args, list(self.label_names), self.gene_names)
+            matrix = (
+                light.X if setup_args.get("layer") is None else light.layers[setup_args["layer"]]
+            )
+            _check_finite(matrix, "the representation of adata")
+            return light
+        without_obsm = {key: value for key, value in setup_args.items() if key != "obsm_key"}
+        light = detached_anndata(adata, without_obsm, list(self.label_names))
+        light.X = None
         if self.upstream_model is not None:
             light.obsm[obsm_key] = embed_with(self.upstream_model, adata)
-        elif obsm_key is not None:
+        else:
             matrix, where = _feature_matrix(adata, obsm_key, None)
             _check_finite(matrix, where)
             light.obsm[obsm_key] = matrix
-        return self._validate_anndata(light)
+        return light
 
     # ------------------------------------------------------------------ training
     def train(
@@ -344,7 +354,7 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
         early_stopping = validation_early_stopping(
             early_stopping, early_stopping_patience, train_size, validation_size, trainer_kwargs
         )
-        result = super().train(
+        return super().train(
             max_epochs=max_epochs,
             accelerator=accelerator,
             devices=devices,
@@ -355,24 +365,30 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
             plan_kwargs=plan_kwargs,
             **trainer_kwargs,
         )
-        self._store_centroids()
-        return result
 
-    def _store_centroids(self) -> None:
-        import torch
-
-        features = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        features = features.toarray() if sp.issparse(features) else np.asarray(features)
-        labels = self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY).ravel()
-        n_labels = self.module.n_labels
-        one_hot = np.eye(n_labels + 1)[labels.astype(int)][:, :n_labels]
-        centroids = one_hot.T @ features / np.maximum(one_hot.sum(axis=0), 1)[:, None]
-        self.module.centroids.copy_(torch.as_tensor(centroids, dtype=torch.float32))
-        labelled = np.flatnonzero(labels < n_labels)
-        n_kept = min(len(labelled), len(self.module.reference_cells))
-        kept = np.random.default_rng(0).choice(labelled, n_kept, replace=False)
-        self.module.reference_cells[:n_kept] = torch.as_tensor(features[kept], dtype=torch.float32)
-        self.module.n_reference_cells.fill_(n_kept)
+    def fit_statistics(self) -> None:
+        """Cell type centroids of the representation and up to 2000 labelled cells (a
+        seeded subsample) kept for the distance novelty scores, read minibatch by minibatch."""
+        module = self.module
+        labelled = np.flatnonzero(labelled_mask(self.adata_manager))
+        sums = torch.zeros(module.n_labels, module.centroids.shape[1], dtype=torch.float64)
+        counts = torch.zeros(module.n_labels, dtype=torch.float64)
+        for tensors in self.iter_minibatches(indices=labelled):
+            batch_sums, batch_counts = class_sums(
+                tensors[REGISTRY_KEYS.X_KEY].float(),
+                tensors[REGISTRY_KEYS.LABELS_KEY],
+                module.n_labels,
+            )
+            sums, counts = sums + batch_sums, counts + batch_counts
+        module.centroids.copy_(class_means(sums, counts).float())
+        n_kept = min(len(labelled), len(module.reference_cells))
+        kept = np.sort(np.random.default_rng(0).choice(labelled, n_kept, replace=False))
+        rows = [
+            tensors[REGISTRY_KEYS.X_KEY].float() for tensors in self.iter_minibatches(indices=kept)
+        ]
+        if rows:
+            module.reference_cells[:n_kept] = torch.cat(rows).to(module.reference_cells)
+        module.n_reference_cells.fill_(n_kept)
 
     def tune(
         self,
@@ -464,7 +480,7 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
-        method: NoveltyMethod | None = None,
+        method: str | None = None,
         reference: AnnData | None = None,
     ) -> np.ndarray:
         """Per-cell score, higher for cells more likely of a type absent from training.
@@ -490,22 +506,18 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
             ``"query_neighbours"`` with an upstream model: the training AnnData with
             counts (default: the one given to :meth:`from_model`, which is not saved).
         """
-        method = method or self.default_novelty_method
-        if method not in NOVELTY_METHODS:
-            raise ValueError(f"method must be one of {NOVELTY_METHODS}, not '{method}'.")
-        if method == "query_neighbours":
-            return self._query_neighbour_score(adata, indices, batch_size, reference)
-        if method in ("centroid_distance", "neighbour_distance"):
-            score = getattr(self.module, method)
-            return self._map_minibatches(score, adata, indices, batch_size)
-        return self._novelty_from_proba(self.predict_proba(adata, indices, batch_size), method)
+        return super().novelty_score(adata, indices, batch_size, method, reference)
+
+    def _model_novelty_score(self, adata, indices, batch_size, method: str) -> np.ndarray:
+        score = getattr(self.module, method)  # centroid_distance, neighbour_distance
+        return self.map_minibatches(score, adata, indices, batch_size)
 
     def _query_neighbour_score(
         self,
         adata: AnnData | None,
         indices: Sequence[int] | None,
-        batch_size: int | None,
         reference: AnnData | None,
+        batch_size: int | None = None,
     ) -> np.ndarray:
         """Counts against the training counts (upstream model), else the representation
         against the training cells kept with the model."""
@@ -515,7 +527,7 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
                     "reference= is for a classifier with an upstream model; this one "
                     "compares with the training cells kept with it."
                 )
-            representation = self._map_minibatches(
+            representation = self.map_minibatches(
                 lambda tensors: tensors[REGISTRY_KEYS.X_KEY], adata, indices, batch_size
             )
             kept = self.module.reference_cells[: int(self.module.n_reference_cells)]
@@ -556,8 +568,8 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
             Minibatch size.
         """
         proba = self.predict_proba(adata, batch_size=batch_size)
-        likelihood = 1.0 - self._novelty_from_proba(proba)
-        names = self._obs_names(adata, None)
+        likelihood = 1.0 - probability_novelty(proba)
+        names = self.cell_names(adata)
         minimum = float(likelihood.min()) if len(likelihood) else 1.0
         return NovelTypeReport(
             novel_detected=minimum < threshold,
@@ -628,8 +640,9 @@ class LatentClassifier(ClassifierMixin, UnsupervisedTrainingMixin, BaseModelClas
         saved_adata = os.path.exists(os.path.join(dir_path, "adata.h5ad"))
         model = super().load(dir_path, adata=None if saved_adata else False, **kwargs)
         model.upstream_model = upstream
-        if adata is not None:
-            light = model._inference_adata(adata)
+        if adata is not None and adata is not False:
+            light = model._light_copy(adata)
+            model._register_light_copy(light)
             model._adata = light
             model._adata_manager = model.get_anndata_manager(light, required=True)
         return model

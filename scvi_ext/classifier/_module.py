@@ -72,10 +72,16 @@ class LatentClassifierModule(BaseModuleClass):
         return {}
 
     def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
-        """Cross-entropy on labelled cells."""
+        """Cross-entropy on labelled cells (the training loss); accuracy as an extra metric."""
         labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
-        loss = labelled_cross_entropy(inference_outputs["logits"], labels, self.n_labels)
-        return LossOutput(loss=loss, n_obs_minibatch=len(labels))
+        logits = inference_outputs["logits"]
+        loss = labelled_cross_entropy(logits, labels, self.n_labels)
+        labelled = labels < self.n_labels  # tensors and masks only: no host sync in the step
+        correct = ((logits.argmax(dim=1) == labels) & labelled).sum()
+        accuracy = correct / labelled.sum().clamp_min(1)
+        return LossOutput(
+            loss=loss, n_obs_minibatch=len(labels), extra_metrics={"accuracy": accuracy}
+        )
 
     def predict_logits(self, tensors: dict) -> torch.Tensor:
         """Class logits of a minibatch."""

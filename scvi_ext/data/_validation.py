@@ -148,6 +148,13 @@ def validate_labels(adata: ad.AnnData, labels_key: str, unlabeled_category: str 
         Naming the column and what to do.
     """
     labels = _obs_column(adata, labels_key, "labels_key")
+    values = labels.cat.categories if isinstance(labels.dtype, pd.CategoricalDtype) else labels
+    if pd.api.types.is_bool_dtype(values) or pd.api.types.is_numeric_dtype(values):
+        raise ValueError(
+            f"adata.obs['{labels_key}'] holds {values.dtype} values, not cell type names; "
+            f"models predict names. Convert the column, e.g. adata.obs['{labels_key}'] = "
+            f"adata.obs['{labels_key}'].astype(str), or map the codes to their names."
+        )
     n_missing = int(labels.isna().sum())
     if n_missing:
         fill_value = unlabeled_category if unlabeled_category is not None else "Unknown"

@@ -8,6 +8,8 @@ import pandas as pd
 import torch
 from anndata import AnnData
 
+from scvi_ext.base import TokenAttentionModule
+
 #: Bytes of attention weights one rollout minibatch may hold per layer (float32).
 _ROLLOUT_BYTES_PER_LAYER = 2**28
 
@@ -68,7 +70,8 @@ def attention_rollout(
     Parameters
     ----------
     model
-        A trained model with a token encoder, e.g. ``CELLULAR(encoder="transformer")``.
+        A trained model whose module satisfies :class:`~scvi_ext.base.TokenAttentionModule`
+        with at least one token branch, e.g. ``CELLULAR(encoder="transformer")``.
     adata
         Cells to explain, counts laid out as at setup (default: the model's AnnData).
     indices
@@ -87,8 +90,7 @@ def attention_rollout(
     DataFrame, cells x tokens (gene names or gene set names); each row is a distribution.
     """
     module = model.module
-    encoder = getattr(module, "encoder", None)
-    token_names = getattr(encoder, "token_names", None)
+    token_names = module.token_names if isinstance(module, TokenAttentionModule) else {}
     if not token_names:
         raise ValueError(
             "attention_rollout needs a model with a transformer encoder, e.g. "
@@ -103,11 +105,11 @@ def attention_rollout(
         raise ValueError(f"tokens must be one of {branches}, not '{tokens}'.")
     names = token_names[tokens]
     if batch_size is None:
-        per_cell = 4 * encoder.n_heads * (len(names) + 1) ** 2
+        per_cell = 4 * module.n_heads * (len(names) + 1) ** 2
         batch_size = int(min(128, max(1, _ROLLOUT_BYTES_PER_LAYER // per_cell)))
 
     def cell_rollout(tensors: dict) -> torch.Tensor:
         return rollout(module.token_attentions(tensors, tokens), normalize=normalize)
 
-    values = model._map_minibatches(cell_rollout, adata, indices, batch_size)
-    return pd.DataFrame(values, index=model._obs_names(adata, indices), columns=names)
+    values = model.map_minibatches(cell_rollout, adata, indices, batch_size)
+    return pd.DataFrame(values, index=model.cell_names(adata, indices), columns=names)

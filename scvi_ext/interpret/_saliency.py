@@ -11,6 +11,8 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 
+from scvi_ext.base import DifferentiableClassifierModule
+
 
 def _attributions(
     module,
@@ -68,8 +70,9 @@ def saliency(
     Parameters
     ----------
     model
-        A trained classifier whose module has ``normalize`` and ``classify_normalized``
-        (e.g. :class:`~scvi_ext.model.ScNym`).
+        A trained classifier whose module satisfies
+        :class:`~scvi_ext.base.DifferentiableClassifierModule` (e.g.
+        :class:`~scvi_ext.model.ScNym`).
     adata
         Cells to explain (default: the model's AnnData).
     cell_types
@@ -101,11 +104,27 @@ def saliency(
     if unknown:
         raise ValueError(f"Unknown cell types {unknown}; the model knows {names}.")
 
-    registered = model._inference_adata(adata)
-    manager = model.get_anndata_manager(registered, required=True)
+    module = model.module
+    if not isinstance(module, DifferentiableClassifierModule):
+        raise ValueError(
+            f"saliency needs a classifier whose module satisfies "
+            f"scvi_ext.base.DifferentiableClassifierModule (normalize, classify_normalized), "
+            f"e.g. ScNym; {type(model).__name__} does not."
+        )
+    model._check_trained()
+    with model.registered_anndata(adata) as registered:
+        return _saliency_table(
+            model, registered, names, cell_types, method, n_steps, n_cells, n_top, by, seed
+        )
+
+
+def _saliency_table(
+    model, registered, names, cell_types, method, n_steps, n_cells, n_top, by, seed
+) -> pd.DataFrame:
     if by == "prediction":
         groups = model.predict(registered)
     else:
+        manager = model.get_anndata_manager(registered, required=True)
         codes = manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY).ravel()
         mapping = np.asarray(
             manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
@@ -120,9 +139,7 @@ def saliency(
     device = next(module.parameters()).device
 
     def load(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = next(
-            iter(model._make_data_loader(registered, indices=indices, batch_size=len(indices)))
-        )
+        tensors = next(model.iter_minibatches(registered, indices, batch_size=len(indices)))
         x = module.normalize(tensors[REGISTRY_KEYS.X_KEY].to(device))
         return x, tensors[REGISTRY_KEYS.BATCH_KEY].to(device)
 
@@ -152,6 +169,5 @@ def saliency(
                 }
             )
         )
-    if was_training:
-        module.train()
+    module.train(was_training)
     return pd.concat(tables, ignore_index=True)

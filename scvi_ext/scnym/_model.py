@@ -6,21 +6,27 @@ import logging
 
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
-from scvi.data.fields import CategoricalObsField, LabelsWithUnlabeledObsField, LayerField
+from scvi.data.fields import CategoricalObsField
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin
 from scvi.utils import setup_anndata_dsp
 
-from scvi_ext.base import ClassifierMixin, PairedDataSplitter, registry_label_names
-from scvi_ext.data import validate_counts, validate_labels, validate_obs_key
+from scvi_ext.base import (
+    ClassifierMixin,
+    EmbeddingMixin,
+    PairedDataSplitter,
+    register_labelled_counts,
+    registry_label_names,
+)
 
-from ._module import ScNymModule
-from ._plan import DOMAIN_KEY, ScNymTrainingPlan
+from ._module import DOMAIN_KEY, ScNymModule
+from ._plan import ScNymTrainingPlan
 
 logger = logging.getLogger(__name__)
 
 
-class ScNym(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class ScNym(
+    ClassifierMixin, EmbeddingMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelClass
+):
     """scNym cell type classifier (Kimmel & Kelley, Genome Research 2021).
 
     A classifier trained on labelled reference cells and, at the same time, on the
@@ -107,10 +113,11 @@ class ScNym(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelCl
             Minibatch size of the labelled and of the unlabelled side (paper: 256).
         plan_kwargs
             :class:`~scvi_ext.scnym.ScNymTrainingPlan` arguments (schedules, weights,
-            ``pseudolabel_min_confidence``, optimizer). Query models default to
-            ``weight_decay=0`` so that frozen weights stay frozen.
+            ``pseudolabel_min_confidence``, optimizer); an unknown key is an error. Query
+            models default to ``weight_decay=0`` so that frozen weights stay frozen.
         **trainer_kwargs
-            Passed to :class:`~scvi.train.Trainer`.
+            Passed to :class:`~scvi.train.Trainer`; ``calibrate=False`` skips the
+            temperature fitted on the validation cells after training.
         """
         plan_kwargs = dict(plan_kwargs or {})
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
@@ -133,7 +140,7 @@ class ScNym(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelCl
         cls,
         adata: AnnData,
         labels_key: str,
-        unlabeled_category: str = "Unknown",
+        unlabeled_category: str | None = "Unknown",
         layer: str | None = None,
         batch_key: str | None = None,
         domain_key: str | None = None,
@@ -143,15 +150,14 @@ class ScNym(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelCl
 
         Parameters
         ----------
-        adata
-            AnnData with raw counts in ``X`` or ``layer``.
+        %(param_adata)s
         labels_key
-            ``obs`` column of cell types; cells labelled ``unlabeled_category`` are the
+            ``obs`` column of cell type names; cells labelled ``unlabeled_category`` are the
             query (same semantics as scANVI).
         unlabeled_category
-            Label of unlabelled (query) cells.
-        layer
-            Layer with raw counts (default ``X``).
+            Label of unlabelled (query) cells; it must occur in the column. ``None``: every
+            cell is labelled (no query cells in this AnnData).
+        %(param_layer)s
         batch_key
             Optional ``obs`` column of batches, given to the first layer as a one-hot
             covariate (needed for scArches query mapping to new batches).
@@ -160,26 +166,24 @@ class ScNym(ClassifierMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelCl
             query.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        validate_counts(adata, layer)
-        if "source_registry" not in kwargs:
-            validate_labels(adata, labels_key, unlabeled_category)
-        for role, key in (("batch_key", batch_key), ("domain_key", domain_key)):
-            if key is not None:
-                validate_obs_key(adata, key, role)
-        fields = [
-            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
-            LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category),
-            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
-        ]
+        fields = [CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key)]
         if domain_key is not None:
             fields.append(CategoricalObsField(DOMAIN_KEY, domain_key))
-        adata_manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
-        adata_manager.register_fields(adata, **kwargs)
-        cls.register_manager(adata_manager)
+        register_labelled_counts(
+            cls,
+            adata,
+            setup_method_args,
+            labels_key=labels_key,
+            unlabeled_category=unlabeled_category,
+            layer=layer,
+            obs_keys={"batch_key": batch_key, "domain_key": domain_key},
+            fields=fields,
+            **kwargs,
+        )
 
     @classmethod
     def load_query_data(cls, adata: AnnData, reference_model, **kwargs) -> ScNym:
-        """scArches query model (see :meth:`ClassifierMixin.load_query_data`).
+        """scArches query model (see :meth:`~scvi_ext.base.InferenceMixin.load_query_data`).
 
         Trainable after the call: the first-layer weights of new batch categories (all
         other encoder weights are held by gradient hooks) and the domain adversary,

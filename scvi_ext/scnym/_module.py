@@ -11,6 +11,8 @@ from torch import nn
 
 from scvi_ext.nn import grad_reverse
 
+#: ``obs`` field of the domains the adversary tells apart (registered with ``domain_key``).
+DOMAIN_KEY = "domain"
 #: scNym models log1p(counts per million).
 COUNTS_PER_CELL = 1e6
 BATCHNORM_MOMENTUM = 0.1
@@ -112,11 +114,86 @@ class ScNymModule(BaseModuleClass):
         """scNym has no generative model."""
         return {}
 
-    def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
-        """Supervised cross-entropy (the plan adds MixMatch and the adversary)."""
+    def loss(
+        self,
+        tensors: dict,
+        inference_outputs: dict,
+        generative_outputs: dict,
+        mixed_input: torch.Tensor | None = None,
+        mixed_targets: torch.Tensor | None = None,
+        cell_weights: torch.Tensor | None = None,
+        unsup_weight: float = 0.0,
+        adversary_weight: float = 0.0,
+    ) -> LossOutput:
+        """The scNym loss: supervised + ``unsup_weight`` x MixMatch consistency + adversary.
+
+        Cells whose label code is ``n_labels`` (the unlabeled category) are the query.
+
+        - supervised: cross-entropy of labelled cells, against ``mixed_targets`` on the
+          logits of ``mixed_input`` when given (MixUp, the training plan), else against
+          their labels on the logits of ``inference_outputs``;
+        - unsupervised (with ``mixed_input``): mean squared error between the predicted
+          probabilities of query cells and their mixed pseudolabels, weighted by
+          ``cell_weights`` (0 leaves a cell out: "new identity discovery");
+        - adversarial (``adversary_weight > 0``): the domain adversary's cross-entropy on
+          the latent of the clean input; its gradient reaches the encoder reversed and
+          scaled by ``adversary_weight``. Domains are the registered ``domain`` codes, else
+          labelled (0) vs query (1).
+
+        Parameters
+        ----------
+        tensors, inference_outputs, generative_outputs
+            scvi's forward outputs of a minibatch (labelled and query cells together).
+        mixed_input
+            MixUp of the normalised expression of the minibatch (cells in the same order).
+        mixed_targets
+            The matching mixed one-hot labels / sharpened pseudolabels.
+        cell_weights
+            Per-cell weight of the unsupervised and adversarial terms (default: 1).
+        unsup_weight
+            Weight of the unsupervised term (ramped by the plan).
+        adversary_weight
+            Scale of the reversed adversary gradient (ramped by the plan); 0: no adversary.
+        """
         labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
-        loss = F.cross_entropy(inference_outputs["logits"], labels)
-        return LossOutput(loss=loss, n_obs_minibatch=len(labels))
+        labelled = labels < self.n_labels
+        n_labelled = labelled.sum().clamp_min(1)
+        ones = torch.ones(len(labels), device=labels.device)
+        cell_weights = ones if cell_weights is None else cell_weights
+        if mixed_input is None:
+            logits = inference_outputs["logits"]
+            per_cell = F.cross_entropy(
+                logits, labels.clamp(max=self.n_labels - 1), reduction="none"
+            )
+            unsupervised = logits.sum() * 0.0
+            correct = (logits.argmax(dim=1) == labels) & labelled
+            metrics = {"accuracy": correct.sum() / n_labelled}
+        else:
+            logits, _ = self.classify_normalized(mixed_input, tensors[REGISTRY_KEYS.BATCH_KEY])
+            per_cell = -(mixed_targets * F.log_softmax(logits, dim=1)).sum(dim=1)
+            query = (~labelled).float()
+            squared_error = (torch.softmax(logits, dim=1) - mixed_targets).pow(2).mean(dim=1)
+            unsupervised = (squared_error * query * cell_weights).sum() / query.sum().clamp_min(1)
+            metrics = {}
+        supervised = (per_cell * labelled).sum() / n_labelled
+        adversarial = logits.sum() * 0.0
+        if adversary_weight > 0:
+            domains = tensors.get(DOMAIN_KEY)
+            domains = (~labelled).long() if domains is None else domains.long().ravel()
+            domain_logits = self.domain_logits(inference_outputs["z"], adversary_weight)
+            domain_loss = F.cross_entropy(domain_logits, domains, reduction="none")
+            adversarial = (domain_loss * cell_weights).mean()
+        loss = supervised + unsup_weight * unsupervised + adversarial
+        return LossOutput(
+            loss=loss,
+            n_obs_minibatch=len(labels),
+            extra_metrics={
+                "supervised_loss": supervised,
+                "unsupervised_loss": unsupervised,
+                "adversarial_loss": adversarial,
+                **metrics,
+            },
+        )
 
     def predict_logits(self, tensors: dict) -> torch.Tensor:
         """Class logits of a minibatch of count data."""

@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 
-from scvi_ext.base import LABELLED, UNLABELLED, BaseTrainingPlan, sigmoid_ramp
+from scvi_ext.base import LABELLED, UNLABELLED, BaseTrainingPlan, OptimizerName, sigmoid_ramp
 
 from ._module import ScNymModule
-
-DOMAIN_KEY = "domain"
 
 
 def sharpen(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
     """Temperature sharpening ``p^(1/T) / sum p^(1/T)`` of pseudolabels."""
     powered = probabilities.pow(1.0 / temperature)
     return powered / powered.sum(dim=1, keepdim=True)
-
-
-def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of logits against soft (mixed) targets, averaged over cells."""
-    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
 def drop_genes(counts: torch.Tensor, rate: float) -> torch.Tensor:
@@ -83,7 +74,7 @@ class ScNymTrainingPlan(BaseTrainingPlan):
         self,
         module: ScNymModule,
         *,
-        optimizer: Literal["Adam", "AdamW", "Adadelta", "SGD", "Custom"] = "Adadelta",
+        optimizer: OptimizerName = "Adadelta",
         lr: float = 1.0,
         weight_decay: float = 1e-5,
         mixup_alpha: float = 0.3,
@@ -139,93 +130,46 @@ class ScNymTrainingPlan(BaseTrainingPlan):
         confidence = probabilities.max(dim=1).values
         return sharpen(probabilities, self.sharpen_temperature), confidence
 
-    def _domains(self, labelled: dict | None, unlabelled: dict | None) -> torch.Tensor:
-        """Domain codes: the registered domain, else 0 reference / 1 query."""
-        parts = []
-        for code, tensors in ((0, labelled), (1, unlabelled)):
-            if tensors is None:
-                continue
-            if DOMAIN_KEY in tensors:
-                parts.append(tensors[DOMAIN_KEY].long().ravel())
-            else:
-                n = len(tensors[REGISTRY_KEYS.X_KEY])
-                parts.append(torch.full((n,), code, device=self.device, dtype=torch.long))
-        return torch.cat(parts)
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """One MixMatch + adversary step on a labelled and an unlabelled minibatch."""
-        labelled, unlabelled = batch[LABELLED], batch[UNLABELLED]
-        n_labels = self.module.n_labels
-        inputs, targets, batches, clean = [], [], [], []
-        n_labelled = 0
-        if labelled is not None:
-            counts = labelled[REGISTRY_KEYS.X_KEY]
-            n_labelled = len(counts)
-            inputs.append(self.module.normalize(drop_genes(counts, self.gene_dropout_rate)))
-            y = labelled[REGISTRY_KEYS.LABELS_KEY].long().ravel()
-            targets.append(F.one_hot(y, n_labels).float())
-            batches.append(labelled[REGISTRY_KEYS.BATCH_KEY])
-            clean.append(self.module.normalize(counts))
-        keep_unlabelled = None
-        if unlabelled is not None:
-            x_u = self.module.normalize(unlabelled[REGISTRY_KEYS.X_KEY])
-            b_u = unlabelled[REGISTRY_KEYS.BATCH_KEY]
-            pseudolabels, confidence = self._pseudolabels(x_u, b_u)
-            if self.pseudolabel_min_confidence is not None:
-                keep_unlabelled = confidence >= self.pseudolabel_min_confidence
-            inputs.append(x_u)
-            targets.append(pseudolabels)
-            batches.append(b_u)
-            clean.append(x_u)
+        """One MixMatch + adversary step on a labelled and an unlabelled minibatch.
 
-        x, t, b = torch.cat(inputs), torch.cat(targets), torch.cat(batches)
+        The plan prepares what changes from step to step (gene dropout, pseudolabels,
+        MixUp, the ramped weights); :meth:`ScNymModule.loss` computes the loss.
+        """
+        labelled_side, unlabelled_side = batch[LABELLED], batch[UNLABELLED]
+        sides = [side for side in (labelled_side, unlabelled_side) if side is not None]
+        tensors = {
+            key: torch.cat([side[key] for side in sides])
+            for key in sides[0]
+            if all(key in side for side in sides)
+        }
+        module = self.module
+        n_labelled = 0 if labelled_side is None else len(labelled_side[REGISTRY_KEYS.X_KEY])
+        counts, batch_index = tensors[REGISTRY_KEYS.X_KEY], tensors[REGISTRY_KEYS.BATCH_KEY]
+        labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
+        augmented = module.normalize(drop_genes(counts[:n_labelled], self.gene_dropout_rate))
+        query = module.normalize(counts[n_labelled:])
+        pseudolabels, confidence = self._pseudolabels(query, batch_index[n_labelled:])
+        one_hot = F.one_hot(labels[:n_labelled], module.n_labels).float()
+        x = torch.cat([augmented, query])
+        targets = torch.cat([one_hot, pseudolabels])
+        cell_weights = None
+        if self.pseudolabel_min_confidence is not None:
+            keep = (confidence >= self.pseudolabel_min_confidence).float()
+            cell_weights = torch.cat([torch.ones(n_labelled, device=x.device), keep])
         lam = self._mixup_lambda()
         partner = torch.randperm(len(x), device=x.device)
-        x_mixed = lam * x + (1.0 - lam) * x[partner]
-        t_mixed = lam * t + (1.0 - lam) * t[partner]
-        logits, _ = self.module.classify_normalized(x_mixed, b)
-
-        zero = logits.sum() * 0.0
-        supervised = zero
-        if n_labelled > 0:
-            supervised = soft_cross_entropy(logits[:n_labelled], t_mixed[:n_labelled])
-        unsupervised = zero
-        if unlabelled is not None:
-            probabilities = torch.softmax(logits[n_labelled:], dim=1)
-            squared_error = (probabilities - t_mixed[n_labelled:]).pow(2).mean(dim=1)
-            if keep_unlabelled is not None:
-                squared_error = squared_error * keep_unlabelled
-            unsupervised = squared_error.mean()
-
-        _, z = self.module.classify_normalized(torch.cat(clean), b)
-        domain_logits = self.module.domain_logits(z, self.adversary_weight)
-        domain_loss = F.cross_entropy(
-            domain_logits, self._domains(labelled, unlabelled), reduction="none"
-        )
-        if keep_unlabelled is not None:
-            weights = torch.cat([torch.ones(n_labelled, device=x.device), keep_unlabelled])
-            domain_loss = domain_loss * weights
-        adversarial = domain_loss.mean()
-
-        loss = supervised + self.unsup_weight * unsupervised + adversarial
-        metrics = {
-            "train_loss": loss,
-            "train_supervised_loss": supervised,
-            "train_unsupervised_loss": unsupervised,
-            "train_adversarial_loss": adversarial,
+        loss_kwargs = {
+            "mixed_input": lam * x + (1.0 - lam) * x[partner],
+            "mixed_targets": lam * targets + (1.0 - lam) * targets[partner],
+            "cell_weights": cell_weights,
+            "unsup_weight": self.unsup_weight,
+            "adversary_weight": self.adversary_weight,
+        }
+        output = self.module_loss_step("train", tensors, loss_kwargs)
+        ramps = {
             "unsupervised_weight": self.unsup_weight,
             "adversary_weight": self.adversary_weight,
         }
-        self.log_step("train", metrics, n_cells=len(x))
-        return loss
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Cross-entropy and accuracy on held-out labelled cells."""
-        logits = self.module.predict_logits(batch)
-        labels = batch[REGISTRY_KEYS.LABELS_KEY].long().ravel()
-        accuracy = (logits.argmax(dim=1) == labels).float().mean()
-        metrics = {
-            "validation_loss": F.cross_entropy(logits, labels),
-            "validation_accuracy": accuracy,
-        }
-        self.log_step("validation", metrics, n_cells=len(labels))
+        self.log_step("train", ramps, n_cells=len(labels))
+        return output.loss

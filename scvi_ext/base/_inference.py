@@ -1,0 +1,369 @@
+"""Capability every model has: data at the door, minibatch inference, training, saving, queries."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi.data._constants import _SCVI_UUID_KEY
+from scvi.model.base import BaseModelClass
+from scvi.train import TrainingPlan
+
+from scvi_ext.data import validate_counts, validate_gene_overlap
+
+from ._anndata import (
+    MIN_GENE_FRACTION,
+    detached_anndata,
+    registry_gene_names,
+    registry_known_labels,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Parameters of ``module.loss`` that are not loss keyword arguments.
+_LOSS_POSITIONAL = ("self", "tensors", "inference_outputs", "generative_outputs")
+
+
+def valid_plan_kwargs(plan_cls: type, module: torch.nn.Module) -> set[str]:
+    """Names ``plan_kwargs`` may hold: the plan's ``__init__`` arguments (up to scvi's
+    :class:`~scvi.train.TrainingPlan`) and the keyword arguments of ``module.loss``."""
+    names: set[str] = set()
+    functions = []
+    for klass in plan_cls.__mro__:
+        if "__init__" in klass.__dict__:
+            functions.append(klass.__init__)
+        if klass is TrainingPlan:
+            break
+    for function in [*functions, type(module).loss]:
+        for parameter in inspect.signature(function).parameters.values():
+            if parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
+                continue
+            names.add(parameter.name)
+    return names - {"module", *_LOSS_POSITIONAL}
+
+
+class InferenceMixin:
+    """Inference, training and query mapping for every scvi_ext model (capability a).
+
+    The module satisfies :class:`~scvi_ext.base.InferenceModule`. What this mixin
+    guarantees, for every model built on it:
+
+    - new data is matched to the model's genes **by name** (reordered; missing genes read
+      as zeros with a warning; fewer than :data:`MIN_GENE_FRACTION` shared is an error)
+      and its counts are validated as at ``setup_anndata``; the user's AnnData is never
+      modified (a light copy sharing the matrix is registered instead);
+    - a model loaded with ``adata=False`` stays without data;
+    - inference on an untrained model, ``train(max_epochs=0)`` and unknown ``plan_kwargs``
+      keys are errors; an AnnData whose genes were edited after setup is an error;
+    - fitted statistics are read minibatch by minibatch (:meth:`fit_statistics`), so no
+      model densifies the whole matrix;
+    - ``load`` names a damaged file and aligns the genes of the AnnData it is given.
+
+    Subclasses set ``_counts_input = False`` when they read a representation, not counts.
+    """
+
+    _counts_input: bool = True
+
+    # ------------------------------------------------------------------ data access
+    @property
+    def setup_args(self) -> dict:
+        """The arguments ``setup_anndata`` was called with."""
+        return dict(self.registry_["setup_args"])
+
+    @property
+    def gene_names(self) -> pd.Index:
+        """The features the model reads, in its order (genes for count models)."""
+        return registry_gene_names(self.registry_)
+
+    def _check_registered_genes(self, adata: AnnData) -> None:
+        """The model's own AnnData must still have the genes it was set up with."""
+        if not self._counts_input:
+            return
+        genes = self.gene_names
+        if adata.n_vars != len(genes) or not adata.var_names.astype(str).equals(genes):
+            raise ValueError(
+                f"The AnnData registered with this {type(self).__name__} changed after setup: "
+                f"it has {adata.n_vars} genes, the model {len(genes)} (e.g. "
+                f"{list(genes[:3])}). Register the edited AnnData with setup_anndata and build "
+                "a new model, or pass the cells to predict(adata=...), which matches genes "
+                "by name."
+            )
+
+    def _light_copy(self, adata: AnnData) -> AnnData:
+        """A light copy of new data on the model's genes (matched by name), counts checked.
+
+        Models reading something other than the registered matrix override this.
+        """
+        known_labels = registry_known_labels(self.registry_)
+        light = detached_anndata(adata, self.setup_args, known_labels, genes=self.gene_names)
+        if self._counts_input:
+            validate_counts(light, self.setup_args.get("layer"))
+        return light
+
+    def _register_light_copy(self, light: AnnData) -> None:
+        """Register ``light`` for this model without making it the model's data."""
+        if self.adata_manager is not None:
+            self._validate_anndata(light)
+            return
+        type(self).setup_anndata(light, source_registry=self.registry_, **self.setup_args)
+        manager = self._get_most_recent_anndata_manager(light, required=True)
+        self._register_manager_for_instance(manager)
+
+    def _is_registered(self, adata: AnnData) -> bool:
+        """``adata`` itself (not a copy of it) is registered with this model."""
+        uuid = adata.uns.get(_SCVI_UUID_KEY)
+        manager = self._per_instance_manager_store.get(self.id, {}).get(uuid)
+        return manager is not None and manager.adata is adata
+
+    @contextmanager
+    def registered_anndata(self, adata: AnnData | None = None) -> Iterator[AnnData]:
+        """The AnnData that inference reads for ``adata``, registered with this model.
+
+        ``None`` is the model's AnnData; an AnnData already registered with this model is
+        used as it is (its genes checked); anything else becomes a light copy on the
+        model's genes, forgotten when the block ends.
+        """
+        if adata is None:
+            adata = self.adata
+            if adata is None:
+                raise ValueError(
+                    f"This {type(self).__name__} was loaded without data (adata=False); pass "
+                    "the cells to use as adata=... ."
+                )
+        if self._is_registered(adata):
+            self._check_registered_genes(adata)
+            yield adata
+            return
+        light = self._light_copy(adata)
+        self._register_light_copy(light)
+        try:
+            yield light
+        finally:  # forget the copy, so that repeated predictions hold no memory
+            uuid = light.uns.get(_SCVI_UUID_KEY)
+            self._per_instance_manager_store.get(self.id, {}).pop(uuid, None)
+            self._setup_adata_manager_store.pop(uuid, None)
+
+    def _check_trained(self) -> None:
+        if not getattr(self, "is_trained_", False):
+            raise RuntimeError(
+                f"This {type(self).__name__} is not trained; call model.train() first."
+            )
+
+    def iter_minibatches(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> Iterator[dict]:
+        """Minibatches of the registered tensors of ``adata`` (default: the model's), in order.
+
+        The data loader reads rows as they are needed (a backed AnnData stays on disk); the
+        tensors are on the CPU.
+        """
+        adata = self.adata if adata is None else adata
+        yield from self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+
+    @torch.inference_mode()
+    def map_minibatches(
+        self,
+        fn: Callable[[dict], torch.Tensor],
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """``fn(tensors)`` of every minibatch of a trained model, in eval mode, stacked.
+
+        ``adata`` goes through :meth:`registered_anndata` (genes matched by name, counts
+        validated, the user's AnnData untouched).
+        """
+        self._check_trained()
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            with self.registered_anndata(adata) as registered:
+                loader = self.iter_minibatches(registered, indices, batch_size)
+                outputs = [fn(tensors).detach().cpu() for tensors in loader]
+        finally:
+            self.module.train(was_training)
+        return torch.cat(outputs).numpy()
+
+    def cell_names(self, adata: AnnData | None, indices: Sequence[int] | None = None) -> pd.Index:
+        """``obs_names`` of the cells ``adata`` / ``indices`` select (default: the model's)."""
+        names = (self.adata if adata is None else adata).obs_names
+        return names if indices is None else names[np.asarray(indices)]
+
+    # ------------------------------------------------------------------ training
+    def fit_statistics(self) -> None:
+        """Fit the data statistics the module needs (library size, centroids, class weights...).
+
+        Called by :meth:`train` before the first epoch; reads the data minibatch by
+        minibatch (:meth:`iter_minibatches`). The default fits nothing.
+        """
+
+    def _after_training(self) -> None:
+        """Hook run after training (statistics of the trained model, calibration)."""
+
+    def train(self, max_epochs: int | None = None, plan_kwargs: dict | None = None, **kwargs):
+        """Check the inputs, fit the statistics, train, then run the post-training hooks.
+
+        Raises
+        ------
+        ValueError
+            ``max_epochs`` below 1, or ``plan_kwargs`` keys the training plan does not take.
+        """
+        if max_epochs is None or max_epochs < 1:
+            raise ValueError(f"max_epochs must be at least 1, not {max_epochs}.")
+        plan_kwargs = dict(plan_kwargs or {})
+        valid = valid_plan_kwargs(self._training_plan_cls, self.module)
+        unknown = sorted(set(plan_kwargs) - valid)
+        if unknown:
+            raise ValueError(
+                f"Unknown plan_kwargs {unknown} for {self._training_plan_cls.__name__}; valid "
+                f"keys: {sorted(valid)}."
+            )
+        if self.adata is None:
+            raise ValueError(f"This {type(self).__name__} has no data to train on (adata=False).")
+        self._check_registered_genes(self.adata)
+        self.fit_statistics()
+        result = super().train(max_epochs=max_epochs, plan_kwargs=plan_kwargs, **kwargs)
+        self._after_training()
+        return result
+
+    # ------------------------------------------------------------------ save / load
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, **kwargs):
+        """Load a saved model; genes of ``adata`` are matched to the model's by name.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by ``save``.
+        adata
+            AnnData to attach (``None``: the one saved with the model, ``False``: none).
+            With other genes, or the same in another order, the model holds a light
+            copy matched to its genes (``model.adata``) and the user's AnnData is untouched.
+        **kwargs
+            Passed to :meth:`scvi.model.base.BaseModelClass.load`.
+
+        Raises
+        ------
+        ValueError
+            When the saved file cannot be read (it is named) or was written by an
+            incompatible version of the model.
+        """
+        dir_path = os.fspath(dir_path)
+        model_file = os.path.join(dir_path, f"{kwargs.get('prefix') or ''}model.pt")
+        try:
+            registry = cls.load_registry(dir_path, prefix=kwargs.get("prefix"))
+        except Exception as error:
+            raise ValueError(
+                f"Could not read the saved {cls.__name__} in {model_file} ({error}). The file "
+                "is missing, damaged or not a scvi-tools model; save the model again."
+            ) from error
+        if adata is not None and adata is not False:
+            setup_args = registry["setup_args"]
+            if cls._counts_input:
+                genes = registry_gene_names(registry)
+                if not adata.var_names.astype(str).equals(genes):
+                    adata = detached_anndata(adata, setup_args, genes=genes)
+                validate_counts(adata, setup_args.get("layer"))
+        try:
+            return super().load(dir_path, adata=adata, **kwargs)
+        except RuntimeError as error:
+            if "state_dict" not in str(error):
+                raise
+            raise ValueError(
+                f"The model saved in {model_file} does not fit this version of "
+                f"{cls.__name__} (its weights differ: {str(error)[:300]}). Train and save "
+                "it again with this version."
+            ) from error
+
+    # ------------------------------------------------------------------ query mapping
+    @staticmethod
+    def _as_reference(reference_model: str | os.PathLike | BaseModelClass):
+        """A model, or its folder as ``str`` (scvi's query code recognises only ``str``)."""
+        if isinstance(reference_model, os.PathLike):
+            return os.fspath(reference_model)
+        return reference_model
+
+    @classmethod
+    def _reference_registry(cls, reference_model: str | BaseModelClass) -> dict:
+        if isinstance(reference_model, BaseModelClass):
+            return reference_model.registry_
+        return cls.load_registry(reference_model)
+
+    @classmethod
+    def prepare_query_anndata(
+        cls,
+        adata: AnnData,
+        reference_model: str | BaseModelClass,
+        return_reference_var_names: bool = False,
+        inplace: bool = False,
+        min_gene_fraction: float = MIN_GENE_FRACTION,
+    ) -> AnnData | pd.Index | None:
+        """Align a query's genes to the reference: reorder, and pad missing genes with zeros.
+
+        Optional before :meth:`load_query_data`, which matches genes by name itself. Unlike
+        scvi-tools, the default returns a new AnnData (``inplace=False``). The gene
+        alignment report (reference genes found in the query) is logged and stored in the
+        returned AnnData's ``uns["gene_alignment"]``.
+
+        Raises
+        ------
+        ValueError
+            When the query has fewer than ``min_gene_fraction`` of the reference genes.
+        """
+        reference_model = cls._as_reference(reference_model)
+        reference_genes = registry_gene_names(cls._reference_registry(reference_model))
+        if return_reference_var_names:
+            return reference_genes
+        report = validate_gene_overlap(reference_genes, adata.var_names, min_gene_fraction)
+        logger.info(
+            "Query has %d of %d reference genes (%.1f%%).",
+            report["n_shared"],
+            report["n_reference_genes"],
+            100 * report["fraction_shared"],
+        )
+        aligned = super().prepare_query_anndata(adata, reference_model, inplace=inplace)
+        result = adata if inplace else aligned
+        result.uns["gene_alignment"] = report
+        return None if inplace else result
+
+    @classmethod
+    def load_query_data(cls, adata: AnnData, reference_model: str | BaseModelClass, **kwargs):
+        """scArches-style query model: reference weights, new batch/domain categories.
+
+        The query AnnData is not modified: the model works on a light copy on the
+        reference's genes, matched by name (missing genes read as zeros, with a warning),
+        with its counts validated. Query cell types the reference never saw are treated as
+        unlabeled (with a warning).
+
+        Parameters
+        ----------
+        adata
+            Query AnnData with raw counts.
+        reference_model
+            A trained model or the folder it was saved to.
+        **kwargs
+            Passed to scvi's ``load_query_data`` (``unfrozen``, ``freeze_classifier``, ...).
+        """
+        reference_model = cls._as_reference(reference_model)
+        registry = cls._reference_registry(reference_model)
+        known_labels = registry_known_labels(registry)
+        light = detached_anndata(
+            adata, registry["setup_args"], known_labels, genes=registry_gene_names(registry)
+        )
+        validate_counts(light, registry["setup_args"].get("layer"))
+        model = super().load_query_data(light, reference_model, **kwargs)
+        model.is_query_model = True
+        return model
+
+
+__all__ = ["InferenceMixin", "valid_plan_kwargs"]

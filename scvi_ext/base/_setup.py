@@ -1,0 +1,87 @@
+"""The ``setup_anndata`` steps the models share: checks at the door, then scvi's fields."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import BaseAnnDataField, LabelsWithUnlabeledObsField, LayerField
+
+from scvi_ext.data import validate_counts, validate_labels, validate_obs_key
+
+from ._anndata import registry_label_names
+
+#: Names tried, in order, for the unlabeled category of a fully labelled AnnData.
+_FREE_UNLABELED_NAMES = ("Unknown", "unlabeled", "_scvi_ext_unlabeled")
+
+
+def resolve_unlabeled_category(
+    adata: AnnData, labels_key: str, unlabeled_category: str | None
+) -> str:
+    """The unlabeled category to register.
+
+    ``None`` means every cell is labelled: the first of ``"Unknown"``, ``"unlabeled"`` that
+    no cell carries. A category given by name must occur in the labels column: an absent
+    one would leave the query cells labelled, and their label trained as a cell type.
+    """
+    if labels_key not in adata.obs:
+        validate_obs_key(adata, labels_key, "labels_key")  # names the available columns
+    labels = set(adata.obs[labels_key].dropna().astype(str))
+    if unlabeled_category is None:
+        return next(name for name in _FREE_UNLABELED_NAMES if name not in labels)
+    if str(unlabeled_category) not in labels:
+        examples = sorted(labels)[:8]
+        raise ValueError(
+            f"unlabeled_category '{unlabeled_category}' is not a value of "
+            f"adata.obs['{labels_key}'] (values include {examples}). Pass the label your "
+            "unlabelled (query) cells carry, or unlabeled_category=None when every cell is "
+            "labelled."
+        )
+    return unlabeled_category
+
+
+def register_labelled_counts(
+    cls,
+    adata: AnnData,
+    setup_method_args: dict,
+    *,
+    labels_key: str,
+    unlabeled_category: str | None,
+    layer: str | None = None,
+    obs_keys: dict[str, str | None] | None = None,
+    fields: Sequence[BaseAnnDataField] = (),
+    x_field: BaseAnnDataField | None = None,
+    **kwargs,
+) -> None:
+    """Check and register counts + labels (+ ``fields``) of ``adata`` for model class ``cls``.
+
+    Checks the counts (:func:`~scvi_ext.data.validate_counts`; not with ``x_field``, a
+    field of other values registered in their place), the labels and unlabeled
+    category (a new reference only: query mapping and loading pass ``source_registry``)
+    and each ``obs_keys`` column (role -> column), then registers the counts, the labels
+    and ``fields``. ``setup_method_args`` records the resolved unlabeled category, so
+    loading and query mapping use the same one.
+    """
+    source_registry = kwargs.get("source_registry")
+    if x_field is None:
+        validate_counts(adata, layer)
+        x_field = LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True)
+    if source_registry is None:
+        unlabeled_category = resolve_unlabeled_category(adata, labels_key, unlabeled_category)
+        validate_labels(adata, labels_key, unlabeled_category)
+    else:
+        unlabeled_category = registry_label_names(source_registry)[1]
+    for role, key in (obs_keys or {}).items():
+        if key is not None:
+            validate_obs_key(adata, key, role)
+    setup_method_args["setup_args"]["unlabeled_category"] = unlabeled_category
+    all_fields = [
+        x_field,
+        LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category),
+        *fields,
+    ]
+    adata_manager = AnnDataManager(fields=all_fields, setup_method_args=setup_method_args)
+    adata_manager.register_fields(adata, **kwargs)
+    cls.register_manager(adata_manager)

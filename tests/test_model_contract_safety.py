@@ -1,0 +1,182 @@
+"""Safety at the door, the same for every model (scvi_ext.base.InferenceMixin and friends)."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from scvi_ext.base import ClassifierModule, EmbeddingModule, InferenceModule
+from scvi_ext.data import simulate
+from scvi_ext.model import CELLULAR, LatentClassifier, ScNym
+
+TRAIN = {"max_epochs": 2, "enable_progress_bar": False, "enable_model_summary": False}
+
+
+def _data():
+    adata = simulate(n_cells=360, n_genes=60, n_cell_types=3, n_batches=2, n_markers=10, seed=3)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    query = (adata.obs["condition"] == "query").to_numpy()
+    return adata[~query].copy(), adata[query].copy()
+
+
+def _scnym(reference):
+    ScNym.setup_anndata(reference, labels_key="cell_type", unlabeled_category=None)
+    return ScNym(reference, n_hidden=32)
+
+
+def _cellular(reference):
+    CELLULAR.setup_anndata(reference, labels_key="cell_type", batch_key="batch")
+    return CELLULAR(reference, n_latent=8, n_hidden=(32, 16))
+
+
+def _latent_classifier(reference):
+    upstream = _cellular(reference.copy())
+    upstream.train(**TRAIN)
+    return LatentClassifier.from_model(upstream, reference, n_hidden1=16, n_hidden2=16)
+
+
+BUILDERS = {"scnym": _scnym, "cellular": _cellular, "latent_classifier": _latent_classifier}
+MODEL_CLASSES = {"scnym": ScNym, "cellular": CELLULAR, "latent_classifier": LatentClassifier}
+
+
+@pytest.fixture(scope="module", params=list(BUILDERS))
+def trained(request, tmp_path_factory):
+    """(name, trained model, reference, query, save folder) for each model."""
+    reference, query = _data()
+    model = BUILDERS[request.param](reference)
+    model.train(**TRAIN)
+    folder = tmp_path_factory.mktemp(request.param) / "model"
+    model.save(folder)
+    return request.param, model, reference, query, folder
+
+
+def test_modules_satisfy_the_protocols_of_their_capabilities(trained):
+    _, model, *_ = trained
+    assert isinstance(model.module, InferenceModule)
+    assert isinstance(model.module, EmbeddingModule)
+    assert isinstance(model.module, ClassifierModule)
+
+
+def test_genes_are_matched_by_name_in_predict_and_load(trained):
+    name, model, _, query, folder = trained
+    expected = model.predict_proba(query)
+    reversed_genes = query[:, ::-1].copy()
+    np.testing.assert_allclose(model.predict_proba(reversed_genes), expected, atol=1e-6)
+    if name != "latent_classifier":  # it reads the upstream embedding, not genes
+        loaded = MODEL_CLASSES[name].load(folder, adata=reversed_genes)
+        np.testing.assert_allclose(loaded.predict_proba(), expected, atol=1e-6)
+        assert reversed_genes.var_names[0] == query.var_names[-1]  # the user's copy untouched
+
+
+def test_other_gene_names_are_refused_with_the_alignment_report(trained):
+    _, model, _, query, _ = trained
+    renamed = query.copy()
+    renamed.var_names = [f"other_{i}" for i in range(renamed.n_vars)]
+    with pytest.raises(ValueError, match="shares only 0 of 60 reference genes"):
+        model.predict(renamed)
+
+
+@pytest.mark.parametrize(
+    ("transform", "message"),
+    [(np.log1p, "non-integer values"), (lambda x: -x, "negative values")],
+)
+def test_query_counts_are_validated_at_predict_and_annotate(trained, transform, message):
+    _, model, _, query, _ = trained
+    bad = query.copy()
+    bad.X = sp.csr_matrix(transform(np.asarray(sp.csr_matrix(bad.X).todense())))
+    with pytest.raises(ValueError, match=message):
+        model.predict(bad)
+    with pytest.raises(ValueError, match=message):
+        model.annotate(bad)
+
+
+def test_annotate_writes_only_its_documented_keys(trained):
+    name, model, _, query, _ = trained
+    before_obs, before_obsm = set(query.obs), set(query.obsm)
+    model.annotate(query, key_added="m")
+    assert set(query.obs) - before_obs == {"m_prediction", "m_confidence", "m_novelty"}
+    assert set(query.obsm) - before_obsm == {"X_m"}
+
+
+def test_a_model_loaded_without_data_stays_without_data(trained):
+    name, model, _, query, folder = trained
+    loaded = MODEL_CLASSES[name].load(folder, adata=False)
+    np.testing.assert_allclose(loaded.predict_proba(query), model.predict_proba(query), atol=1e-6)
+    assert loaded.adata is None
+    with pytest.raises(ValueError, match="loaded without data"):
+        loaded.predict()
+
+
+def test_a_damaged_model_file_is_named(trained, tmp_path):
+    name, model, *_ = trained
+    folder = tmp_path / "damaged"
+    model.save(folder)
+    (folder / "model.pt").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="damaged.*|model.pt"):
+        MODEL_CLASSES[name].load(folder, adata=False)
+
+
+def test_calibration_keeps_the_predicted_class_and_is_saved(trained):
+    name, model, *_, folder = trained
+    temperature = model.calibration_temperature
+    assert temperature != 1.0
+    calibrated = model.predict_proba()
+    model.calibration_temperature_ = 1.0
+    try:
+        raw = model.predict_proba()
+    finally:
+        model.calibration_temperature_ = temperature
+    np.testing.assert_array_equal(calibrated.argmax(axis=1), raw.argmax(axis=1))
+    loaded = MODEL_CLASSES[name].load(folder, adata=False)
+    assert loaded.calibration_temperature == pytest.approx(temperature)
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_untrained_models_refuse_to_predict_and_train_checks_its_arguments(name):
+    reference, query = _data()
+    model = BUILDERS[name](reference)
+    with pytest.raises(RuntimeError, match="is not trained; call model.train"):
+        model.predict(query)
+    with pytest.raises(ValueError, match="max_epochs must be at least 1"):
+        model.train(max_epochs=0)
+    assert not model.is_trained_
+    with pytest.raises(ValueError, match=r"Unknown plan_kwargs \['lrr'\].*valid keys: .*'lr'"):
+        model.train(max_epochs=1, plan_kwargs={"lrr": 0.1})
+
+
+@pytest.mark.parametrize("name", ["scnym", "cellular"])
+def test_editing_the_registered_genes_is_a_clear_error(name):
+    reference, _ = _data()
+    model = BUILDERS[name](reference)
+    model.train(**TRAIN)
+    reference._inplace_subset_var(np.arange(40))
+    with pytest.raises(ValueError, match="changed after setup: it has 40 genes, the model 60"):
+        model.predict()
+    with pytest.raises(ValueError, match="changed after setup"):
+        model.train(**TRAIN)
+
+
+def test_setup_refuses_an_absent_unlabeled_category_and_integer_labels():
+    reference, _ = _data()
+    with pytest.raises(ValueError, match="unlabeled_category 'unknown' is not a value"):
+        ScNym.setup_anndata(reference, labels_key="cell_type", unlabeled_category="unknown")
+    coded = reference.copy()
+    coded.obs["code"] = coded.obs["cell_type"].astype("category").cat.codes
+    with pytest.raises(ValueError, match="holds int8 values, not cell type names"):
+        CELLULAR.setup_anndata(coded, labels_key="code")
+
+
+@pytest.mark.parametrize("name", ["scnym", "cellular"])
+def test_training_and_prediction_on_a_backed_anndata(name, tmp_path):
+    reference, _ = _data()
+    path = tmp_path / "reference.h5ad"
+    reference.write_h5ad(path)
+    backed = ad.read_h5ad(path, backed="r")
+    model = BUILDERS[name](backed)
+    model.train(**TRAIN)
+    predictions = model.predict()
+    truth = reference.obs["cell_type"].to_numpy()
+    assert (predictions == truth).mean() > 0.5
+    backed.file.close()
