@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import logging
 import shlex
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 DEMO_TABLE_COLUMNS = ["accuracy", "balanced_accuracy", "macro_f1", "ece", "train_seconds"]
+#: Benchmark methods of the demo: ours (CELLULAR + LatentClassifier, ScNym) and two peers.
+DEMO_METHODS = ["cellular", "scnym", "scanvi", "logistic_regression"]
 # scANVI in the demo: fewer scVI epochs than the benchmark default (200) so the demo
 # stays well under 10 minutes on 2 CPU cores.
 DEMO_SCVI_EPOCHS = 60
 QUICK_TASK = {"n_cells": 400, "n_genes": 200, "n_cell_types": 4}
 QUICK_EPOCHS = 2
+# --quick: the second training stage of the two-stage methods is shortened too
+QUICK_METHOD_KWARGS = {
+    "scanvi": {"scanvi_max_epochs": 1},
+    "cellular": {"classifier_epochs": QUICK_EPOCHS},
+}
+#: Models of ``scvi-ext annotate``: trained from counts on reference + query cells (the
+#: query unlabeled) and annotated with their ``annotate`` method. LatentClassifier is not
+#: one: it sits on top of another model's representation.
+ANNOTATE_MODELS = ("ScNym", "CELLULAR")
 
 
 class CLIError(Exception):
@@ -48,17 +62,67 @@ def _command_line(argv: list[str]) -> str:
     return shlex.join(["scvi-ext", *argv])
 
 
-def _epoch_options(
-    max_epochs: int | None, scanvi_max_epochs: int | None = None
+def _parse_value(text: str) -> Any:
+    """A Python literal (number, ``True``, ``None``, tuple...), else the text itself."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _key_values(options: Iterable[str], flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` strings as keyword arguments (values parsed by :func:`_parse_value`)."""
+    parsed: dict[str, Any] = {}
+    for option in options:
+        key, separator, value = option.partition("=")
+        if not separator or not key:
+            raise CLIError(f"{flag} takes KEY=VALUE, not {option!r}.")
+        parsed[key] = _parse_value(value)
+    return parsed
+
+
+def _check_keywords(function: Callable, options: dict[str, Any], flag: str) -> None:
+    """Reject options that are not parameters of ``function`` (unless it takes ``**``)."""
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [name for name in parameters if name not in ("self", "adata", "registry")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise CLIError(
+            f"{flag}: {', '.join(unknown)} not accepted by {function.__qualname__}; "
+            f"options: {', '.join(accepted)}."
+        )
+
+
+def _takes_max_epochs(method: Callable) -> bool:
+    return "max_epochs" in inspect.signature(method).parameters
+
+
+def _method_options(
+    methods: Iterable[str], max_epochs: int | None, options: Iterable[str] = ()
 ) -> dict[str, dict[str, Any]]:
-    """Per-method options for ``--max-epochs`` (ScNym and the scVI stage of scANVI)."""
-    options: dict[str, dict[str, Any]] = {"scnym": {}, "scanvi": {}}
+    """Per-method options: ``max_epochs`` for every method that takes it, then the
+    ``METHOD.KEY=VALUE`` strings of ``--method-option``."""
+    from scvi_ext.benchmark import METHODS
+
+    methods = list(methods)
+    kwargs: dict[str, dict[str, Any]] = {name: {} for name in methods}
     if max_epochs is not None:
-        options["scnym"]["max_epochs"] = max_epochs
-        options["scanvi"]["max_epochs"] = max_epochs
-    if scanvi_max_epochs is not None:
-        options["scanvi"]["scanvi_max_epochs"] = scanvi_max_epochs
-    return options
+        for name in methods:
+            if _takes_max_epochs(METHODS[name]):
+                kwargs[name]["max_epochs"] = max_epochs
+    for option in options:
+        name, dot, key_value = option.partition(".")
+        if not dot or name not in METHODS:
+            raise CLIError(
+                f"--method-option takes METHOD.KEY=VALUE with a method of "
+                f"{', '.join(METHODS)}, not {option!r}."
+            )
+        kwargs.setdefault(name, {}).update(_key_values([key_value], "--method-option"))
+    return kwargs
 
 
 def _kang_missing_reason() -> str | None:
@@ -97,11 +161,16 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
         if task == "simulated":
             task_kwargs = dict(QUICK_TASK)
         max_epochs = args.max_epochs or QUICK_EPOCHS
-        method_kwargs = _epoch_options(max_epochs, scanvi_max_epochs=1)
-        caption = f"Quick demo: {max_epochs} epochs for ScNym and scVI, 1 scANVI epoch."
+        method_kwargs = _method_options(DEMO_METHODS, max_epochs)
+        for name, options in QUICK_METHOD_KWARGS.items():
+            method_kwargs[name].update(options)
+        caption = (
+            f"Quick demo: {max_epochs} epochs for each model (CELLULAR and its classifier, "
+            "ScNym, scVI), 1 scANVI epoch."
+        )
     else:
         scvi_epochs = args.max_epochs or DEMO_SCVI_EPOCHS
-        method_kwargs = _epoch_options(args.max_epochs)
+        method_kwargs = _method_options(DEMO_METHODS, args.max_epochs)
         method_kwargs["scanvi"]["max_epochs"] = scvi_epochs
         caption = (
             f"Demo: one seed; scANVI = scVI {scvi_epochs} epochs + scANVI 20 epochs "
@@ -111,7 +180,7 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
     results = run_benchmark(
         task,
         seeds=[args.seed],
-        methods=["scnym", "scanvi", "logistic_regression"],
+        methods=DEMO_METHODS,
         outdir=args.outdir,
         method_kwargs=method_kwargs,
         task_kwargs=task_kwargs,
@@ -157,6 +226,21 @@ def _shared_genes(reference: Any, query: Any) -> Any:
 
 
 def _annotate(args: argparse.Namespace, argv: list[str]) -> int:
+    import scvi_ext.model
+    from scvi_ext.benchmark import (
+        BATCH_COLUMN,
+        LABELS_COLUMN,
+        concat_reference_query,
+        reference_hvgs,
+        set_seed,
+    )
+
+    model_cls = getattr(scvi_ext.model, args.model)
+    model_kwargs = _key_values(args.model_option, "--model-option")
+    _check_keywords(model_cls.__init__, model_kwargs, "--model-option")
+    train_kwargs = _key_values(args.train_option, "--train-option")
+    if args.max_epochs is not None:
+        train_kwargs["max_epochs"] = args.max_epochs
     reference, query, out_path = _read_inputs(args)
     if args.labels_key not in reference.obs:
         raise CLIError(
@@ -180,10 +264,6 @@ def _annotate(args: argparse.Namespace, argv: list[str]) -> int:
         query.n_vars,
     )
 
-    from scvi_ext.benchmark import concat_reference_query, set_seed
-    from scvi_ext.benchmark._methods import LABELS_COLUMN, reference_hvgs
-    from scvi_ext.model import ScNym
-
     genes = shared[reference_hvgs(reference[:, shared], args.n_top_genes or None)]
     adata = concat_reference_query(
         reference[:, genes],
@@ -193,65 +273,57 @@ def _annotate(args: argparse.Namespace, argv: list[str]) -> int:
         batch_key=args.batch_key,
     )
     try:
-        ScNym.setup_anndata(
+        model_cls.setup_anndata(
             adata,
             labels_key=LABELS_COLUMN,
             unlabeled_category=args.unlabeled_category,
-            batch_key=None if args.batch_key is None else "batch",
+            batch_key=None if args.batch_key is None else BATCH_COLUMN,
         )
     except ValueError as error:
         raise CLIError(str(error)) from error
     set_seed(args.seed)
-    model = ScNym(adata)
-    train_kwargs = {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
-    model.train(**train_kwargs)
+    model = model_cls(adata, **model_kwargs)
+    try:
+        model.train(**train_kwargs)
+    except TypeError as error:
+        if "unexpected keyword argument" not in str(error):
+            raise
+        raise CLIError(f"--train-option: {error}") from error
 
-    proba = model.predict(soft=True).iloc[reference.n_obs :]
-    latent = model.get_latent_representation()[reference.n_obs :]
+    # annotate the query rows of the training AnnData, then copy what it wrote
+    query_cells = adata[reference.n_obs :].copy()
+    obs_before, obsm_before = set(query_cells.obs.columns), set(query_cells.obsm)
+    key = args.model.lower()
+    model.annotate(query_cells, key_added=key)
     annotated = query.copy()
-    annotated.obs["scnym_prediction"] = proba.idxmax(axis=1).astype("category").to_numpy()
-    annotated.obs["scnym_confidence"] = proba.max(axis=1).to_numpy()
-    annotated.obsm["X_scnym"] = latent
+    for column in query_cells.obs.columns:
+        if column not in obs_before:
+            annotated.obs[column] = query_cells.obs[column].array
+    for name in set(query_cells.obsm) - obsm_before:
+        annotated.obsm[name] = query_cells.obsm[name]
     out_path.parent.mkdir(parents=True, exist_ok=True)
     annotated.write_h5ad(out_path)
-    counts = annotated.obs["scnym_prediction"].value_counts()
+    counts = annotated.obs[f"{key}_prediction"].value_counts()
     print(
-        f"Wrote {out_path} ({annotated.n_obs} query cells, ScNym on {len(genes)} genes). "
-        "Predicted labels:"
+        f"Wrote {out_path} ({annotated.n_obs} query cells, {args.model} on {len(genes)} "
+        "genes). Predicted labels:"
     )
     print(counts.to_string())
     return 0
 
 
-def _task_options(options: list[str]) -> dict[str, Any]:
-    """``KEY=VALUE`` strings as task keyword arguments (numbers parsed, else strings)."""
-    parsed: dict[str, Any] = {}
-    for option in options:
-        key, separator, value = option.partition("=")
-        if not separator or not key:
-            raise CLIError(f"--task-option takes KEY=VALUE, not {option!r}.")
-        try:
-            parsed[key] = int(value)
-        except ValueError:
-            try:
-                parsed[key] = float(value)
-            except ValueError:
-                parsed[key] = value
-    return parsed
-
-
 def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
-    from scvi_ext.benchmark import STUDIES, TASKS, run_benchmark, run_study, summary_table
+    from scvi_ext.benchmark import METHODS, STUDIES, TASKS, run_benchmark, run_study, summary_table
 
     if args.task not in TASKS and args.task not in STUDIES:
         available = ", ".join(sorted([*TASKS, *STUDIES]))
         raise CLIError(f"Unknown task {args.task!r}; available: {available}.")
     outdir = args.outdir or f"scvi_ext_outputs/benchmark_{args.task}"
     if args.task in STUDIES:
-        if args.methods or args.max_epochs or args.task_option:
+        if args.methods or args.max_epochs or args.task_option or args.method_option:
             raise CLIError(
-                f"--methods, --max-epochs and --task-option apply to annotation tasks; "
-                f"{args.task!r} is a study with fixed settings."
+                f"--methods, --max-epochs, --method-option and --task-option apply to "
+                f"annotation tasks; {args.task!r} is a study with fixed settings."
             )
         try:
             run_study(args.task, seeds=args.seeds, outdir=outdir, command=_command_line(argv))
@@ -259,14 +331,16 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
             raise CLIError(str(error)) from error
         print((Path(outdir) / "summary.md").read_text())
         return 0
+    methods = args.methods or list(METHODS)
+    method_kwargs = _method_options(methods, args.max_epochs, args.method_option)
     try:
         results = run_benchmark(
             args.task,
             seeds=args.seeds,
-            methods=args.methods,
+            methods=methods,
             outdir=outdir,
-            method_kwargs=_epoch_options(args.max_epochs),
-            task_kwargs=_task_options(args.task_option),
+            method_kwargs=method_kwargs,
+            task_kwargs=_key_values(args.task_option, "--task-option"),
             command=_command_line(argv),
         )
     except (FileNotFoundError, TypeError, ValueError) as error:
@@ -287,11 +361,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="ScNym vs scANVI vs logistic regression on the Kang IFN-beta PBMC data.",
+        help="CELLULAR and ScNym vs scANVI and logistic regression on the Kang IFN-beta PBMCs.",
         description=(
             "Annotation transfer from control to IFN-beta stimulated PBMCs (Kang et al. "
-            "2018) with ScNym, scANVI and logistic regression, one seed. Falls back to "
-            "simulated data when the shared datasets (SCVI_EXT_DATA) are absent."
+            "2018) with CELLULAR + LatentClassifier, ScNym, scANVI and logistic regression, "
+            "one seed. Falls back to simulated data when the shared datasets "
+            "(SCVI_EXT_DATA) are absent."
         ),
     )
     demo.add_argument("--outdir", default="scvi_ext_outputs/demo", help="Report folder.")
@@ -299,22 +374,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-epochs",
         type=_positive_int,
         default=None,
-        help="Epochs of ScNym and of scVI pre-training.",
+        help="Epochs of every model (max_epochs of each method: CELLULAR, ScNym, scVI).",
     )
     demo.add_argument("--seed", type=int, default=0, help="Random seed (default 0).")
     demo.add_argument(
-        "--quick", action="store_true", help="Tiny settings (2 epochs; small simulated data)."
+        "--quick",
+        action="store_true",
+        help="Tiny settings (2 epochs; small simulated data without the shared datasets).",
     )
     demo.set_defaults(handler=_demo)
 
     annotate = commands.add_parser(
         "annotate",
-        help="Label query cells with ScNym trained on a labelled reference.",
+        help="Label query cells with a model trained on a labelled reference.",
         description=(
-            "Train ScNym on reference + query (query cells unlabelled) and write a copy of "
-            "the query with obs 'scnym_prediction', 'scnym_confidence' and obsm 'X_scnym'. "
-            "Both inputs need raw counts in X; ScNym trains on the most variable of their "
-            "shared genes (--n-top-genes)."
+            "Train --model on reference + query (query cells unlabeled), then write a copy "
+            "of the query with what the model's annotate() writes: obs '<key>_prediction', "
+            "'<key>_confidence', '<key>_novelty' and obsm 'X_<key>', where key is the "
+            "lower-case model name (e.g. scnym). Both inputs need raw counts in X; the model "
+            "trains on the most variable of their shared genes (--n-top-genes)."
         ),
     )
     annotate.add_argument("--reference", required=True, help="Labelled reference .h5ad.")
@@ -322,15 +400,35 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument("--labels-key", required=True, help="Label column of reference obs.")
     annotate.add_argument("--out", required=True, help="Output .h5ad (a new file).")
     annotate.add_argument(
+        "--model",
+        choices=ANNOTATE_MODELS,
+        default="ScNym",
+        help="Model of scvi_ext.model to train (default: ScNym).",
+    )
+    annotate.add_argument(
+        "--model-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Argument of the model's constructor, e.g. n_latent=32 (repeatable).",
+    )
+    annotate.add_argument(
+        "--train-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Argument of the model's train(), e.g. batch_size=128 (repeatable).",
+    )
+    annotate.add_argument(
         "--unlabeled-category",
         default="Unknown",
-        help="Reference label meaning 'unlabelled' (default: Unknown).",
+        help="Reference label meaning 'unlabeled' (default: Unknown).",
     )
     annotate.add_argument(
         "--max-epochs",
         type=_positive_int,
         default=None,
-        help="Training epochs (default: ScNym's).",
+        help="Training epochs (default: the model's).",
     )
     annotate.add_argument(
         "--n-top-genes",
@@ -367,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=sorted(METHODS),
         default=None,
-        help="Methods (default: all available).",
+        help=f"Methods (default: all registered: {', '.join(METHODS)}).",
     )
     benchmark.add_argument(
         "--outdir", default=None, help="Report folder (default: scvi_ext_outputs/benchmark_TASK)."
@@ -384,7 +482,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-epochs",
         type=_positive_int,
         default=None,
-        help="Epochs of ScNym and of scVI pre-training (default: each method's).",
+        help="max_epochs of every method that takes it (ScNym, the scVI stage of scANVI, "
+        "CELLULAR's embedding; default: each method's).",
+    )
+    benchmark.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="METHOD.KEY=VALUE",
+        help="Option of one method, e.g. scanvi.scanvi_max_epochs=5 or "
+        "scnym.n_top_genes=None (repeatable).",
     )
     benchmark.set_defaults(handler=_benchmark)
     return parser

@@ -6,6 +6,7 @@ import re
 import numpy as np
 import pandas as pd
 import pytest
+import scanpy as sc
 
 from scvi_ext.benchmark import (
     METHODS,
@@ -14,23 +15,16 @@ from scvi_ext.benchmark import (
     MethodUnavailableError,
     concat_reference_query,
     query_label_ceiling,
+    reference_hvgs,
+    register_method,
     run_benchmark,
     summary_table,
 )
-from scvi_ext.benchmark._methods import reference_hvgs
-from scvi_ext.data import datasets_available
+from scvi_ext.data import datasets_available, log_normalised_anndata
 
 TINY_TASK = {"n_cells": 400, "n_genes": 200, "n_cell_types": 4}
 TINY_SCANVI = {"max_epochs": 2, "scanvi_max_epochs": 1}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-def _scnym_importable() -> bool:
-    try:
-        from scvi_ext.model import ScNym  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -173,14 +167,52 @@ def test_linear_methods(name, tiny_split):
     assert accuracy > 1 / TINY_TASK["n_cell_types"] + 0.4
 
 
-@pytest.mark.skipif(not _scnym_importable(), reason="scvi_ext.model.ScNym not available yet")
 def test_scnym_method(tiny_split):
     reference, query, labels_key = tiny_split
     result = METHODS["scnym"](reference, query, labels_key, 0, max_epochs=2, n_top_genes=50)
     _check_result(result, reference, query, labels_key)
-    assert result.latent.shape[0] == reference.n_obs + query.n_obs
     assert result.cells_per_second > 0
     assert result.settings == "50 genes, 2 epochs"
+
+
+def test_methods_are_registered_by_decorator(tmp_path, monkeypatch):
+    assert {"scnym", "cellular", "scanvi", "celltypist", "logistic_regression"} <= set(METHODS)
+    for name in list(METHODS):  # restored by monkeypatch after the test
+        monkeypatch.delitem(METHODS, name)
+
+    def constant(reference, query, labels_key, seed=0):
+        n = query.n_obs
+        return MethodResult("constant", np.full(n, "type_0"), np.ones(n), 1.0)
+
+    try:
+        assert register_method("constant")(constant) is constant
+        assert list(METHODS) == ["constant"]
+        with pytest.raises(ValueError, match="'constant' is already registered"):
+            register_method("constant")(lambda *args: None)
+        # without methods=..., the runner runs every registered method
+        results = run_benchmark(
+            "simulated",
+            seeds=[0],
+            outdir=tmp_path,
+            task_kwargs={"n_cells": 100, "n_genes": 50, "n_cell_types": 2},
+            plots=False,
+            ceiling=False,
+        )
+    finally:
+        METHODS.pop("constant", None)
+    assert list(results["method"]) == ["constant"]
+
+
+def test_benchmark_normaliser_is_log1p_of_counts_per_10k(tiny_split):
+    reference, _, _ = tiny_split
+    expected = reference.copy()
+    sc.pp.normalize_total(expected, target_sum=1e4)
+    sc.pp.log1p(expected)
+    normalised = log_normalised_anndata(reference)
+    assert normalised.obs_names.equals(reference.obs_names)
+    assert normalised.var_names.equals(reference.var_names)
+    np.testing.assert_allclose(normalised.X.toarray(), expected.X.toarray(), rtol=1e-5)
+    assert reference.X.max() > 20  # the input still holds counts
 
 
 def test_reference_hvgs(tiny_split):

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 import scvi
 import torch
+from scvi import REGISTRY_KEYS
 
-from scvi_ext.benchmark._cellular_reference import (
+from scvi_ext.benchmark.cellular_reference import (
     looped_batch_mixing_loss,
     looped_cell_type_loss,
     looped_cellular_loss,
@@ -16,6 +17,7 @@ from scvi_ext.benchmark._cellular_reference import (
 )
 from scvi_ext.cellular import (
     CELLULAR,
+    CELLULARModule,
     batch_mixing_loss,
     cell_type_loss,
     centroid_loss,
@@ -89,16 +91,24 @@ def test_centroid_loss_matches_loop(small_batch):
 
 @pytest.fixture
 def module_and_weights(small_batch):
-    """A float64 module with a random symmetric reference matrix, and the class weights."""
-    from scvi_ext.cellular._module import CELLULARModule
-
+    """A float64 module with a random symmetric reference matrix and its class weights."""
     _, labels, batches = small_batch
-    module = CELLULARModule(n_input=8, n_labels=6).double()
+    module = CELLULARModule(n_input=8, n_labels=6, n_batch=3).double()
     distances = torch.rand(6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     module.reference_distances.copy_((distances + distances.T).fill_diagonal_(0.0))
-    label_weights = class_weights(labels.numpy(), 6).double()
-    batch_weights = class_weights(batches.numpy(), 3).double()
-    return module, label_weights, batch_weights
+    module.label_weights.copy_(class_weights(labels.numpy(), 6))
+    module.batch_weights.copy_(class_weights(batches.numpy(), 3))
+    return module, module.label_weights, module.batch_weights
+
+
+def module_loss_terms(module, z, labels, batches) -> dict[str, torch.Tensor]:
+    """``module.loss`` of an embedding: the total and its three terms."""
+    tensors = {
+        REGISTRY_KEYS.LABELS_KEY: labels[:, None],
+        REGISTRY_KEYS.BATCH_KEY: batches[:, None],
+    }
+    output = module.loss(tensors, {"z": z}, {})
+    return {"loss": output.loss, **output.extra_metrics}
 
 
 def test_module_loss_matches_the_looped_loss_of_the_speed_benchmark(
@@ -107,7 +117,7 @@ def test_module_loss_matches_the_looped_loss_of_the_speed_benchmark(
     """The throughput benchmark compares CELLULAR with loops computing this same loss."""
     z, labels, batches = small_batch
     module, label_weights, batch_weights = module_and_weights
-    vectorised = module.loss_terms(z, labels, batches, label_weights, batch_weights)["loss"]
+    vectorised = module_loss_terms(module, z, labels, batches)["loss"]
     looped = looped_cellular_loss(
         z,
         labels,
@@ -122,19 +132,17 @@ def test_module_loss_matches_the_looped_loss_of_the_speed_benchmark(
 
 def test_module_loss_leaves_unlabelled_cells_out(small_batch, module_and_weights):
     z, labels, batches = small_batch
-    module, label_weights, batch_weights = module_and_weights
+    module, _, _ = module_and_weights
     with_unlabelled = labels.clone()
     with_unlabelled[::3] = 6  # the unlabeled category's code
     labelled = with_unlabelled < 6
-    masked = module.loss_terms(z, with_unlabelled, batches, label_weights, batch_weights)
-    subset = module.loss_terms(
-        z[labelled], labels[labelled], batches[labelled], label_weights, batch_weights
-    )
+    masked = module_loss_terms(module, z, with_unlabelled, batches)
+    subset = module_loss_terms(module, z[labelled], labels[labelled], batches[labelled])
     for name in ("cell_type_loss", "batch_loss", "centroid_loss", "loss"):
         assert float(subset[name]) > 0, name
         torch.testing.assert_close(masked[name], subset[name], rtol=1e-9, atol=1e-9)
     unlabelled = torch.full_like(labels, 6)
-    nothing = module.loss_terms(z, unlabelled, batches, label_weights, batch_weights)
+    nothing = module_loss_terms(module, z, unlabelled, batches)
     assert all(float(value) == 0.0 for value in nothing.values())
 
 
@@ -263,7 +271,7 @@ def test_bad_inputs(adata):
     with pytest.raises(ValueError, match="batch_key 'donor'"):
         CELLULAR.setup_anndata(data, labels_key="cell_type", batch_key="donor")
     CELLULAR.setup_anndata(data, labels_key="cell_type", batch_key="batch")
-    with pytest.raises(RuntimeError, match="library size is not set; train the model first"):
+    with pytest.raises(RuntimeError, match="This CELLULAR is not trained; call model.train"):
         CELLULAR(data).get_latent_representation()
 
 

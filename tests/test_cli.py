@@ -6,21 +6,9 @@ import anndata as ad
 import numpy as np
 import pytest
 
+from scvi_ext.benchmark import METHODS
 from scvi_ext.cli import main
 from scvi_ext.data import simulate
-
-
-def _scnym_importable() -> bool:
-    try:
-        from scvi_ext.model import ScNym  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-requires_scnym = pytest.mark.skipif(
-    not _scnym_importable(), reason="scvi_ext.model.ScNym not available yet"
-)
 
 
 def _sha256(path) -> str:
@@ -59,7 +47,6 @@ def _annotate_args(reference_path, query_path, out_path, *extra):
     ]
 
 
-@requires_scnym
 def test_annotate_writes_copy_and_keeps_inputs(tmp_path, h5ad_inputs, capsys):
     reference_path, query_path = h5ad_inputs
     hashes = {path: _sha256(path) for path in h5ad_inputs}
@@ -70,9 +57,12 @@ def test_annotate_writes_copy_and_keeps_inputs(tmp_path, h5ad_inputs, capsys):
     query = ad.read_h5ad(query_path)
     assert annotated.obs_names.equals(query.obs_names)
     assert annotated.var_names.equals(query.var_names)
-    assert {"scnym_prediction", "scnym_confidence"} <= set(annotated.obs.columns)
+    # what ScNym.annotate writes, and nothing else
+    added = {"scnym_prediction", "scnym_confidence", "scnym_novelty"}
+    assert set(annotated.obs.columns) == set(query.obs.columns) | added
     assert set(annotated.obs["scnym_prediction"]) <= {"type_0", "type_1", "type_2"}
     assert annotated.obs["scnym_confidence"].between(0, 1).all()
+    assert annotated.obs["scnym_novelty"].between(0, 1).all()
     assert annotated.obsm["X_scnym"].shape[0] == query.n_obs
     assert {path: _sha256(path) for path in h5ad_inputs} == hashes
 
@@ -86,7 +76,6 @@ def test_annotate_writes_copy_and_keeps_inputs(tmp_path, h5ad_inputs, capsys):
     np.testing.assert_array_equal(rerun.obs["scnym_confidence"], annotated.obs["scnym_confidence"])
 
 
-@requires_scnym
 def test_annotate_trains_on_reference_hvgs(tmp_path, h5ad_inputs, capsys):
     reference_path, query_path = h5ad_inputs
     out_path = tmp_path / "annotated.h5ad"
@@ -100,6 +89,32 @@ def test_annotate_trains_on_reference_hvgs(tmp_path, h5ad_inputs, capsys):
     with pytest.raises(SystemExit):
         main([*args, "--n-top-genes", "-1"])
     assert "expected 0 or a positive integer, got -1" in capsys.readouterr().err
+
+
+def test_annotate_with_cellular_and_model_options(tmp_path, h5ad_inputs, capsys):
+    reference_path, query_path = h5ad_inputs
+    out_path = tmp_path / "annotated.h5ad"
+    args = _annotate_args(reference_path, query_path, out_path, "--model", "CELLULAR")
+
+    assert main([*args, "--model-option", "n_latent=8", "--model-option", "n_hidden=(64,)"]) == 0
+    assert "CELLULAR on 99 genes" in capsys.readouterr().out
+    annotated = ad.read_h5ad(out_path)
+    assert {"cellular_prediction", "cellular_confidence", "cellular_novelty"} <= set(
+        annotated.obs.columns
+    )
+    assert set(annotated.obs["cellular_prediction"]) <= {"type_0", "type_1", "type_2"}
+    assert annotated.obsm["X_cellular"].shape == (annotated.n_obs, 8)
+
+    out_path.unlink()
+    assert main([*args, "--model-option", "no_such_option=1"]) == 2
+    error = capsys.readouterr().err
+    assert "--model-option: no_such_option not accepted by CELLULAR.__init__" in error
+    assert "n_latent" in error
+    assert main([*args, "--model-option", "n_latent"]) == 2
+    assert "--model-option takes KEY=VALUE, not 'n_latent'" in capsys.readouterr().err
+    assert main([*args, "--train-option", "no_such_option=1"]) == 2
+    assert "--train-option" in capsys.readouterr().err
+    assert not out_path.exists()
 
 
 def test_annotate_errors(tmp_path, h5ad_inputs, capsys):
@@ -144,9 +159,9 @@ def test_demo_falls_back_to_simulated_data(tmp_path, monkeypatch, capsys):
         "| method | training | accuracy | balanced accuracy | macro F1 | ECE | train s |"
         in printed
     )
-    assert "| logistic_regression |" in printed and "| scanvi |" in printed
-    if _scnym_importable():
-        assert "| scnym |" in printed
+    for method in ["cellular", "scnym", "scanvi", "logistic_regression"]:
+        assert f"| {method} |" in printed
+    assert "CELLULAR 2 epochs, n_latent=100; classifier 2 epochs" in printed
     for name in ["summary.md", "results_per_seed.csv", "umap_query.png", "reliability.png"]:
         assert (outdir / name).is_file()
 
@@ -177,3 +192,24 @@ def test_benchmark_task_options(tmp_path, capsys):
     assert "--task-option takes KEY=VALUE, not 'n_cells'" in capsys.readouterr().err
     assert main([*argv, "--task-option", "no_such_option=1"]) == 2
     assert "no_such_option" in capsys.readouterr().err
+
+
+def test_benchmark_method_options(tmp_path, capsys):
+    argv = ["benchmark", "--task", "simulated", "--seeds", "0", "--methods", "logistic_regression"]
+    argv += ["--outdir", str(tmp_path), "--task-option", "n_cells=200"]
+    assert main([*argv, "--method-option", "logistic_regression.max_iter=7"]) == 0
+    assert "max_iter=7" in capsys.readouterr().out
+    assert main([*argv, "--method-option", "no_such_method.max_iter=7"]) == 2
+    assert "--method-option takes METHOD.KEY=VALUE" in capsys.readouterr().err
+    assert main([*argv, "--method-option", "logistic_regression.no_such_option=1"]) == 2
+    assert "no_such_option" in capsys.readouterr().err
+
+
+def test_benchmark_help_lists_the_registered_methods(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["benchmark", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for method in METHODS:
+        assert method in text
+    assert "default: all registered: " in text

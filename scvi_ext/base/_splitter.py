@@ -84,7 +84,6 @@ class PairedDataLoader(DataLoader):
         if not present:
             raise ValueError("PairedDataLoader needs at least one labelled or unlabelled cell.")
         self._longest = max(present, key=len)
-        kwargs.pop("drop_dataset_tail", None)
         super().__init__(self._longest.dataset, batch_size=None, sampler=self._longest.sampler)
 
     def __len__(self) -> int:

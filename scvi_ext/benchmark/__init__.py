@@ -1,5 +1,10 @@
 """Benchmarks: annotation-transfer methods, tasks, the runner and its report.
 
+Methods and tasks are registered with :func:`register_method` and :func:`register_task`;
+studies that are not one reference/query split are in :data:`STUDIES`. CELLULAR's
+reference code (looped losses, reference-style training epoch) is the public module
+:mod:`scvi_ext.benchmark.cellular_reference`.
+
 Examples
 --------
 >>> from scvi_ext.benchmark import run_benchmark
@@ -13,24 +18,30 @@ from ._cellular_tasks import (
     training_throughput,
 )
 from ._methods import (
+    BATCH_COLUMN,
+    LABELS_COLUMN,
     METHODS,
+    UNLABELED_CATEGORY,
     MethodResult,
     MethodUnavailableError,
     concat_reference_query,
-    log_normalize,
     query_label_ceiling,
+    reference_hvgs,
+    register_method,
 )
 from ._runner import run_benchmark, score_predictions, set_seed, summary_table
-from ._studies import STUDIES, Study, run_study
+from ._studies import AUROC_COLUMNS, STUDIES, Study, run_study
 from ._tasks import TASK_METHOD_KWARGS, TASKS, kang_donors_lodo, register_task, split_by_column
 
-METHODS["cellular"] = cellular_method
-
 __all__ = [
+    "AUROC_COLUMNS",
+    "BATCH_COLUMN",
+    "LABELS_COLUMN",
     "METHODS",
     "STUDIES",
-    "TASK_METHOD_KWARGS",
     "TASKS",
+    "TASK_METHOD_KWARGS",
+    "UNLABELED_CATEGORY",
     "MethodResult",
     "MethodUnavailableError",
     "Study",
@@ -40,8 +51,8 @@ __all__ = [
     "kang_donors_lodo",
     "novel_type_detection",
     "query_label_ceiling",
-    "training_throughput",
-    "log_normalize",
+    "reference_hvgs",
+    "register_method",
     "register_task",
     "run_benchmark",
     "run_study",
@@ -49,4 +60,5 @@ __all__ = [
     "set_seed",
     "split_by_column",
     "summary_table",
+    "training_throughput",
 ]

@@ -1,7 +1,7 @@
 """CELLULAR benchmarks: annotation transfer, embedding quality, novel types, throughput.
 
-- :func:`cellular_method` has the signature of :data:`~scvi_ext.benchmark.METHODS`
-  entries: CELLULAR + :class:`~scvi_ext.model.LatentClassifier` on one split.
+- :func:`cellular_method`, registered as the benchmark method ``"cellular"``:
+  CELLULAR + :class:`~scvi_ext.model.LatentClassifier` on one split.
 - :func:`embedding_quality`, :func:`novel_type_detection` and :func:`training_throughput`
   return DataFrames; :mod:`scvi_ext.benchmark._studies` runs them over seeds and writes
   the reports.
@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback
 
-from ._cellular_reference import reference_package_throughput, reference_style_throughput
-from ._methods import MethodResult, MethodUnavailableError
+from scvi_ext.data import log_normalise, log_normalised_anndata
+
+from ._methods import MethodResult, MethodUnavailableError, register_method
+from .cellular_reference import reference_package_throughput, reference_style_throughput
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ def _select_hvgs(reference: ad.AnnData, query: ad.AnnData) -> tuple[ad.AnnData, 
     return reference, query[:, reference.var_names].copy()
 
 
+@register_method("cellular")
 def cellular_method(
     reference: ad.AnnData,
     query: ad.AnnData,
@@ -64,8 +67,7 @@ def cellular_method(
     tune_trials
         Optuna trials for the classifier (0: default settings).
     """
-    from scvi_ext.cellular import CELLULAR
-    from scvi_ext.classifier import NOVELTY_METHODS, LatentClassifier
+    from scvi_ext.model import CELLULAR, LatentClassifier
 
     reference, query = _select_hvgs(reference, query)
     if batch_key is not None and reference.obs[batch_key].nunique() < 2:
@@ -85,19 +87,14 @@ def cellular_method(
         classifier.train(max_epochs=classifier_epochs, **QUIET)
     train_seconds = time.perf_counter() - start
     proba = classifier.predict_proba(query)
-    names = classifier.label_names
-    latent_query = model.get_latent_representation(query)
     return MethodResult(
         name="cellular",
-        predictions=names[proba.argmax(axis=1)].astype(str),
+        predictions=classifier.label_names[proba.argmax(axis=1)].astype(str),
         confidence=proba.max(axis=1),
         train_seconds=train_seconds,
         cells_per_second=n_train * n_epochs / embed_seconds,
-        latent=np.vstack([model.get_latent_representation(), latent_query]),
-        latent_cells="reference+query",
         settings=f"CELLULAR {n_epochs} epochs, n_latent={n_latent}; classifier "
         f"{classifier_epochs} epochs{f', {tune_trials} optuna trials' if tune_trials else ''}",
-        extra={"novelty": {m: classifier.novelty_score(query, method=m) for m in NOVELTY_METHODS}},
     )
 
 
@@ -125,8 +122,8 @@ def embedding_quality(
     import scanpy as sc
     import scvi
 
-    from scvi_ext.cellular import CELLULAR
     from scvi_ext.data import select_genes
+    from scvi_ext.model import CELLULAR
 
     try:
         from scib_metrics.benchmark import Benchmarker
@@ -137,9 +134,8 @@ def embedding_quality(
     adata.obs[labels_key] = adata.obs[labels_key].astype(str).astype("category")
     adata.obs[batch_key] = adata.obs[batch_key].astype(str).astype("category")
     scvi.settings.seed = seed
-    log = adata.copy()
-    sc.pp.normalize_total(log)
-    sc.pp.log1p(log)
+    median_library_size = float(np.median(np.asarray(adata.X.sum(axis=1)).ravel()))
+    log = log_normalised_anndata(adata, target=median_library_size)
     sc.pp.pca(log, n_comps=50, random_state=seed)
     adata.obsm["Unintegrated"] = log.obsm["X_pca"]
     embeddings = []
@@ -241,10 +237,10 @@ def novel_type_detection(
     import scvi
     from sklearn.model_selection import StratifiedKFold
 
-    from scvi_ext.cellular import CELLULAR
-    from scvi_ext.classifier import NOVELTY_METHODS, LatentClassifier
+    from scvi_ext.classifier import NOVELTY_METHODS
     from scvi_ext.data import select_genes, validate_obs_key
     from scvi_ext.metrics import novelty_auroc, novelty_precision_coverage
+    from scvi_ext.model import CELLULAR, LatentClassifier
 
     labels = adata.obs[labels_key].astype(str).to_numpy()
     if condition_key is not None:
@@ -335,24 +331,25 @@ def training_throughput(
     ``cross_entropy_mlp`` are plain torch loops over the same dense minibatches with the
     CELLULAR loss and with a linear head + cross-entropy; ``reference_style_epoch`` is one
     epoch run the way the reference code runs it (per-cell ``DataLoader``, the loss in
-    Python loops, a validation pass: :func:`._cellular_reference.reference_style_throughput`);
+    Python loops, a validation pass: :func:`.cellular_reference.reference_style_throughput`);
     ``reference_package`` is the published package's own epochs (CELLULAR-CL, when
-    installed: :func:`._cellular_reference.reference_package_throughput`).
+    installed: :func:`.cellular_reference.reference_package_throughput`).
     """
     import scvi
+    from scvi import REGISTRY_KEYS
 
     from scvi_ext.base import create_optimizer
-    from scvi_ext.cellular import CELLULAR, FeedForwardEncoder, class_weights
-    from scvi_ext.cellular._module import CELLULARModule
+    from scvi_ext.cellular import CELLULARModule, FeedForwardEncoder, class_weights
     from scvi_ext.data import select_genes
+    from scvi_ext.model import CELLULAR
 
     adata = select_genes(adata, method="cellular")
     labels = adata.obs[labels_key].astype("category").cat.codes.to_numpy()
     batches = adata.obs[batch_key].astype("category").cat.codes.to_numpy()
-    n_labels, n_batches = labels.max() + 1, batches.max() + 1
-    counts = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
-    library = counts.sum(axis=1, keepdims=True)
-    x = torch.as_tensor(np.log1p(counts / library * library.mean()), dtype=torch.float32)
+    n_labels, n_batches = int(labels.max()) + 1, int(batches.max()) + 1
+    # CELLULAR's normalisation: scaled to the mean library size, then log1p
+    mean_library_size = float(np.asarray(adata.X.sum(axis=1)).mean())
+    x = torch.as_tensor(log_normalise(adata.X, mean_library_size).toarray(), dtype=torch.float32)
     y, b = torch.from_numpy(labels.astype(np.int64)), torch.from_numpy(batches.astype(np.int64))
     rows = []
 
@@ -368,17 +365,27 @@ def training_throughput(
         seconds = time.perf_counter() - start
         rows.append({"method": name, "cells_per_second": len(x) * n_epochs / seconds})
 
-    torch.manual_seed(seed)
-    module = CELLULARModule(x.shape[1], n_labels)
-    distances = torch.rand(n_labels, n_labels) + 0.1  # stands in for the one-off PCA matrix
-    module.reference_distances.copy_((distances + distances.T).fill_diagonal_(0.0) / 2)
-    label_w = class_weights(labels, n_labels)
-    batch_w = class_weights(batches, n_batches)
+    def new_module() -> CELLULARModule:
+        """A module with the class weights and a stand-in for the one-off PCA distances."""
+        torch.manual_seed(seed)
+        module = CELLULARModule(x.shape[1], n_labels, n_batch=n_batches)
+        module.label_weights.copy_(class_weights(labels, n_labels))
+        module.batch_weights.copy_(class_weights(batches, n_batches))
+        distances = torch.rand(n_labels, n_labels) + 0.1
+        module.reference_distances.copy_((distances + distances.T).fill_diagonal_(0.0) / 2)
+        return module
+
+    module = new_module()
     optimizer = create_optimizer(torch.optim.Adam, module.parameters(), lr=1e-3)
 
     def cellular_step(chunk):
         z = module.encoder(x[chunk])
-        loss = module.loss_terms(z, y[chunk], b[chunk], label_w, batch_w)["loss"]
+        tensors = {
+            REGISTRY_KEYS.X_KEY: x[chunk],
+            REGISTRY_KEYS.LABELS_KEY: y[chunk, None],
+            REGISTRY_KEYS.BATCH_KEY: b[chunk, None],
+        }
+        loss = module.loss(tensors, {"z": z}, {}).loss
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -396,11 +403,16 @@ def training_throughput(
 
     timed_loop("cross_entropy_mlp", cross_entropy_step)
     timed_loop("cellular_loss_loop", cellular_step)
-    torch.manual_seed(seed)
-    reference_module = CELLULARModule(x.shape[1], n_labels)
-    reference_module.reference_distances.copy_(module.reference_distances)
+    reference_module = new_module()
     cells_per_second = reference_style_throughput(
-        reference_module, x, y, b, label_w, batch_w, batch_size=batch_size, seed=seed
+        reference_module,
+        x,
+        y,
+        b,
+        reference_module.label_weights,
+        reference_module.batch_weights,
+        batch_size=batch_size,
+        seed=seed,
     )
     rows.append({"method": "reference_style_epoch", "cells_per_second": cells_per_second})
     try:
@@ -415,7 +427,7 @@ def training_throughput(
     data = adata.copy()
     CELLULAR.setup_anndata(data, labels_key=labels_key, batch_key=batch_key)
     model = CELLULAR(data)
-    model._fit_reference_statistics(100)  # the one-off PCA is not part of an epoch
+    model.fit_statistics()  # the one-off statistics (PCA) are computed outside the epochs
     timer, train_size = _EpochTimer(), 0.8
     model.train(
         max_epochs=n_epochs,

@@ -3,7 +3,8 @@
 Every method has the signature ``(reference, query, labels_key, seed, **options) ->
 MethodResult``: it learns the labels ``reference.obs[labels_key]`` from raw counts in
 ``reference.X`` and predicts them for the cells of ``query`` (same genes). A method
-whose optional dependency is missing raises :class:`MethodUnavailableError`.
+whose optional dependency is missing raises :class:`MethodUnavailableError`. Register a
+new method with :func:`register_method`; methods use the public API of the models only.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import importlib
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
@@ -22,9 +23,14 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from scvi_ext.data import log_normalised_anndata
+
+#: Label of the query cells in :func:`concat_reference_query` (scvi's unlabeled category).
 UNLABELED_CATEGORY = "Unknown"
+#: ``obs`` columns written by :func:`concat_reference_query`: labels, domain, batch.
 LABELS_COLUMN = "_bench_labels"
 DOMAIN_COLUMN = "_bench_domain"
+BATCH_COLUMN = "batch"
 
 
 @dataclass
@@ -44,14 +50,8 @@ class MethodResult:
     cells_per_second
         Training cells processed per second per epoch; ``None`` for methods without
         epochs.
-    latent
-        Optional embedding (reference + query cells, or query cells only).
-    latent_cells
-        ``"reference+query"`` or ``"query"``: which cells the rows of ``latent`` are.
     settings
         Short description of the training settings (epochs...), shown in the report.
-    extra
-        Method-specific details (e.g. ``n_epochs``).
     """
 
     name: str
@@ -59,10 +59,7 @@ class MethodResult:
     confidence: np.ndarray
     train_seconds: float
     cells_per_second: float | None = None
-    latent: np.ndarray | None = None
-    latent_cells: str = "reference+query"
     settings: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class MethodUnavailableError(RuntimeError):
@@ -70,6 +67,27 @@ class MethodUnavailableError(RuntimeError):
 
 
 MethodFunction = Callable[..., MethodResult]
+
+METHODS: dict[str, MethodFunction] = {}
+"""Registered methods, by name, in registration order (:func:`register_method`)."""
+
+
+def register_method(name: str) -> Callable[[MethodFunction], MethodFunction]:
+    """Decorator adding a method function to :data:`METHODS` under ``name``.
+
+    Examples
+    --------
+    >>> @register_method("my_method")
+    ... def my_method(reference, query, labels_key, seed=0, **options) -> MethodResult: ...
+    """
+
+    def decorator(function: MethodFunction) -> MethodFunction:
+        if name in METHODS and METHODS[name] is not function:
+            raise ValueError(f"A benchmark method named {name!r} is already registered.")
+        METHODS[name] = function
+        return function
+
+    return decorator
 
 
 def _check_inputs(reference: ad.AnnData, query: ad.AnnData, labels_key: str) -> ad.AnnData:
@@ -87,33 +105,6 @@ def _check_inputs(reference: ad.AnnData, query: ad.AnnData, labels_key: str) -> 
     return query
 
 
-def log_normalize(adata: ad.AnnData, target_sum: float = 1e4) -> ad.AnnData:
-    """Return a new AnnData with ``log1p`` of counts scaled to ``target_sum`` per cell.
-
-    Parameters
-    ----------
-    adata
-        Raw counts in ``X``.
-    target_sum
-        Total count of each cell after scaling (1e4: "CP10k").
-
-    Returns
-    -------
-    New AnnData (same ``obs_names`` and ``var_names``, no annotations).
-    """
-    import scanpy as sc
-
-    counts = adata.X if sp.issparse(adata.X) else np.asarray(adata.X)
-    out = ad.AnnData(
-        X=counts.astype(np.float32, copy=True),
-        obs=pd.DataFrame(index=adata.obs_names.copy()),
-        var=pd.DataFrame(index=adata.var_names.copy()),
-    )
-    sc.pp.normalize_total(out, target_sum=target_sum)
-    sc.pp.log1p(out)
-    return out
-
-
 def concat_reference_query(
     reference: ad.AnnData,
     query: ad.AnnData,
@@ -126,7 +117,7 @@ def concat_reference_query(
     Parameters
     ----------
     reference
-        Labelled cells, raw counts in ``X``; cells with a missing label are unlabelled.
+        Labelled cells, raw counts in ``X``; cells with a missing label are unlabeled.
     query
         Cells to annotate, the same genes as ``reference``.
     labels_key
@@ -138,9 +129,9 @@ def concat_reference_query(
 
     Returns
     -------
-    AnnData with the reference rows first; ``obs["_bench_labels"]`` (reference labels,
-    ``unlabeled_category`` for query cells), ``obs["_bench_domain"]``
-    (``"reference"`` / ``"query"``) and, with ``batch_key``, ``obs["batch"]``. Cell
+    AnnData with the reference rows first; ``obs[LABELS_COLUMN]`` (reference labels,
+    ``unlabeled_category`` for query cells), ``obs[DOMAIN_COLUMN]``
+    (``"reference"`` / ``"query"``) and, with ``batch_key``, ``obs[BATCH_COLUMN]``. Cell
     names are prefixed with ``ref-`` / ``query-`` so they are unique.
     """
     query = _check_inputs(reference, query, labels_key)
@@ -158,7 +149,7 @@ def concat_reference_query(
         for name, adata in (("reference", reference), ("query", query)):
             if batch_key not in adata.obs:
                 raise KeyError(f"batch_key {batch_key!r} is not a column of {name}.obs.")
-        obs["batch"] = np.concatenate(
+        obs[BATCH_COLUMN] = np.concatenate(
             [reference.obs[batch_key].astype(str), query.obs[batch_key].astype(str)]
         )
     for column in obs:
@@ -183,7 +174,7 @@ def reference_hvgs(reference: ad.AnnData, n_top_genes: int | None) -> np.ndarray
 
     if n_top_genes is None or reference.n_vars <= n_top_genes:
         return np.ones(reference.n_vars, dtype=bool)
-    reference_log = log_normalize(reference)
+    reference_log = log_normalised_anndata(reference)
     sc.pp.highly_variable_genes(reference_log, n_top_genes=n_top_genes, flavor="seurat")
     return reference_log.var["highly_variable"].to_numpy()
 
@@ -201,6 +192,79 @@ def _scaled_epochs(max_epochs: int, epochs_scale: float) -> int:
     return max(1, int(round(max_epochs * epochs_scale)))
 
 
+@register_method("scnym")
+def scnym(
+    reference: ad.AnnData,
+    query: ad.AnnData,
+    labels_key: str,
+    seed: int = 0,
+    *,
+    max_epochs: int | None = None,
+    epochs_scale: float = 1.0,
+    n_top_genes: int | None = 2000,
+    progress_bar: bool = False,
+    train_kwargs: dict[str, Any] | None = None,
+) -> MethodResult:
+    """ScNym (``scvi_ext.model.ScNym``) trained on reference + unlabeled query.
+
+    Parameters
+    ----------
+    reference, query, labels_key, seed
+        See the module docstring.
+    max_epochs
+        Training epochs; ``None`` keeps the model's default (``epochs_scale`` then
+        does not apply).
+    epochs_scale
+        Multiplies ``max_epochs`` when it is given.
+    n_top_genes
+        Highly variable genes of the reference (:func:`reference_hvgs`, as for
+        logistic regression); ``None``: all genes (the scNym paper's choice).
+    progress_bar
+        Show Lightning progress bars.
+    train_kwargs
+        Extra keyword arguments for ``ScNym.train``.
+
+    Returns
+    -------
+    :class:`MethodResult`.
+    """
+    from scvi_ext.model import ScNym
+
+    reference, query = _restrict_to_hvgs(reference, query, labels_key, n_top_genes)
+    adata = concat_reference_query(reference, query, labels_key)
+    ScNym.setup_anndata(adata, labels_key=LABELS_COLUMN, unlabeled_category=UNLABELED_CATEGORY)
+    model = ScNym(adata)
+    train_kwargs = {"enable_progress_bar": progress_bar, **(train_kwargs or {})}
+    if max_epochs is not None:
+        train_kwargs["max_epochs"] = _scaled_epochs(max_epochs, epochs_scale)
+    start = time.perf_counter()
+    model.train(**train_kwargs)
+    train_seconds = time.perf_counter() - start
+
+    query_proba = model.predict(indices=np.arange(reference.n_obs, adata.n_obs), soft=True)
+    n_epochs = _trained_epochs(model, train_kwargs.get("max_epochs"))
+    return MethodResult(
+        name="scnym",
+        predictions=query_proba.idxmax(axis=1).astype(str).to_numpy(),
+        confidence=query_proba.max(axis=1).to_numpy(),
+        train_seconds=train_seconds,
+        cells_per_second=None if n_epochs is None else adata.n_obs * n_epochs / train_seconds,
+        settings=f"{reference.n_vars} genes" + (f", {n_epochs} epochs" if n_epochs else ""),
+    )
+
+
+def _trained_epochs(model: Any, requested: int | None) -> int | None:
+    """Epochs actually run (early stopping may stop before ``max_epochs``)."""
+    history = getattr(model, "history", None) or {}
+    for key in ("train_loss_epoch", "train_loss"):
+        if key in history:
+            return len(history[key])
+    if requested is not None:
+        return requested
+    return getattr(getattr(model, "trainer", None), "max_epochs", None)
+
+
+@register_method("logistic_regression")
 def logistic_regression(
     reference: ad.AnnData,
     query: ad.AnnData,
@@ -224,13 +288,13 @@ def logistic_regression(
 
     Returns
     -------
-    :class:`MethodResult` without latent.
+    :class:`MethodResult`.
     """
     from sklearn.linear_model import LogisticRegression
 
     query = _check_inputs(reference, query, labels_key)
-    reference_log = log_normalize(reference)
-    query_log = log_normalize(query)
+    reference_log = log_normalised_anndata(reference)
+    query_log = log_normalised_anndata(query)
     genes = reference_hvgs(reference, n_top_genes)
     labels = reference.obs[labels_key].astype(str).to_numpy()
 
@@ -303,6 +367,7 @@ def query_label_ceiling(
     )
 
 
+@register_method("scanvi")
 def scanvi(
     reference: ad.AnnData,
     query: ad.AnnData,
@@ -315,7 +380,7 @@ def scanvi(
     n_top_genes: int | None = 2000,
     progress_bar: bool = False,
 ) -> MethodResult:
-    """scVI pre-training then scANVI on reference + query (query cells unlabelled).
+    """scVI pre-training then scANVI on reference + query (query cells unlabeled).
 
     Parameters
     ----------
@@ -336,7 +401,7 @@ def scanvi(
 
     Returns
     -------
-    :class:`MethodResult` with the scANVI latent of reference + query cells.
+    :class:`MethodResult`.
     """
     import scvi
 
@@ -363,10 +428,8 @@ def scanvi(
         confidence=proba.max(axis=1).to_numpy(),
         train_seconds=train_seconds,
         cells_per_second=adata.n_obs * n_epochs / train_seconds,
-        latent=model.get_latent_representation(adata),
         settings=f"{reference.n_vars} genes, scVI {n_scvi_epochs} + scANVI {n_scanvi_epochs} "
         "epochs",
-        extra={"n_epochs": n_epochs},
     )
 
 
@@ -402,6 +465,7 @@ def _sklearn_has_multi_class() -> bool:
     return "multi_class" in inspect.signature(LogisticRegression).parameters
 
 
+@register_method("celltypist")
 def celltypist(
     reference: ad.AnnData,
     query: ad.AnnData,
@@ -421,7 +485,7 @@ def celltypist(
 
     Returns
     -------
-    :class:`MethodResult` without latent.
+    :class:`MethodResult`.
 
     Raises
     ------
@@ -443,8 +507,8 @@ def celltypist(
     train_module = importlib.import_module("celltypist.train")
 
     query = _check_inputs(reference, query, labels_key)
-    reference_log = log_normalize(reference)
-    query_log = log_normalize(query)
+    reference_log = log_normalised_anndata(reference)
+    query_log = log_normalised_anndata(query)
     labels = reference.obs[labels_key].astype(str).to_numpy()
 
     settings = f"max_iter={max_iter}"
@@ -473,93 +537,3 @@ def celltypist(
         cells_per_second=None,
         settings=settings,
     )
-
-
-def _import_scnym() -> type:
-    try:
-        from scvi_ext.model import ScNym
-    except ImportError as error:
-        raise MethodUnavailableError(f"scvi_ext.model.ScNym is not importable: {error}") from error
-    return ScNym
-
-
-def scnym(
-    reference: ad.AnnData,
-    query: ad.AnnData,
-    labels_key: str,
-    seed: int = 0,
-    *,
-    max_epochs: int | None = None,
-    epochs_scale: float = 1.0,
-    n_top_genes: int | None = 2000,
-    progress_bar: bool = False,
-    train_kwargs: dict[str, Any] | None = None,
-) -> MethodResult:
-    """ScNym (``scvi_ext.model.ScNym``) trained on reference + unlabelled query.
-
-    Parameters
-    ----------
-    reference, query, labels_key, seed
-        See the module docstring.
-    max_epochs
-        Training epochs; ``None`` keeps the model's default (``epochs_scale`` then
-        does not apply).
-    epochs_scale
-        Multiplies ``max_epochs`` when it is given.
-    n_top_genes
-        Highly variable genes of the reference (:func:`reference_hvgs`, as for
-        logistic regression); ``None``: all genes (the scNym paper's choice).
-    progress_bar
-        Show Lightning progress bars.
-    train_kwargs
-        Extra keyword arguments for ``ScNym.train``.
-
-    Returns
-    -------
-    :class:`MethodResult` with the ScNym latent of reference + query cells.
-    """
-    model_cls = _import_scnym()
-    reference, query = _restrict_to_hvgs(reference, query, labels_key, n_top_genes)
-    adata = concat_reference_query(reference, query, labels_key)
-    model_cls.setup_anndata(adata, labels_key=LABELS_COLUMN, unlabeled_category=UNLABELED_CATEGORY)
-    model = model_cls(adata)
-    train_kwargs = {"enable_progress_bar": progress_bar, **(train_kwargs or {})}
-    if max_epochs is not None:
-        train_kwargs["max_epochs"] = _scaled_epochs(max_epochs, epochs_scale)
-    start = time.perf_counter()
-    model.train(**train_kwargs)
-    train_seconds = time.perf_counter() - start
-
-    proba = model.predict(soft=True)
-    query_proba = proba.iloc[reference.n_obs :]
-    n_epochs = _trained_epochs(model, train_kwargs.get("max_epochs"))
-    return MethodResult(
-        name="scnym",
-        predictions=query_proba.idxmax(axis=1).astype(str).to_numpy(),
-        confidence=query_proba.max(axis=1).to_numpy(),
-        train_seconds=train_seconds,
-        cells_per_second=None if n_epochs is None else adata.n_obs * n_epochs / train_seconds,
-        latent=np.asarray(model.get_latent_representation()),
-        settings=f"{reference.n_vars} genes" + (f", {n_epochs} epochs" if n_epochs else ""),
-        extra={"n_epochs": n_epochs},
-    )
-
-
-def _trained_epochs(model: Any, requested: int | None) -> int | None:
-    """Epochs actually run (early stopping may stop before ``max_epochs``)."""
-    history = getattr(model, "history", None) or {}
-    for key in ("train_loss_epoch", "train_loss"):
-        if key in history:
-            return len(history[key])
-    if requested is not None:
-        return requested
-    return getattr(getattr(model, "trainer", None), "max_epochs", None)
-
-
-METHODS: dict[str, MethodFunction] = {
-    "scnym": scnym,
-    "scanvi": scanvi,
-    "celltypist": celltypist,
-    "logistic_regression": logistic_regression,
-}
-"""Registered methods, by name. Add an entry to benchmark a new method."""

@@ -13,19 +13,18 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 
+from scvi_ext.data import log_normalised_anndata
+
 from ._methods import (
     METHODS,
     QUERY_LABEL_CEILING,
     MethodResult,
     MethodUnavailableError,
-    log_normalize,
     query_label_ceiling,
 )
 from ._plots import plot_accuracy, plot_reliability, plot_umap
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_METHODS = ("scnym", "scanvi", "celltypist", "logistic_regression")
 
 # (column, header, number format) of the markdown summary table.
 SUMMARY_COLUMNS = (
@@ -211,7 +210,7 @@ def _query_umap(query: ad.AnnData, seed: int) -> np.ndarray:
     """2-D UMAP of the query cells (log-normalised, HVGs, PCA, kNN graph)."""
     import scanpy as sc
 
-    query_log = log_normalize(query)
+    query_log = log_normalised_anndata(query)
     if query_log.n_vars > 2000:
         sc.pp.highly_variable_genes(query_log, n_top_genes=2000, flavor="seurat", subset=True)
     n_comps = int(min(30, query_log.n_obs - 1, query_log.n_vars - 1))
@@ -245,8 +244,9 @@ def run_benchmark(
     seeds
         Seeds; each method runs once per seed.
     methods
-        Names in :data:`~scvi_ext.benchmark.METHODS` (default: all). Methods whose
-        optional dependency is missing are skipped and listed in the report.
+        Names in :data:`~scvi_ext.benchmark.METHODS` (default: every registered method,
+        in registration order). Methods whose optional dependency is missing are skipped
+        and listed in the report.
     outdir
         Folder for ``results_per_seed.csv``, ``summary.md``, ``accuracy.png``,
         ``reliability.png`` and ``umap_query.png`` (created if needed).
@@ -278,7 +278,7 @@ def run_benchmark(
 
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; available: {sorted(TASKS)}.")
-    methods = list(DEFAULT_METHODS if methods is None else methods)
+    methods = list(METHODS if methods is None else methods)
     unknown = [name for name in methods if name not in METHODS]
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; available: {sorted(METHODS)}.")

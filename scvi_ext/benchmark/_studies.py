@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from scvi_ext.classifier import NOVELTY_METHODS
+
 from ._plots import plot_study
 from ._runner import _format_cell, machine_info, set_seed
 
@@ -40,14 +42,9 @@ class Study:
     headline: dict[str, tuple[str, ...]]
 
 
-# one per LatentClassifier novelty score (scvi_ext.classifier.NOVELTY_METHODS)
-AUROC_COLUMNS = (
-    "auroc_max_proba",
-    "auroc_entropy",
-    "auroc_centroid_distance",
-    "auroc_neighbour_distance",
-    "auroc_query_neighbours",
-)
+#: Columns of :func:`novel_type_detection`'s per-type table, one per LatentClassifier
+#: novelty score (:data:`scvi_ext.classifier.NOVELTY_METHODS`).
+AUROC_COLUMNS: tuple[str, ...] = tuple(f"auroc_{method}" for method in NOVELTY_METHODS)
 
 
 def _embedding(seed: int) -> dict[str, pd.DataFrame]:
@@ -133,7 +130,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def summarize_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
+def summarise_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
     """Mean ± sd over the ``seed`` column of every numeric column, by the first column."""
     key = table.columns[0]
     numeric = [
@@ -191,7 +188,7 @@ def run_study(
     lines += [f"Seeds: {', '.join(map(str, seeds))}; mean ± sd over seeds.", ""]
     for table_name, table in tables.items():
         table.to_csv(outdir / f"{table_name}_per_seed.csv", index=False)
-        lines += [f"## {table_name}", "", markdown_table(summarize_over_seeds(table)), ""]
+        lines += [f"## {table_name}", "", markdown_table(summarise_over_seeds(table)), ""]
         if table_name in study.headline:
             plot_study(table, study.headline[table_name], outdir / f"{table_name}.png")
     lines += ["## Command", "", "```", command or f"run_study({name!r}, {seeds})", "```", ""]

@@ -1,6 +1,11 @@
 """Datasets, a count simulator, gene selection and input validation."""
 
-from ._genes import GENE_SELECTION_DEFAULTS, log_normalise, select_genes
+from ._genes import (
+    GENE_SELECTION_DEFAULTS,
+    log_normalise,
+    log_normalised_anndata,
+    select_genes,
+)
 from ._loaders import (
     DATASETS,
     datasets_available,
@@ -35,6 +40,7 @@ __all__ = [
     "load_snareseq",
     "load_snareseq_gene_region_map",
     "log_normalise",
+    "log_normalised_anndata",
     "select_genes",
     "simulate",
     "validate_counts",

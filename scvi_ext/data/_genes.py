@@ -1,5 +1,6 @@
 import anndata as ad
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
 
@@ -104,6 +105,30 @@ def log_normalise(counts, target: np.ndarray | float) -> sp.csr_matrix:
     normalised = sp.csr_matrix(sp.diags(scale) @ counts)
     np.log1p(normalised.data, out=normalised.data)
     return normalised
+
+
+def log_normalised_anndata(adata: ad.AnnData, target: float = 1e4) -> ad.AnnData:
+    """A new AnnData of :func:`log_normalise`-d counts (``X``), for scanpy and scikit-learn.
+
+    Parameters
+    ----------
+    adata
+        Raw counts in ``X`` (sparse or dense; a backed AnnData is read whole).
+    target
+        Total count of each cell after scaling (1e4: log1p of counts per 10,000, the
+        scanpy and CellTypist convention).
+
+    Returns
+    -------
+    AnnData with float32 CSR ``X`` and the input's ``obs_names`` and ``var_names`` (no
+    other annotations); the input is not modified.
+    """
+    counts = sp.csr_matrix(adata.X, dtype=np.float32)
+    return ad.AnnData(
+        X=log_normalise(counts, target),
+        obs=pd.DataFrame(index=adata.obs_names.copy()),
+        var=pd.DataFrame(index=adata.var_names.copy()),
+    )
 
 
 def _cell_ranger_hvgs(counts: sp.csr_matrix, n_top: int) -> np.ndarray:

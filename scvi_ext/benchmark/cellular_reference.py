@@ -13,6 +13,10 @@ epoch. This module is our own rewrite of that structure, for two uses:
 
 :func:`reference_package_throughput` times the published package itself (``CELLULAR-CL``
 on PyPI, installed with ``--no-deps`` because it pins old versions of everything).
+
+Tests and the benchmark import it the same way::
+
+    from scvi_ext.benchmark.cellular_reference import looped_cellular_loss
 """
 
 from __future__ import annotations
