@@ -215,12 +215,9 @@ def test_plan_steps_run_on_the_modules_device_without_waiting_for_it(plan_name):
     # No GPU here: the meta device stands in for one. It has no data, so any tensor made on
     # the CPU, any .item()/bool() and any boolean-mask indexing in a step raises: each
     # would be a device mismatch or a wait for the GPU in every step.
-    from scvi_ext.cellular._module import CELLULARModule
-    from scvi_ext.cellular._plan import CELLULARTrainingPlan
-    from scvi_ext.classifier._module import LatentClassifierModule
-    from scvi_ext.classifier._plan import LatentClassifierTrainingPlan
-    from scvi_ext.scnym._module import ScNymModule
-    from scvi_ext.scnym._plan import ScNymTrainingPlan
+    from scvi_ext.cellular import CELLULARModule, CELLULARTrainingPlan
+    from scvi_ext.classifier import LatentClassifierModule, LatentClassifierTrainingPlan
+    from scvi_ext.scnym import ScNymModule, ScNymTrainingPlan
 
     n_genes, n_labels = 20, 3
     if plan_name == "scnym":

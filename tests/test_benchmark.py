@@ -18,6 +18,7 @@ from scvi_ext.benchmark import (
     reference_hvgs,
     register_method,
     run_benchmark,
+    score_predictions,
     summary_table,
 )
 from scvi_ext.data import datasets_available, log_normalised_anndata
@@ -274,3 +275,21 @@ def test_concat_reference_query(tiny_split):
         concat_reference_query(reference, query[:, :10], labels_key)
     with pytest.raises(KeyError, match="no_such_key"):
         concat_reference_query(reference, query, "no_such_key")
+
+
+def test_score_predictions_reports_the_ece_before_calibration():
+    from scvi_ext.metrics import expected_calibration_error
+
+    truth = np.array(["a", "a", "b", "b"])
+    predictions = np.array(["a", "b", "b", "b"])
+    calibrated, raw = np.array([0.9, 0.6, 0.8, 0.7]), np.array([0.6, 0.5, 0.6, 0.5])
+    result = MethodResult("m", predictions, calibrated, 1.0, uncalibrated_confidence=raw)
+    scores = score_predictions(truth, result)
+    assert scores["ece"] == pytest.approx(
+        expected_calibration_error(truth, predictions, calibrated)
+    )
+    assert scores["ece_uncalibrated"] == pytest.approx(
+        expected_calibration_error(truth, predictions, raw)
+    )
+    plain = score_predictions(truth, MethodResult("m", predictions, calibrated, 1.0))
+    assert "ece_uncalibrated" not in plain

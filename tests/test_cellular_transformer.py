@@ -13,7 +13,7 @@ import torch
 from scvi_ext.cellular import CELLULAR
 from scvi_ext.cellular._transformer import GeneSetTokenizer, GeneTokenizer, read_gmt
 from scvi_ext.data import simulate
-from scvi_ext.interpret._rollout import attention_rollout, rollout
+from scvi_ext.interpret import attention_rollout, rollout
 
 TRAIN = {"enable_progress_bar": False, "enable_model_summary": False}
 SMALL = {"n_latent": 8, "d_model": 16, "n_heads": 2, "n_layers": 2}

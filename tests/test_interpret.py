@@ -6,7 +6,7 @@ import torch
 from scvi_ext.interpret import saliency
 from scvi_ext.interpret._saliency import _attributions
 from scvi_ext.model import ScNym
-from scvi_ext.scnym._module import ScNymModule
+from scvi_ext.scnym import ScNymModule
 
 
 @pytest.fixture

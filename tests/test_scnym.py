@@ -6,10 +6,13 @@ import pytest
 import scipy.sparse as sp
 import scvi
 import torch
+import torch.nn.functional as F
 from conftest import query_mask, requires_shared_data
+from scvi import REGISTRY_KEYS
 
+from scvi_ext.base import LABELLED, UNLABELLED
 from scvi_ext.model import ScNym
-from scvi_ext.scnym._plan import sharpen
+from scvi_ext.scnym import DOMAIN_KEY, ScNymModule, ScNymTrainingPlan, sharpen
 
 FAST = {"max_epochs": 10, "batch_size": 64, "enable_progress_bar": False}
 
@@ -110,12 +113,15 @@ def test_second_train_runs_in_train_mode(sim_adata):
     assert any(modes), "the second train() never ran a step in train mode"
 
 
-def test_best_validation_epoch_is_kept(sim_adata):
+def test_the_weights_of_the_best_validation_epoch_are_kept(sim_adata):
     model = trained(sim_adata)
     losses = model.history["validation_loss"]["validation_loss"].to_numpy(dtype=float)
     assert len(losses) == FAST["max_epochs"]
-    # the kept weights are those of the best epoch: re-evaluating gives its loss
-    assert np.isfinite(losses).all()
+    indices = model.validation_indices
+    logits = model.map_minibatches(model.module.predict_logits, indices=indices)
+    codes = model.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY).ravel()[indices]
+    kept_loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(codes).long())
+    assert float(kept_loss) == pytest.approx(losses.min(), rel=1e-4)
 
 
 def test_schedules_ramp_to_paper_values(sim_adata):
@@ -178,16 +184,62 @@ def test_novelty_methods_and_query_neighbours_against_the_labelled_cells(sim_ada
     )
 
 
-def test_pseudolabel_threshold_trains(sim_adata):
-    ScNym.setup_anndata(sim_adata, labels_key="labels", unlabeled_category="Unknown")
-    model = ScNym(sim_adata, n_hidden=32)
-    model.train(**FAST, plan_kwargs={"pseudolabel_min_confidence": 0.9})
-    assert model.is_trained
+def _minibatch(labels: list[int], n_genes: int = 20) -> dict:
+    generator = torch.Generator().manual_seed(len(labels))
+    return {
+        REGISTRY_KEYS.X_KEY: torch.poisson(torch.full((len(labels), n_genes), 3.0), generator),
+        REGISTRY_KEYS.LABELS_KEY: torch.tensor(labels)[:, None],
+        REGISTRY_KEYS.BATCH_KEY: torch.zeros(len(labels), 1),
+    }
 
 
-def test_domain_key_and_batch_key(sim_adata):
-    model = trained(sim_adata, batch_key="batch", domain_key="condition")
-    assert model.module.domain_adversary[-1].out_features == 2
+def test_pseudolabel_threshold_leaves_unconfident_query_cells_out():
+    module = ScNymModule(n_input=20, n_labels=3)
+    batch = {LABELLED: _minibatch([0, 1, 2, 0]), UNLABELLED: _minibatch([3, 3, 3, 3])}
+    passed = {}
+    for threshold in (None, 0.999):
+        plan = ScNymTrainingPlan(module, pseudolabel_min_confidence=threshold)
+        step = plan.module_loss_step
+
+        def spy(stage, tensors, loss_kwargs, threshold=threshold, step=step):
+            passed[threshold] = loss_kwargs
+            return step(stage, tensors, loss_kwargs)
+
+        plan.module_loss_step = spy
+        plan.training_step(batch, 0)
+    assert passed[None]["cell_weights"] is None
+    # an untrained model is never 99.9% confident: every query cell is left out
+    assert passed[0.999]["cell_weights"].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    tensors = {
+        key: torch.cat([batch[LABELLED][key], batch[UNLABELLED][key]]) for key in batch[LABELLED]
+    }
+    output = module(tensors, loss_kwargs=passed[0.999])[2]
+    assert float(output.extra_metrics["unsupervised_loss"]) == 0.0
+
+
+def test_the_adversary_learns_registered_domains_else_labelled_vs_query():
+    module = ScNymModule(n_input=20, n_labels=3, n_domains=3).eval()
+    tensors = _minibatch([0, 1, 3, 3, 2, 3])
+    outputs = module.inference(tensors[REGISTRY_KEYS.X_KEY], tensors[REGISTRY_KEYS.BATCH_KEY])
+    domain_logits = module.domain_adversary(outputs["z"])
+    domains = torch.tensor([2, 0, 1, 2, 1, 0])
+    registered = module.loss(
+        {**tensors, DOMAIN_KEY: domains[:, None]}, outputs, {}, adversary_weight=0.1
+    )
+    default = module.loss(tensors, outputs, {}, adversary_weight=0.1)
+    query = torch.tensor([0, 0, 1, 1, 0, 1])
+    torch.testing.assert_close(
+        registered.extra_metrics["adversarial_loss"], F.cross_entropy(domain_logits, domains)
+    )
+    torch.testing.assert_close(
+        default.extra_metrics["adversarial_loss"], F.cross_entropy(domain_logits, query)
+    )
+
+
+def test_setup_with_domain_key_sizes_the_adversary_by_its_domains(sim_adata):
+    sim_adata.obs["site"] = np.resize(["a", "b", "c"], sim_adata.n_obs)
+    model = trained(sim_adata, batch_key="batch", domain_key="site")
+    assert model.module.domain_adversary[-1].out_features == 3
     assert model.predict().shape == (sim_adata.n_obs,)
 
 

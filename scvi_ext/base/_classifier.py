@@ -116,10 +116,15 @@ class ClassifierMixin(InferenceMixin):
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
+        calibrated: bool = True,
     ) -> np.ndarray:
-        """Calibrated class probabilities, one row per cell and one column per cell type."""
+        """Class probabilities, one row per cell and one column per cell type.
+
+        ``calibrated=False`` gives the softmax of the raw logits (temperature 1).
+        """
         logits = self.map_minibatches(self.module.predict_logits, adata, indices, batch_size)
-        scaled = torch.from_numpy(logits).double() / self.calibration_temperature
+        temperature = self.calibration_temperature if calibrated else 1.0
+        scaled = torch.from_numpy(logits).double() / temperature
         return torch.softmax(scaled, dim=-1).numpy()
 
     def predict(

@@ -91,6 +91,7 @@ def cellular_method(
         name="cellular",
         predictions=classifier.label_names[proba.argmax(axis=1)].astype(str),
         confidence=proba.max(axis=1),
+        uncalibrated_confidence=classifier.predict_proba(query, calibrated=False).max(axis=1),
         train_seconds=train_seconds,
         cells_per_second=n_train * n_epochs / embed_seconds,
         settings=f"CELLULAR {n_epochs} epochs, n_latent={n_latent}; classifier "

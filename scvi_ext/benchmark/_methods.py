@@ -52,6 +52,9 @@ class MethodResult:
         epochs.
     settings
         Short description of the training settings (epochs...), shown in the report.
+    uncalibrated_confidence
+        For models calibrated after training: the confidence before calibration
+        (temperature 1), reported as ``ece_uncalibrated``.
     """
 
     name: str
@@ -60,6 +63,7 @@ class MethodResult:
     train_seconds: float
     cells_per_second: float | None = None
     settings: str = ""
+    uncalibrated_confidence: np.ndarray | None = None
 
 
 class MethodUnavailableError(RuntimeError):
@@ -241,12 +245,16 @@ def scnym(
     model.train(**train_kwargs)
     train_seconds = time.perf_counter() - start
 
-    query_proba = model.predict(indices=np.arange(reference.n_obs, adata.n_obs), soft=True)
+    query_cells = np.arange(reference.n_obs, adata.n_obs)
+    query_proba = model.predict(indices=query_cells, soft=True)
     n_epochs = _trained_epochs(model, train_kwargs.get("max_epochs"))
     return MethodResult(
         name="scnym",
         predictions=query_proba.idxmax(axis=1).astype(str).to_numpy(),
         confidence=query_proba.max(axis=1).to_numpy(),
+        uncalibrated_confidence=model.predict_proba(indices=query_cells, calibrated=False).max(
+            axis=1
+        ),
         train_seconds=train_seconds,
         cells_per_second=None if n_epochs is None else adata.n_obs * n_epochs / train_seconds,
         settings=f"{reference.n_vars} genes" + (f", {n_epochs} epochs" if n_epochs else ""),

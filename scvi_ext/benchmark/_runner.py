@@ -33,6 +33,7 @@ SUMMARY_COLUMNS = (
     ("macro_f1", "macro F1", ".3f"),
     ("weighted_f1", "weighted F1", ".3f"),
     ("ece", "ECE", ".3f"),
+    ("ece_uncalibrated", "ECE uncalibrated", ".3f"),
     ("confidence_correct", "confidence (right)", ".3f"),
     ("confidence_wrong", "confidence (wrong)", ".3f"),
     ("train_seconds", "train s", ".1f"),
@@ -65,9 +66,10 @@ def score_predictions(y_true: np.ndarray, result: MethodResult) -> dict[str, flo
     -------
     :func:`scvi_ext.metrics.classification_report` plus ``mean_confidence``,
     ``confidence_correct`` and ``confidence_wrong`` (mean confidence of right and of
-    wrong predictions; NaN when there are none).
+    wrong predictions; NaN when there are none) and, for calibrated models,
+    ``ece_uncalibrated`` (the ECE before calibration).
     """
-    from scvi_ext.metrics import classification_report
+    from scvi_ext.metrics import classification_report, expected_calibration_error
 
     y_true = np.asarray(y_true).astype(str)
     y_pred = np.asarray(result.predictions).astype(str)
@@ -80,6 +82,9 @@ def score_predictions(y_true: np.ndarray, result: MethodResult) -> dict[str, flo
     scores["mean_confidence"] = float(confidence.mean())
     scores["confidence_correct"] = float(confidence[correct].mean()) if correct.any() else np.nan
     scores["confidence_wrong"] = float(confidence[~correct].mean()) if (~correct).any() else np.nan
+    if result.uncalibrated_confidence is not None:
+        raw = np.asarray(result.uncalibrated_confidence, dtype=float)
+        scores["ece_uncalibrated"] = expected_calibration_error(y_true, y_pred, raw)
     return scores
 
 
@@ -149,7 +154,10 @@ def summary_table(results: pd.DataFrame, columns: list[str] | None = None) -> st
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, rows in results.groupby("method", sort=False):
         cells = [str(method), str(rows["settings"].iloc[0]) or "–"]
-        cells += [_format_cell(rows[column], number_format) for column, _, number_format in shown]
+        cells += [
+            _format_cell(rows.get(column, pd.Series(dtype=float)), number_format)
+            for column, _, number_format in shown
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
