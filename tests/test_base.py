@@ -13,9 +13,10 @@ from scvi import REGISTRY_KEYS
 
 from scvi_ext.base import (
     LABELLED,
-    UNLABELLED,
+    UNLABELED,
     PairedDataLoader,
     PairedDataSplitter,
+    fit_temperature,
     labelled_mask,
     query_neighbour_score,
     sigmoid_ramp,
@@ -36,15 +37,15 @@ def test_labelled_mask_follows_unlabeled_category(sim_adata):
 
 def test_paired_loader_pairs_every_step_and_cycles_the_shorter_side(sim_adata):
     manager = manager_of(sim_adata)
-    labelled, unlabelled = np.arange(100), np.arange(400, 430)
-    loader = PairedDataLoader(manager, labelled, unlabelled, batch_size=16)
+    labelled, unlabeled = np.arange(100), np.arange(400, 430)
+    loader = PairedDataLoader(manager, labelled, unlabeled, batch_size=16)
     steps = list(loader)
     assert len(steps) == len(loader) == 7  # ceil(100 / 16): the longer side sets the epoch
-    assert all(step[LABELLED] is not None and step[UNLABELLED] is not None for step in steps)
+    assert all(step[LABELLED] is not None and step[UNLABELED] is not None for step in steps)
     seen_labelled = sum(len(step[LABELLED][REGISTRY_KEYS.X_KEY]) for step in steps)
-    seen_unlabelled = sum(len(step[UNLABELLED][REGISTRY_KEYS.X_KEY]) for step in steps)
+    seen_unlabeled = sum(len(step[UNLABELED][REGISTRY_KEYS.X_KEY]) for step in steps)
     assert seen_labelled == 100
-    assert seen_unlabelled > 30  # the 30 query cells were served more than once
+    assert seen_unlabeled > 30  # the 30 query cells were served more than once
 
 
 def test_paired_loader_empty_side_yields_none(sim_adata):
@@ -52,7 +53,7 @@ def test_paired_loader_empty_side_yields_none(sim_adata):
     loader = PairedDataLoader(manager, np.arange(50), np.array([], dtype=int), batch_size=16)
     steps = list(loader)
     assert len(steps) == 4
-    assert all(step[UNLABELLED] is None for step in steps)
+    assert all(step[UNLABELED] is None for step in steps)
     with pytest.raises(ValueError, match="at least one"):
         PairedDataLoader(manager, np.array([], dtype=int), np.array([], dtype=int))
 
@@ -64,7 +65,7 @@ def test_splitter_holds_out_labelled_cells_only(sim_adata):
     n_labelled = int((~query_mask(sim_adata)).sum())
     assert len(splitter.val_idx) == n_labelled - int(np.ceil(0.8 * n_labelled))
     assert not query_mask(sim_adata)[splitter.val_idx].any()
-    assert query_mask(sim_adata)[splitter.unlabelled_idx].all()
+    assert query_mask(sim_adata)[splitter.unlabeled_idx].all()
     assert len(np.intersect1d(splitter.train_idx, splitter.val_idx)) == 0
     assert len(splitter.train_idx) + len(splitter.val_idx) == sim_adata.n_obs
 
@@ -226,7 +227,7 @@ def test_plan_steps_run_on_the_modules_device_without_waiting_for_it(plan_name):
         )
         train_batch = {
             LABELLED: _meta_minibatch(4, n_genes, 0),
-            UNLABELLED: _meta_minibatch(4, n_genes, n_labels),
+            UNLABELED: _meta_minibatch(4, n_genes, n_labels),
         }
     else:
         if plan_name == "latent_classifier":
@@ -236,10 +237,22 @@ def test_plan_steps_run_on_the_modules_device_without_waiting_for_it(plan_name):
             module.label_weights.fill_(1.0 / n_labels)
             module.batch_weights.fill_(0.5)
             plan = CELLULARTrainingPlan(module)
-        train_batch = _meta_minibatch(4, n_genes, n_labels)  # unlabelled cells mixed in
+        train_batch = _meta_minibatch(4, n_genes, n_labels)  # unlabeled cells mixed in
         train_batch[REGISTRY_KEYS.LABELS_KEY][:2] = 1
     plan = plan.to("meta")
     loss = plan.training_step(train_batch, 0)
     assert loss.device.type == "meta"
     assert loss.shape == ()
     plan.validation_step(_meta_minibatch(4, n_genes, 0), 0)
+
+
+def test_fit_temperature_softens_overconfident_and_sharpens_underconfident_logits():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, size=2000)
+    predicted = np.where(rng.random(2000) < 0.7, labels, rng.integers(0, 4, size=2000))
+    one_hot = np.eye(4)[predicted]
+    assert fit_temperature(10.0 * one_hot, labels) > 3  # 99.9% confident, 70% right
+    assert fit_temperature(0.2 * one_hot, labels) < 0.5  # 30% confident, 70% right
+    assert fit_temperature(np.log(np.where(one_hot, 0.775, 0.075)), labels) == pytest.approx(
+        1.0, abs=0.1
+    )  # calibrated already: P(right) = 0.7 + 0.3 / 4

@@ -130,19 +130,19 @@ def test_module_loss_matches_the_looped_loss_of_the_speed_benchmark(
     torch.testing.assert_close(vectorised, looped, rtol=1e-9, atol=1e-9)
 
 
-def test_module_loss_leaves_unlabelled_cells_out(small_batch, module_and_weights):
+def test_module_loss_leaves_unlabeled_cells_out(small_batch, module_and_weights):
     z, labels, batches = small_batch
     module, _, _ = module_and_weights
-    with_unlabelled = labels.clone()
-    with_unlabelled[::3] = 6  # the unlabeled category's code
-    labelled = with_unlabelled < 6
-    masked = module_loss_terms(module, z, with_unlabelled, batches)
+    with_unlabeled = labels.clone()
+    with_unlabeled[::3] = 6  # the unlabeled category's code
+    labelled = with_unlabeled < 6
+    masked = module_loss_terms(module, z, with_unlabeled, batches)
     subset = module_loss_terms(module, z[labelled], labels[labelled], batches[labelled])
     for name in ("cell_type_loss", "batch_loss", "centroid_loss", "loss"):
         assert float(subset[name]) > 0, name
         torch.testing.assert_close(masked[name], subset[name], rtol=1e-9, atol=1e-9)
-    unlabelled = torch.full_like(labels, 6)
-    nothing = module_loss_terms(module, z, unlabelled, batches)
+    unlabeled = torch.full_like(labels, 6)
+    nothing = module_loss_terms(module, z, unlabeled, batches)
     assert all(float(value) == 0.0 for value in nothing.values())
 
 

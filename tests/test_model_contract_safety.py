@@ -118,19 +118,27 @@ def test_a_damaged_model_file_is_named(trained, tmp_path):
         MODEL_CLASSES[name].load(folder, adata=False)
 
 
-def test_calibration_keeps_the_predicted_class_and_is_saved(trained):
-    name, model, *_, folder = trained
-    temperature = model.calibration_temperature
-    assert temperature != 1.0
-    calibrated = model.predict_proba()
-    model.calibration_temperature_ = 1.0
+def test_the_temperature_keeps_the_predicted_class_and_is_saved(trained, tmp_path):
+    name, model, reference, *_ = trained
+    fitted = model.calibration_temperature
     try:
-        raw = model.predict_proba()
+        model.calibration_temperature_ = 2.5
+        softened = model.predict_proba()
+        raw = model.predict_proba(calibrated=False)
+        np.testing.assert_array_equal(softened.argmax(axis=1), raw.argmax(axis=1))
+        assert softened.max(axis=1).mean() < raw.max(axis=1).mean()
+        model.save(tmp_path / "softened")
+        loaded = MODEL_CLASSES[name].load(tmp_path / "softened", adata=False)
+        assert loaded.calibration_temperature == 2.5
     finally:
-        model.calibration_temperature_ = temperature
-    np.testing.assert_array_equal(calibrated.argmax(axis=1), raw.argmax(axis=1))
-    loaded = MODEL_CLASSES[name].load(folder, adata=False)
-    assert loaded.calibration_temperature == pytest.approx(temperature)
+        model.calibration_temperature_ = fitted
+
+
+def test_calibration_is_skipped_when_every_validation_cell_is_right(trained):
+    _, model, reference, *_ = trained
+    right = np.flatnonzero(model.predict(reference) == reference.obs["cell_type"].to_numpy())
+    before = model.calibration_temperature
+    assert model.calibrate(indices=right) == before
 
 
 @pytest.mark.parametrize("name", list(BUILDERS))

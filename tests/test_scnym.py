@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import query_mask, requires_shared_data
 from scvi import REGISTRY_KEYS
 
-from scvi_ext.base import LABELLED, UNLABELLED
+from scvi_ext.base import LABELLED, UNLABELED
 from scvi_ext.model import ScNym
 from scvi_ext.scnym import DOMAIN_KEY, ScNymModule, ScNymTrainingPlan, sharpen
 
@@ -195,7 +195,7 @@ def _minibatch(labels: list[int], n_genes: int = 20) -> dict:
 
 def test_pseudolabel_threshold_leaves_unconfident_query_cells_out():
     module = ScNymModule(n_input=20, n_labels=3)
-    batch = {LABELLED: _minibatch([0, 1, 2, 0]), UNLABELLED: _minibatch([3, 3, 3, 3])}
+    batch = {LABELLED: _minibatch([0, 1, 2, 0]), UNLABELED: _minibatch([3, 3, 3, 3])}
     passed = {}
     for threshold in (None, 0.999):
         plan = ScNymTrainingPlan(module, pseudolabel_min_confidence=threshold)
@@ -211,7 +211,7 @@ def test_pseudolabel_threshold_leaves_unconfident_query_cells_out():
     # an untrained model is never 99.9% confident: every query cell is left out
     assert passed[0.999]["cell_weights"].tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
     tensors = {
-        key: torch.cat([batch[LABELLED][key], batch[UNLABELLED][key]]) for key in batch[LABELLED]
+        key: torch.cat([batch[LABELLED][key], batch[UNLABELED][key]]) for key in batch[LABELLED]
     }
     output = module(tensors, loss_kwargs=passed[0.999])[2]
     assert float(output.extra_metrics["unsupervised_loss"]) == 0.0
@@ -243,7 +243,7 @@ def test_setup_with_domain_key_sizes_the_adversary_by_its_domains(sim_adata):
     assert model.predict().shape == (sim_adata.n_obs,)
 
 
-def test_empty_unlabelled_side_trains_supervised(sim_adata):
+def test_empty_unlabeled_side_trains_supervised(sim_adata):
     reference = sim_adata[~query_mask(sim_adata)].copy()
     model = trained(reference)
     truth = reference.obs["cell_type"].astype(str).to_numpy()

@@ -3,7 +3,7 @@
 Capabilities, each a mixin whose module satisfies a protocol: :class:`InferenceMixin`
 (every model: data at the door, training, loading, query mapping), :class:`EmbeddingMixin`
 and :class:`ClassifierMixin`. Shared training parts: :class:`BaseTrainingPlan`, the paired
-labelled/unlabelled :class:`PairedDataSplitter`; minibatch statistics; calibration; the
+labelled/unlabeled :class:`PairedDataSplitter`; minibatch statistics; calibration; the
 query-neighbour novelty score.
 """
 
@@ -24,6 +24,7 @@ from ._classifier import (
 )
 from ._embedding import EmbeddingMixin
 from ._inference import InferenceMixin, valid_plan_kwargs
+from ._module import NonGenerativeModule
 from ._novelty import query_neighbour_score, registered_counts
 from ._plan import (
     OPTIMIZERS,
@@ -43,16 +44,17 @@ from ._protocols import (
     TokenAttentionModule,
 )
 from ._setup import register_labelled_counts, resolve_unlabeled_category
-from ._splitter import LABELLED, UNLABELLED, PairedDataLoader, PairedDataSplitter, labelled_mask
+from ._splitter import LABELLED, UNLABELED, PairedDataLoader, PairedDataSplitter, labelled_mask
 from ._statistics import class_means, class_sums
 
 __all__ = [
     "BASE_NOVELTY_METHODS",
     "LABELLED",
     "MIN_GENE_FRACTION",
+    "NonGenerativeModule",
     "OPTIMIZERS",
     "PROBABILITY_NOVELTY_METHODS",
-    "UNLABELLED",
+    "UNLABELED",
     "BaseTrainingPlan",
     "ClassifierMixin",
     "ClassifierModule",

@@ -91,7 +91,9 @@ class ClassifierMixin(InferenceMixin):
         ----------
         indices
             Cells to fit on (default: the labelled cells of the last training's validation
-            set). Without labelled cells, the temperature is left as it is (with a warning).
+            set). Without labelled cells, or when all of them are classified correctly
+            (the likelihood then has no optimum), the temperature is left as it is (with a
+            warning).
         """
         if indices is None:
             indices = getattr(self, "validation_indices", None)
@@ -105,9 +107,19 @@ class ClassifierMixin(InferenceMixin):
                 self.calibration_temperature,
             )
             return self.calibration_temperature
-        codes = self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY).ravel()
+        codes = self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY).ravel()[indices]
         logits = self.map_minibatches(self.module.predict_logits, indices=indices)
-        self.calibration_temperature_ = fit_temperature(logits, codes[indices])
+        if (logits.argmax(axis=1) == codes).all():
+            # Without a single error the likelihood grows as the temperature falls: any
+            # fitted value would only reflect the bound, and make every prediction sharper.
+            logger.warning(
+                "All %d labelled validation cells are classified correctly, so no temperature "
+                "can be fitted; the class probabilities keep temperature %.3g.",
+                len(indices),
+                self.calibration_temperature,
+            )
+            return self.calibration_temperature
+        self.calibration_temperature_ = fit_temperature(logits, codes)
         return self.calibration_temperature_
 
     # ------------------------------------------------------------------ predictions

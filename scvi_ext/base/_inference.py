@@ -24,6 +24,7 @@ from ._anndata import (
     registry_gene_names,
     registry_known_labels,
 )
+from ._plan import validation_early_stopping
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ class InferenceMixin:
     """
 
     _counts_input: bool = True
+    #: Set on models made by :meth:`load_query_data`.
+    is_query_model: bool = False
 
     # ------------------------------------------------------------------ data access
     @property
@@ -210,17 +213,82 @@ class InferenceMixin:
     def _after_training(self) -> None:
         """Hook run after training (statistics of the trained model, calibration)."""
 
-    def train(self, max_epochs: int | None = None, plan_kwargs: dict | None = None, **kwargs):
-        """Check the inputs, fit the statistics, train, then run the post-training hooks.
+    def _default_plan_kwargs(self) -> dict:
+        """Plan arguments this model sets unless the user gives them (default: none)."""
+        return {}
+
+    #: Defaults of :meth:`train` for this model (its paper's or reference code's values).
+    train_defaults: dict = {
+        "max_epochs": 50,
+        "train_size": 0.8,
+        "batch_size": 256,
+        "early_stopping": True,
+        "early_stopping_patience": 20,
+    }
+
+    def train(
+        self,
+        max_epochs: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        batch_size: int | None = None,
+        early_stopping: bool | None = None,
+        early_stopping_patience: int | None = None,
+        plan_kwargs: dict | None = None,
+        **trainer_kwargs,
+    ):
+        """Fit the data statistics, train, then fit what depends on the trained model.
+
+        Arguments left at ``None`` take the model's :attr:`train_defaults`. The validation
+        loss is computed every epoch, and the weights of its best epoch are kept.
+
+        Parameters
+        ----------
+        max_epochs
+            Epochs (at least 1).
+        accelerator, devices
+            Lightning device settings (``accelerator="gpu"``; several processes with
+            ``strategy="ddp"``).
+        train_size
+            Fraction of (labelled) cells used for training; the rest validates.
+        validation_size
+            Fraction of cells for validation (default ``1 - train_size``).
+        batch_size
+            Minibatch size.
+        early_stopping, early_stopping_patience
+            Stop when the validation loss has not improved for that many epochs.
+        plan_kwargs
+            Arguments of the model's training plan (``_training_plan_cls``) and of its
+            ``module.loss``; an unknown key is an error that lists the valid ones. Query
+            models (``load_query_data``) default to ``weight_decay=0``, since decay would
+            move the weights the query mapping froze.
+        **trainer_kwargs
+            Passed to :class:`~scvi.train.Trainer`; classifiers also take
+            ``calibrate=False`` (no temperature fitted after training).
 
         Raises
         ------
         ValueError
-            ``max_epochs`` below 1, or ``plan_kwargs`` keys the training plan does not take.
+            ``max_epochs`` below 1, unknown ``plan_kwargs`` keys, no data (``adata=False``)
+            or genes of the model's AnnData edited after setup.
         """
+        settings = {
+            "max_epochs": max_epochs,
+            "train_size": train_size,
+            "batch_size": batch_size,
+            "early_stopping": early_stopping,
+            "early_stopping_patience": early_stopping_patience,
+        }
+        settings = {
+            name: self.train_defaults.get(name) if value is None else value
+            for name, value in settings.items()
+        }
+        max_epochs = settings["max_epochs"]
         if max_epochs is None or max_epochs < 1:
             raise ValueError(f"max_epochs must be at least 1, not {max_epochs}.")
-        plan_kwargs = dict(plan_kwargs or {})
+        plan_kwargs = {**self._default_plan_kwargs(), **(plan_kwargs or {})}
         valid = valid_plan_kwargs(self._training_plan_cls, self.module)
         unknown = sorted(set(plan_kwargs) - valid)
         if unknown:
@@ -228,11 +296,31 @@ class InferenceMixin:
                 f"Unknown plan_kwargs {unknown} for {self._training_plan_cls.__name__}; valid "
                 f"keys: {sorted(valid)}."
             )
+        if self.is_query_model:
+            plan_kwargs.setdefault("weight_decay", 0.0)
         if self.adata is None:
             raise ValueError(f"This {type(self).__name__} has no data to train on (adata=False).")
         self._check_registered_genes(self.adata)
         self.fit_statistics()
-        result = super().train(max_epochs=max_epochs, plan_kwargs=plan_kwargs, **kwargs)
+        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        early_stopping = validation_early_stopping(
+            bool(settings["early_stopping"]),
+            settings["early_stopping_patience"],
+            settings["train_size"],
+            validation_size,
+            trainer_kwargs,
+        )
+        result = super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=settings["train_size"],
+            validation_size=validation_size,
+            batch_size=settings["batch_size"],
+            early_stopping=early_stopping,
+            plan_kwargs=plan_kwargs,
+            **trainer_kwargs,
+        )
         self._after_training()
         return result
 

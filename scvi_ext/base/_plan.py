@@ -248,7 +248,8 @@ class WarmupCosineTrainingPlan(BaseTrainingPlan):
     """:class:`BaseTrainingPlan` with a per-epoch warm-up + cosine learning-rate schedule.
 
     The defaults are the CELLULAR reference code's (Adam, learning rate 1e-3, weight decay
-    5e-5, warm-up 4 epochs, cosine over 50), which its classifier shares.
+    5e-5, warm-up 4 epochs, cosine over the training's epochs), which its classifier
+    shares.
 
     Parameters
     ----------
@@ -259,7 +260,7 @@ class WarmupCosineTrainingPlan(BaseTrainingPlan):
     warmup_epochs
         Epochs of linear warm-up.
     cosine_epochs
-        Length of the cosine decay in epochs (the models set it to ``max_epochs``).
+        Length of the cosine decay in epochs (default: the trainer's ``max_epochs``).
     **kwargs
         Passed to :class:`BaseTrainingPlan`.
     """
@@ -272,7 +273,7 @@ class WarmupCosineTrainingPlan(BaseTrainingPlan):
         lr: float = 1e-3,
         weight_decay: float = 5e-5,
         warmup_epochs: int = 4,
-        cosine_epochs: int = 50,
+        cosine_epochs: int | None = None,
         **kwargs,
     ):
         kwargs.setdefault("reduce_lr_on_plateau", False)
@@ -284,7 +285,7 @@ class WarmupCosineTrainingPlan(BaseTrainingPlan):
         """The plan's optimizer with the warm-up + cosine schedule, stepped every epoch."""
         config = super().configure_optimizers()
         optimizer = config["optimizer"]
-        warmup, cosine = self.warmup_epochs, self.cosine_epochs
+        warmup, cosine = self.warmup_epochs, self.cosine_epochs or self.trainer.max_epochs
         scheduler = LambdaLR(optimizer, lambda epoch: warmup_cosine_factor(epoch, warmup, cosine))
         config["lr_scheduler"] = {"scheduler": scheduler, "interval": "epoch"}
         return config

@@ -8,10 +8,21 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
 from scvi.data.fields import BaseAnnDataField, LabelsWithUnlabeledObsField, LayerField
+from scvi.utils import setup_anndata_dsp
 
 from scvi_ext.data import validate_counts, validate_labels, validate_obs_key
 
 from ._anndata import registry_label_names
+
+# Docstring fragments of the models' setup_anndata (``%(param_cell_types)s``, ...).
+setup_anndata_dsp.params.update(
+    {
+        "param_cell_types": "labels_key\n    ``obs`` column of cell type names. Cells labelled "
+        "``unlabeled_category`` are\n    unlabeled: the query, left out of supervised terms.",
+        "param_unlabeled_or_none": "unlabeled_category\n    Label of unlabeled cells; it must "
+        "occur in the column. ``None``: every\n    cell is labelled.",
+    }
+)
 
 #: Names tried, in order, for the unlabeled category of a fully labelled AnnData.
 _FREE_UNLABELED_NAMES = ("Unknown", "unlabeled", "_scvi_ext_unlabeled")
@@ -36,7 +47,7 @@ def resolve_unlabeled_category(
         raise ValueError(
             f"unlabeled_category '{unlabeled_category}' is not a value of "
             f"adata.obs['{labels_key}'] (values include {examples}). Pass the label your "
-            "unlabelled (query) cells carry, or unlabeled_category=None when every cell is "
+            "unlabeled (query) cells carry, or unlabeled_category=None when every cell is "
             "labelled."
         )
     return unlabeled_category

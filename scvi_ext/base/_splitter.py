@@ -1,4 +1,4 @@
-"""Paired labelled / unlabelled data loading for semi-supervised training."""
+"""Paired labelled / unlabeled data loading for semi-supervised training."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from scvi.dataloaders._data_splitting import validate_data_split
 from torch.utils.data import DataLoader
 
 LABELLED = "labelled"
-UNLABELLED = "unlabelled"
+UNLABELED = "unlabeled"
 
 
 def labelled_mask(adata_manager: AnnDataManager) -> np.ndarray:
@@ -28,7 +28,7 @@ def labelled_mask(adata_manager: AnnDataManager) -> np.ndarray:
 
 
 class PairedDataLoader(DataLoader):
-    """Yield ``{"labelled": batch, "unlabelled": batch}`` in every step.
+    """Yield ``{"labelled": batch, "unlabeled": batch}`` in every step.
 
     One epoch runs over the longer side; the shorter side is cycled (restarted, and
     reshuffled, whenever it runs out). An empty side yields ``None``. Under DDP each
@@ -39,7 +39,7 @@ class PairedDataLoader(DataLoader):
     ----------
     adata_manager
         Manager of the registered AnnData.
-    labelled_indices, unlabelled_indices
+    labelled_indices, unlabeled_indices
         Cell indices of each side.
     batch_size
         Minibatch size of each side.
@@ -57,7 +57,7 @@ class PairedDataLoader(DataLoader):
         self,
         adata_manager: AnnDataManager,
         labelled_indices: np.ndarray,
-        unlabelled_indices: np.ndarray,
+        unlabeled_indices: np.ndarray,
         batch_size: int = 128,
         shuffle: bool = True,
         drop_last: bool = False,
@@ -67,7 +67,7 @@ class PairedDataLoader(DataLoader):
         kwargs.pop("sampler", None)
         self._epoch = 0
         self.loaders: dict[str, AnnDataLoader | None] = {}
-        for side, indices in ((LABELLED, labelled_indices), (UNLABELLED, unlabelled_indices)):
+        for side, indices in ((LABELLED, labelled_indices), (UNLABELED, unlabeled_indices)):
             if len(indices) == 0:
                 self.loaders[side] = None
                 continue
@@ -82,7 +82,7 @@ class PairedDataLoader(DataLoader):
             )
         present = [loader for loader in self.loaders.values() if loader is not None]
         if not present:
-            raise ValueError("PairedDataLoader needs at least one labelled or unlabelled cell.")
+            raise ValueError("PairedDataLoader needs at least one labelled or unlabeled cell.")
         self._longest = max(present, key=len)
         super().__init__(self._longest.dataset, batch_size=None, sampler=self._longest.sampler)
 
@@ -115,9 +115,9 @@ class PairedDataLoader(DataLoader):
 
 
 class PairedDataSplitter(pl.LightningDataModule):
-    """Split labelled cells into train/validation; every unlabelled cell trains.
+    """Split labelled cells into train/validation; every unlabeled cell trains.
 
-    Training batches pair a labelled and an unlabelled minibatch (see
+    Training batches pair a labelled and an unlabeled minibatch (see
     :class:`PairedDataLoader`); validation runs on held-out labelled cells only, so the
     validation loss is a supervised loss on the reference.
 
@@ -163,14 +163,14 @@ class PairedDataSplitter(pl.LightningDataModule):
 
         is_labelled = labelled_mask(adata_manager)
         self._labelled = np.flatnonzero(is_labelled)
-        self._unlabelled = np.flatnonzero(~is_labelled)
+        self._unlabeled = np.flatnonzero(~is_labelled)
         if len(self._labelled) > 0:
             self.n_labelled_train, self.n_val = validate_data_split(
                 len(self._labelled), self.train_size, self.validation_size
             )
         else:
             self.n_labelled_train, self.n_val = 0, 0
-        self.n_train = self.n_labelled_train + len(self._unlabelled)
+        self.n_train = self.n_labelled_train + len(self._unlabeled)
 
     def setup(self, stage: str | None = None) -> None:
         """Draw the labelled train/validation split."""
@@ -182,16 +182,16 @@ class PairedDataSplitter(pl.LightningDataModule):
             labelled[self.n_val : self.n_val + self.n_labelled_train]
         )
         self.test_idx = np.sort(labelled[self.n_val + self.n_labelled_train :])
-        self.unlabelled_idx = self._unlabelled
-        self.train_idx = np.concatenate([self.train_labelled_idx, self.unlabelled_idx])
+        self.unlabeled_idx = self._unlabeled
+        self.train_idx = np.concatenate([self.train_labelled_idx, self.unlabeled_idx])
         self.val_idx = self.val_labelled_idx
 
     def train_dataloader(self) -> PairedDataLoader:
-        """Paired labelled / unlabelled training batches."""
+        """Paired labelled / unlabeled training batches."""
         return PairedDataLoader(
             self.adata_manager,
             self.train_labelled_idx,
-            self.unlabelled_idx,
+            self.unlabeled_idx,
             batch_size=self.batch_size,
             shuffle=True,
             drop_last=self.drop_last,

@@ -24,8 +24,6 @@ from scvi_ext.base import (
     class_sums,
     labelled_mask,
     register_labelled_counts,
-    registry_label_names,
-    validation_early_stopping,
 )
 
 from ._losses import batch_centroid_distances, class_weights
@@ -120,6 +118,15 @@ class CELLULAR(
 
     _module_cls = CELLULARModule
     _training_plan_cls = CELLULARTrainingPlan
+    #: The reference code's: 50 epochs, minibatch 256, 80:20 split, early stopping
+    #: patience 20 (see :meth:`~scvi_ext.base.InferenceMixin.train`).
+    train_defaults = {
+        "max_epochs": 50,
+        "train_size": 0.8,
+        "batch_size": 256,
+        "early_stopping": True,
+        "early_stopping_patience": 20,
+    }
 
     def __init__(
         self,
@@ -142,8 +149,7 @@ class CELLULAR(
         super().__init__(adata, registry=registry)
         if cell_type_weight == 0 and batch_weight == 0 and centroid_weight == 0:
             raise ValueError("At least one of the loss weights must be non-zero.")
-        self.is_query_model = False
-        n_labels = len(registry_label_names(self.registry_)[0])
+        n_labels = len(self.label_names)
         n_input = self.summary_stats.n_vars
         token_encoder, embedding_matrix, resolved_sets = None, None, None
         if encoder == "transformer":
@@ -231,9 +237,7 @@ class CELLULAR(
         Parameters
         ----------
         %(param_adata)s
-        labels_key
-            ``obs`` column of cell type names. Cells labelled ``unlabeled_category`` are
-            left out of the loss (query cells).
+        %(param_cell_types)s
         batch_key
             ``obs`` column of batches (patients, donors, ...) for the batch-mixing loss and
             the centroid reference. Must have at least two batches; ``None`` switches the
@@ -241,9 +245,7 @@ class CELLULAR(
             a warning): its batch-mixing term is empty and its centroid distances come from
             that batch alone.
         %(param_layer)s
-        unlabeled_category
-            Label of cells without a cell type; it must occur in the column. ``None``
-            (default): every cell is labelled.
+        %(param_unlabeled_or_none)s
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         register_labelled_counts(
@@ -326,75 +328,6 @@ class CELLULAR(
         module.reference_distances.copy_(torch.as_tensor(distances, dtype=torch.float32))
         if isinstance(module.encoder, TransformerEncoder):
             module.encoder.set_expression_range(low.numpy(), high.numpy())
-
-    def train(
-        self,
-        max_epochs: int = 50,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        train_size: float = 0.8,
-        validation_size: float | None = None,
-        batch_size: int = 256,
-        early_stopping: bool = True,
-        early_stopping_patience: int = 20,
-        n_pca_components: int | None = None,
-        plan_kwargs: dict | None = None,
-        **trainer_kwargs,
-    ):
-        """Train the encoder.
-
-        Before the first epoch of a reference model, the mean library size and the
-        reference centroid distance matrix (PCA with ``n_pca_components``, default
-        ``n_latent``, of the labelled cells) are computed and stored in the module. After
-        training, the cell type centroids of the labelled cells are stored for
-        :meth:`predict`.
-
-        Parameters
-        ----------
-        max_epochs
-            Epochs (reference code: 50).
-        accelerator, devices
-            Lightning device settings.
-        train_size
-            Fraction of cells used for training; the rest is the validation set whose
-            loss drives early stopping and picks the weights kept (reference code: 0.8).
-        validation_size
-            Fraction of cells for validation (default ``1 - train_size``).
-        batch_size
-            Minibatch size (thesis: 256).
-        early_stopping
-            Stop when the validation loss has not improved for
-            ``early_stopping_patience`` epochs (reference code: 20).
-        early_stopping_patience
-            See ``early_stopping``.
-        n_pca_components
-            PCA components of the centroid reference.
-        plan_kwargs
-            :class:`~scvi_ext.cellular.CELLULARTrainingPlan` arguments (``lr``,
-            ``weight_decay``, ``warmup_epochs``, ``cosine_epochs``...). Query models
-            default to ``weight_decay=0``.
-        **trainer_kwargs
-            Passed to :class:`~scvi.train.Trainer`.
-        """
-        self.fit_statistics(n_pca_components)
-        plan_kwargs = dict(plan_kwargs or {})
-        if self.is_query_model:
-            plan_kwargs.setdefault("weight_decay", 0.0)
-        plan_kwargs.setdefault("cosine_epochs", max_epochs)
-        early_stopping = validation_early_stopping(
-            early_stopping, early_stopping_patience, train_size, validation_size, trainer_kwargs
-        )
-        return super().train(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            train_size=train_size,
-            validation_size=validation_size,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            plan_kwargs=plan_kwargs,
-            **trainer_kwargs,
-        )
 
     def _after_training(self) -> None:
         """Store the cell type centroids of a reference model (for :meth:`predict`), then

@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
-from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.module.base import LossOutput, auto_move_data
 from torch import nn
+
+from scvi_ext.base import NonGenerativeModule
 
 from ._losses import batch_mixing_loss, cell_type_loss, centroid_loss, cosine_logits
 from ._transformer import TransformerEncoder
@@ -56,7 +58,7 @@ class FeedForwardEncoder(nn.Module):
         return self.layers(x)
 
 
-class CELLULARModule(BaseModuleClass):
+class CELLULARModule(NonGenerativeModule):
     """CELLULAR (thesis Model 1-3): an encoder trained with contrastive and centroid losses.
 
     Counts are normalised inside the module: each cell is scaled to ``library_size`` (the
@@ -139,20 +141,10 @@ class CELLULARModule(BaseModuleClass):
         """Embedding of raw counts."""
         return self.encoder(self.normalize(counts))
 
-    def _get_inference_input(self, tensors: dict) -> dict:
-        return {"x": tensors[REGISTRY_KEYS.X_KEY]}
-
-    def _get_generative_input(self, tensors: dict, inference_outputs: dict) -> dict:
-        return {}
-
     @auto_move_data
     def inference(self, x: torch.Tensor) -> dict:
         """Embedding of count data."""
         return {"z": self.embed(x)}
-
-    def generative(self) -> dict:
-        """CELLULAR has no generative model."""
-        return {}
 
     def latent(self, tensors: dict) -> torch.Tensor:
         """Embedding of a minibatch."""

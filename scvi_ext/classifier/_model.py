@@ -33,8 +33,6 @@ from scvi_ext.base import (
     register_labelled_counts,
     registry_gene_names,
     registry_known_labels,
-    registry_label_names,
-    validation_early_stopping,
 )
 
 from ._module import LatentClassifierModule
@@ -142,6 +140,17 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
     dropout_rate
         Dropout after each hidden layer (reference code: 0.2).
 
+    Notes
+    -----
+    :meth:`novelty_score` defaults to ``"query_neighbours"``: with an upstream model it
+    compares log-normalised counts with the training counts (``reference=``, default the
+    AnnData given to :meth:`from_model`, which is not saved), not the embedding, which
+    pulls cells of an unseen type onto the trained ones; without one it compares the
+    representation with up to 2000 training cells kept with the model. Two more methods
+    read the representation: ``"centroid_distance"``, the cosine distance to the nearest
+    training centroid of a cell type (in [0, 2]), and ``"neighbour_distance"``, the cosine
+    distance to the 10th nearest kept training cell (in [0, 2]).
+
     Examples
     --------
     >>> clf = LatentClassifier.from_model(cellular_model, adata)
@@ -152,6 +161,15 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
     _module_cls = LatentClassifierModule
     _training_plan_cls = LatentClassifierTrainingPlan
     _counts_input = False
+    #: The reference code's: 50 epochs, minibatch 256, 80:20 split, early stopping
+    #: patience 10; the learning rate found by :meth:`tune`, if it ran.
+    train_defaults = {
+        "max_epochs": 50,
+        "train_size": 0.8,
+        "batch_size": 256,
+        "early_stopping": True,
+        "early_stopping_patience": 10,
+    }
     #: Default of :meth:`novelty_score`: the best in the leave-one-type-out benchmark
     #: (README, "Novel cell types").
     default_novelty_method: str = "query_neighbours"
@@ -171,7 +189,7 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
         self.reference_adata: AnnData | None = None
         state = self.registry_["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]
         n_input = len(state["column_names"])
-        n_labels = len(registry_label_names(self.registry_)[0])
+        n_labels = len(self.label_names)
         self.module = self._module_cls(
             n_input=n_input,
             n_labels=n_labels,
@@ -202,17 +220,13 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
         Parameters
         ----------
         %(param_adata)s
-        labels_key
-            ``obs`` column of cell type names; cells labelled ``unlabeled_category`` are not
-            trained on.
+        %(param_cell_types)s
         obsm_key
             ``obsm`` key of the representation (e.g. ``"X_cellular"``, ``"X_pca"``).
         layer
             Layer holding the representation when it is not in ``obsm`` (default ``X``).
             Used as given: pass log-normalised values, not raw counts.
-        unlabeled_category
-            Label of cells without a cell type; it must occur in the column. ``None``
-            (default): every cell is labelled.
+        %(param_unlabeled_or_none)s
         """
         setup_method_args = cls._get_setup_method_args(**locals())
         if obsm_key is not None and layer is not None:
@@ -311,60 +325,9 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
         return light
 
     # ------------------------------------------------------------------ training
-    def train(
-        self,
-        max_epochs: int = 50,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        train_size: float = 0.8,
-        validation_size: float | None = None,
-        batch_size: int = 256,
-        early_stopping: bool = True,
-        early_stopping_patience: int = 10,
-        plan_kwargs: dict | None = None,
-        **trainer_kwargs,
-    ):
-        """Train the classifier (the upstream model stays frozen).
-
-        Parameters
-        ----------
-        max_epochs
-            Epochs (reference code: 50).
-        accelerator, devices
-            Lightning device settings.
-        train_size
-            Fraction of cells for training; the rest validates (reference code: 0.8).
-        validation_size
-            Fraction of cells for validation (default ``1 - train_size``).
-        batch_size
-            Minibatch size.
-        early_stopping, early_stopping_patience
-            Early stopping on the validation loss (reference code: patience 10).
-        plan_kwargs
-            :class:`~scvi_ext.classifier.LatentClassifierTrainingPlan` arguments; ``lr``
-            defaults to the one found by :meth:`tune`.
-        **trainer_kwargs
-            Passed to :class:`~scvi.train.Trainer`.
-        """
-        plan_kwargs = dict(plan_kwargs or {})
+    def _default_plan_kwargs(self) -> dict:
         tuned = getattr(self, "tuned_params_", None) or {}
-        if "lr" in tuned:
-            plan_kwargs.setdefault("lr", tuned["lr"])
-        plan_kwargs.setdefault("cosine_epochs", max_epochs)
-        early_stopping = validation_early_stopping(
-            early_stopping, early_stopping_patience, train_size, validation_size, trainer_kwargs
-        )
-        return super().train(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            train_size=train_size,
-            validation_size=validation_size,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            plan_kwargs=plan_kwargs,
-            **trainer_kwargs,
-        )
+        return {"lr": tuned["lr"]} if "lr" in tuned else {}
 
     def fit_statistics(self) -> None:
         """Cell type centroids of the representation and up to 2000 labelled cells (a
@@ -475,39 +438,6 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
         self.is_trained_ = False
 
     # ------------------------------------------------------------------ novelty
-    def novelty_score(
-        self,
-        adata: AnnData | None = None,
-        indices: Sequence[int] | None = None,
-        batch_size: int | None = None,
-        method: str | None = None,
-        reference: AnnData | None = None,
-    ) -> np.ndarray:
-        """Per-cell score, higher for cells more likely of a type absent from training.
-
-        Parameters
-        ----------
-        adata, indices, batch_size
-            Cells to score (default: the model's AnnData).
-        method
-            ``"query_neighbours"``: the cells are scored together against the training
-            cells by :func:`scvi_ext.base.query_neighbour_score` (in [0, 1]: 0.5 or less
-            for reference-like cells, near 1 for unseen ones; at least 50 cells). With an
-            upstream model it compares log-normalised counts, not the embedding, which
-            pulls cells of an unseen type onto the trained ones. ``"max_proba"``: ``1 -``
-            the min-max normalised maximum class probability (the thesis's likelihood, in
-            [0, 1]); ``"entropy"``: entropy of the class probabilities divided by
-            ``log(n_classes)``; ``"centroid_distance"``: cosine distance to the nearest
-            training centroid of a cell type in the representation (in [0, 2]);
-            ``"neighbour_distance"``: cosine distance to the 10th nearest of up to 2000
-            training cells kept with the model (in [0, 2]). Default:
-            :attr:`default_novelty_method`.
-        reference
-            ``"query_neighbours"`` with an upstream model: the training AnnData with
-            counts (default: the one given to :meth:`from_model`, which is not saved).
-        """
-        return super().novelty_score(adata, indices, batch_size, method, reference)
-
     def _model_novelty_score(self, adata, indices, batch_size, method: str) -> np.ndarray:
         score = getattr(self.module, method)  # centroid_distance, neighbour_distance
         return self.map_minibatches(score, adata, indices, batch_size)

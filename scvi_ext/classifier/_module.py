@@ -5,14 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
-from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.module.base import LossOutput, auto_move_data
 from torch import nn
+
+from scvi_ext.base import NonGenerativeModule
 
 #: Training cells kept (a seeded subsample) for the nearest-neighbour novelty score.
 N_REFERENCE_CELLS = 2000
 
 
-class LatentClassifierModule(BaseModuleClass):
+class LatentClassifierModule(NonGenerativeModule):
     """BatchNorm on the input, two hidden layers (Linear -> BatchNorm -> ReLU -> Dropout), logits.
 
     Softmax is applied once, inside the cross-entropy (the reference code applied a
@@ -56,20 +58,10 @@ class LatentClassifierModule(BaseModuleClass):
         self.register_buffer("reference_cells", torch.zeros(N_REFERENCE_CELLS, n_input))
         self.register_buffer("n_reference_cells", torch.zeros((), dtype=torch.long))
 
-    def _get_inference_input(self, tensors: dict) -> dict:
-        return {"x": tensors[REGISTRY_KEYS.X_KEY]}
-
-    def _get_generative_input(self, tensors: dict, inference_outputs: dict) -> dict:
-        return {}
-
     @auto_move_data
     def inference(self, x: torch.Tensor) -> dict:
         """Logits of a representation."""
         return {"logits": self.network(x.float())}
-
-    def generative(self) -> dict:
-        """No generative model."""
-        return {}
 
     def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
         """Cross-entropy on labelled cells (the training loss); accuracy as an extra metric."""

@@ -140,7 +140,7 @@ def validate_labels(adata: ad.AnnData, labels_key: str, unlabeled_category: str 
     labels_key
         Column of ``adata.obs`` with the cell types.
     unlabeled_category
-        Value marking unlabelled cells, or ``None`` when every cell is labelled.
+        Value marking unlabeled cells, or ``None`` when every cell is labelled.
 
     Raises
     ------

@@ -15,7 +15,6 @@ from scvi_ext.base import (
     EmbeddingMixin,
     PairedDataSplitter,
     register_labelled_counts,
-    registry_label_names,
 )
 
 from ._module import DOMAIN_KEY, ScNymModule
@@ -30,7 +29,7 @@ class ScNym(
     """scNym cell type classifier (Kimmel & Kelley, Genome Research 2021).
 
     A classifier trained on labelled reference cells and, at the same time, on the
-    unlabelled query cells of the same AnnData: MixMatch pseudolabel consistency and a
+    unlabeled query cells of the same AnnData: MixMatch pseudolabel consistency and a
     domain adversary make its latent space and decisions transfer across conditions,
     technologies or batches.
 
@@ -57,6 +56,14 @@ class ScNym(
     _module_cls = ScNymModule
     _training_plan_cls = ScNymTrainingPlan
     _data_splitter_cls = PairedDataSplitter
+    #: The reference code's 100 epochs, the paper's minibatch of 256; 10% of the labelled
+    #: cells validate (their best epoch's weights are kept), no early stopping.
+    train_defaults = {
+        "max_epochs": 100,
+        "train_size": 0.9,
+        "batch_size": 256,
+        "early_stopping": False,
+    }
 
     def __init__(
         self,
@@ -67,8 +74,7 @@ class ScNym(
         dropout_rate: float = 0.1,
     ):
         super().__init__(adata, registry=registry)
-        self.is_query_model = False
-        n_labels = len(registry_label_names(self.registry_)[0])
+        n_labels = len(self.label_names)
         has_domain = DOMAIN_KEY in self.registry_["field_registries"]
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
@@ -84,55 +90,6 @@ class ScNym(
             f"dropout_rate={dropout_rate}, n_labels={n_labels}"
         )
         self.init_params_ = self._get_init_params(locals())
-
-    def train(
-        self,
-        max_epochs: int = 100,
-        accelerator: str = "auto",
-        devices: int | list[int] | str = "auto",
-        train_size: float = 0.9,
-        validation_size: float | None = None,
-        batch_size: int = 256,
-        plan_kwargs: dict | None = None,
-        **trainer_kwargs,
-    ):
-        """Train with MixMatch and the domain adversary.
-
-        Parameters
-        ----------
-        max_epochs
-            Epochs (reference code: 100).
-        accelerator, devices
-            Lightning device settings (``accelerator="gpu"``; DDP via ``strategy="ddp"``).
-        train_size
-            Fraction of labelled cells used for training; the rest is the validation set
-            whose loss picks the epoch whose weights are kept.
-        validation_size
-            Fraction of labelled cells for validation (default ``1 - train_size``).
-        batch_size
-            Minibatch size of the labelled and of the unlabelled side (paper: 256).
-        plan_kwargs
-            :class:`~scvi_ext.scnym.ScNymTrainingPlan` arguments (schedules, weights,
-            ``pseudolabel_min_confidence``, optimizer); an unknown key is an error. Query
-            models default to ``weight_decay=0`` so that frozen weights stay frozen.
-        **trainer_kwargs
-            Passed to :class:`~scvi.train.Trainer`; ``calibrate=False`` skips the
-            temperature fitted on the validation cells after training.
-        """
-        plan_kwargs = dict(plan_kwargs or {})
-        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
-        if self.is_query_model:
-            plan_kwargs.setdefault("weight_decay", 0.0)
-        return super().train(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            train_size=train_size,
-            validation_size=validation_size,
-            batch_size=batch_size,
-            plan_kwargs=plan_kwargs,
-            **trainer_kwargs,
-        )
 
     @classmethod
     @setup_anndata_dsp.dedent
@@ -151,12 +108,8 @@ class ScNym(
         Parameters
         ----------
         %(param_adata)s
-        labels_key
-            ``obs`` column of cell type names; cells labelled ``unlabeled_category`` are the
-            query (same semantics as scANVI).
-        unlabeled_category
-            Label of unlabelled (query) cells; it must occur in the column. ``None``: every
-            cell is labelled (no query cells in this AnnData).
+        %(param_cell_types)s
+        %(param_unlabeled_or_none)s
         %(param_layer)s
         batch_key
             Optional ``obs`` column of batches, given to the first layer as a one-hot

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
-from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from scvi.module.base import LossOutput, auto_move_data
 from scvi.nn import FCLayers
 from torch import nn
 
+from scvi_ext.base import NonGenerativeModule
 from scvi_ext.nn import grad_reverse
 
 #: ``obs`` field of the domains the adversary tells apart (registered with ``domain_key``).
@@ -18,7 +19,7 @@ COUNTS_PER_CELL = 1e6
 BATCHNORM_MOMENTUM = 0.1
 
 
-class ScNymModule(BaseModuleClass):
+class ScNymModule(NonGenerativeModule):
     """Classifier ``f(x)`` (Kimmel & Kelley 2021) and domain adversary ``g(z)``.
 
     ``x`` is normalised inside the module to log1p(counts per million). Hidden layers are
@@ -101,18 +102,11 @@ class ScNymModule(BaseModuleClass):
     def _get_inference_input(self, tensors: dict) -> dict:
         return {"x": tensors[REGISTRY_KEYS.X_KEY], "batch_index": tensors[REGISTRY_KEYS.BATCH_KEY]}
 
-    def _get_generative_input(self, tensors: dict, inference_outputs: dict) -> dict:
-        return {}
-
     @auto_move_data
     def inference(self, x: torch.Tensor, batch_index: torch.Tensor) -> dict:
         """Logits and latent of count data."""
         logits, z = self.classify_normalized(self.normalize(x), batch_index)
         return {"logits": logits, "z": z}
-
-    def generative(self) -> dict:
-        """scNym has no generative model."""
-        return {}
 
     def loss(
         self,

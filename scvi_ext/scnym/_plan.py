@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 
-from scvi_ext.base import LABELLED, UNLABELLED, BaseTrainingPlan, OptimizerName, sigmoid_ramp
+from scvi_ext.base import LABELLED, UNLABELED, BaseTrainingPlan, OptimizerName, sigmoid_ramp
 
 from ._module import ScNymModule
 
@@ -28,7 +28,7 @@ def drop_genes(counts: torch.Tensor, rate: float) -> torch.Tensor:
 class ScNymTrainingPlan(BaseTrainingPlan):
     """MixMatch + domain-adversarial training plan (Kimmel & Kelley 2021).
 
-    Each step takes a labelled (reference) and an unlabelled (query) minibatch:
+    Each step takes a labelled (reference) and an unlabeled (query) minibatch:
 
     1. pseudolabels of the query from the current model in eval mode, without gradients,
        sharpened with temperature ``sharpen_temperature``;
@@ -131,13 +131,13 @@ class ScNymTrainingPlan(BaseTrainingPlan):
         return sharpen(probabilities, self.sharpen_temperature), confidence
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        """One MixMatch + adversary step on a labelled and an unlabelled minibatch.
+        """One MixMatch + adversary step on a labelled and an unlabeled minibatch.
 
         The plan prepares what changes from step to step (gene dropout, pseudolabels,
         MixUp, the ramped weights); :meth:`ScNymModule.loss` computes the loss.
         """
-        labelled_side, unlabelled_side = batch[LABELLED], batch[UNLABELLED]
-        sides = [side for side in (labelled_side, unlabelled_side) if side is not None]
+        labelled_side, unlabeled_side = batch[LABELLED], batch[UNLABELED]
+        sides = [side for side in (labelled_side, unlabeled_side) if side is not None]
         tensors = {
             key: torch.cat([side[key] for side in sides])
             for key in sides[0]
