@@ -194,6 +194,24 @@ def test_training_and_inductive_embedding(trained, adata):
     assert accuracy > 0.5
 
 
+def test_minibatch_statistics_equal_those_of_the_whole_matrix(trained, adata):
+    """fit_statistics reads minibatches; the same library size and centroid distances come
+    from the dense matrix, a full PCA and the cell-level reference function."""
+    from sklearn.decomposition import PCA
+
+    from scvi_ext.data import log_normalise
+
+    counts = adata.X.toarray()
+    library_size = counts.sum(axis=1).mean()
+    assert float(trained.module.library_size) == pytest.approx(library_size, rel=1e-6)
+    normalised = log_normalise(counts, library_size).toarray()
+    embedding = PCA(n_components=8, svd_solver="full").fit_transform(normalised)
+    labels = adata.obs["cell_type"].astype("category").cat.codes.to_numpy()
+    batches = adata.obs["batch"].astype("category").cat.codes.to_numpy()
+    expected = reference_centroid_distances(embedding, labels, batches, 4)
+    np.testing.assert_allclose(trained.module.reference_distances.numpy(), expected, atol=1e-4)
+
+
 def test_cell_type_representations(trained, adata):
     for method in ("centroid", "median", "medoid"):
         table = trained.cell_type_representations(method=method)

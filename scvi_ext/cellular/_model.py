@@ -287,38 +287,16 @@ class CELLULAR(
             module.batch_weights.copy_(class_weights(batches[labelled], module.n_batch))
         if self.is_query_model or float(module.library_size) > 0:
             return
-        n_components = n_pca_components or module.n_latent
         total = sum(
             float(tensors[REGISTRY_KEYS.X_KEY].double().sum())
             for tensors in self.iter_minibatches()
         )
         module.library_size.fill_(total / self.adata.n_obs)
-        n_groups = module.n_batch * module.n_labels
-        n_genes = self.summary_stats.n_vars
-        gram = torch.zeros(n_genes, n_genes, dtype=torch.float64)
-        group_sums = torch.zeros(n_groups, n_genes, dtype=torch.float64)
-        group_counts = torch.zeros(n_groups, dtype=torch.float64)
-        low = torch.full((n_genes,), torch.inf, dtype=torch.float64)
-        high = torch.full((n_genes,), -torch.inf, dtype=torch.float64)
-        with torch.no_grad():
-            for tensors in self.iter_minibatches(indices=np.flatnonzero(labelled)):
-                x = module.normalize(tensors[REGISTRY_KEYS.X_KEY].to(module.library_size))
-                x = x.double().cpu()
-                groups = tensors[REGISTRY_KEYS.BATCH_KEY].long().ravel() * module.n_labels
-                sums, counts = class_sums(
-                    x, groups + tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel(), n_groups
-                )
-                gram += x.T @ x
-                group_sums += sums
-                group_counts += counts
-                low, high = (
-                    torch.minimum(low, x.min(dim=0).values),
-                    torch.maximum(high, x.max(dim=0).values),
-                )
-        n_cells = float(group_counts.sum())
+        gram, group_sums, group_counts, low, high = self._labelled_expression_moments(labelled)
+        n_cells, n_genes = float(group_counts.sum()), gram.shape[0]
         mean = group_sums.sum(dim=0) / n_cells
         covariance = (gram - n_cells * torch.outer(mean, mean)) / max(n_cells - 1, 1)
-        n_components = int(min(n_components, n_cells - 1, n_genes - 1))
+        n_components = int(min(n_pca_components or module.n_latent, n_cells - 1, n_genes - 1))
         components = torch.linalg.eigh(covariance).eigenvectors[:, -n_components:]
         centroids = class_means(group_sums, group_counts) @ components
         distances = batch_centroid_distances(
@@ -328,6 +306,31 @@ class CELLULAR(
         module.reference_distances.copy_(torch.as_tensor(distances, dtype=torch.float32))
         if isinstance(module.encoder, TransformerEncoder):
             module.encoder.set_expression_range(low.numpy(), high.numpy())
+
+    @torch.no_grad()
+    def _labelled_expression_moments(self, labelled: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Of the normalised expression of the labelled cells, read minibatch by minibatch:
+        the gene x gene sum of products, the sums and counts of each (batch, cell type)
+        group, and each gene's minimum and maximum."""
+        module = self.module
+        n_genes, n_groups = self.summary_stats.n_vars, module.n_batch * module.n_labels
+        gram = torch.zeros(n_genes, n_genes, dtype=torch.float64)
+        group_sums = torch.zeros(n_groups, n_genes, dtype=torch.float64)
+        group_counts = torch.zeros(n_groups, dtype=torch.float64)
+        low = torch.full((n_genes,), torch.inf, dtype=torch.float64)
+        high = torch.full((n_genes,), -torch.inf, dtype=torch.float64)
+        for tensors in self.iter_minibatches(indices=np.flatnonzero(labelled)):
+            counts = tensors[REGISTRY_KEYS.X_KEY].to(module.library_size)
+            x = module.normalize(counts).double().cpu()
+            batches = tensors[REGISTRY_KEYS.BATCH_KEY].long().ravel()
+            groups = batches * module.n_labels + tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
+            sums, counts = class_sums(x, groups, n_groups)
+            gram += x.T @ x
+            group_sums += sums
+            group_counts += counts
+            low = torch.minimum(low, x.min(dim=0).values)
+            high = torch.maximum(high, x.max(dim=0).values)
+        return gram, group_sums, group_counts, low, high
 
     def _after_training(self) -> None:
         """Store the cell type centroids of a reference model (for :meth:`predict`), then
