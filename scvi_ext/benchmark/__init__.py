@@ -11,12 +11,7 @@ Examples
 >>> results = run_benchmark("kang_ifnb", seeds=[0, 1, 2], outdir="bench_kang")
 """
 
-from ._cellular_tasks import (
-    cellular_method,
-    embedding_quality,
-    novel_type_detection,
-    training_throughput,
-)
+from ._cellular_tasks import cellular_method, embedding_quality, novel_type_detection
 from ._methods import (
     BATCH_COLUMN,
     LABELS_COLUMN,
@@ -32,6 +27,7 @@ from ._methods import (
 from ._runner import run_benchmark, score_predictions, set_seed, summary_table
 from ._studies import AUROC_COLUMNS, STUDIES, Study, run_study
 from ._tasks import TASK_METHOD_KWARGS, TASKS, kang_donors_lodo, register_task, split_by_column
+from ._throughput import training_throughput
 
 __all__ = [
     "AUROC_COLUMNS",

@@ -76,7 +76,7 @@ def _novel_types(
 def _throughput(seed: int) -> dict[str, pd.DataFrame]:
     from scvi_ext.data import load_dataset
 
-    from ._cellular_tasks import training_throughput
+    from ._throughput import training_throughput
 
     table = training_throughput(load_dataset("kang_donors"), "cell_type", "donor", seed=seed)
     return {"throughput": table.reset_index()}
