@@ -35,7 +35,7 @@ from scvi_ext.base import (
     EmbeddingModule,
     InferenceModule,
     NonGenerativeModule,
-    register_labelled_counts,
+    register_labelled_anndata,
 )
 from scvi_ext.benchmark import METHODS, MethodResult, register_method, run_benchmark
 from scvi_ext.data import simulate
@@ -105,7 +105,7 @@ class Toy(ClassifierMixin, EmbeddingMixin, ArchesMixin, UnsupervisedTrainingMixi
             labelled), layer of raw counts (``None``: ``X``), ``obs`` column of batches.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        register_labelled_counts(
+        register_labelled_anndata(
             cls,
             adata,
             setup_method_args,

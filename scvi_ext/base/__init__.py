@@ -43,7 +43,7 @@ from ._protocols import (
     InferenceModule,
     TokenAttentionModule,
 )
-from ._setup import register_labelled_counts, resolve_unlabeled_category
+from ._setup import register_labelled_anndata, resolve_unlabeled_category
 from ._splitter import LABELLED, UNLABELED, PairedDataLoader, PairedDataSplitter, labelled_mask
 from ._statistics import class_means, class_sums
 
@@ -77,7 +77,7 @@ __all__ = [
     "labelled_mask",
     "probability_novelty",
     "query_neighbour_score",
-    "register_labelled_counts",
+    "register_labelled_anndata",
     "registered_counts",
     "registry_gene_names",
     "registry_known_labels",

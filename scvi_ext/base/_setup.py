@@ -53,7 +53,7 @@ def resolve_unlabeled_category(
     return unlabeled_category
 
 
-def register_labelled_counts(
+def register_labelled_anndata(
     cls,
     adata: AnnData,
     setup_method_args: dict,
@@ -66,7 +66,7 @@ def register_labelled_counts(
     x_field: BaseAnnDataField | None = None,
     **kwargs,
 ) -> None:
-    """Check and register counts + labels (+ ``fields``) of ``adata`` for model class ``cls``.
+    """Check and register the counts (or ``x_field``), labels and ``fields`` for ``cls``.
 
     Checks the counts (:func:`~scvi_ext.data.validate_counts`; not with ``x_field``, a
     field of other values registered in their place), the labels and unlabeled

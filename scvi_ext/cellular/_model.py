@@ -23,7 +23,7 @@ from scvi_ext.base import (
     class_means,
     class_sums,
     labelled_mask,
-    register_labelled_counts,
+    register_labelled_anndata,
 )
 
 from ._losses import batch_centroid_distances, class_weights
@@ -248,7 +248,7 @@ class CELLULAR(
         %(param_unlabeled_or_none)s
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        register_labelled_counts(
+        register_labelled_anndata(
             cls,
             adata,
             setup_method_args,

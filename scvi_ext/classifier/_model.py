@@ -30,7 +30,7 @@ from scvi_ext.base import (
     labelled_mask,
     probability_novelty,
     query_neighbour_score,
-    register_labelled_counts,
+    register_labelled_anndata,
     registry_gene_names,
     registry_known_labels,
 )
@@ -238,7 +238,7 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
             if obsm_key is not None
             else LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False)
         )
-        register_labelled_counts(
+        register_labelled_anndata(
             cls,
             adata,
             setup_method_args,

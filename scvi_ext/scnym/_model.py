@@ -14,7 +14,7 @@ from scvi_ext.base import (
     ClassifierMixin,
     EmbeddingMixin,
     PairedDataSplitter,
-    register_labelled_counts,
+    register_labelled_anndata,
 )
 
 from ._module import DOMAIN_KEY, ScNymModule
@@ -122,7 +122,7 @@ class ScNym(
         fields = [CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key)]
         if domain_key is not None:
             fields.append(CategoricalObsField(DOMAIN_KEY, domain_key))
-        register_labelled_counts(
+        register_labelled_anndata(
             cls,
             adata,
             setup_method_args,
