@@ -24,7 +24,6 @@ from scvi.data.fields import CategoricalObsField
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin
 from scvi.module.base import LossOutput, auto_move_data
 from scvi.nn import FCLayers
-from scvi.utils import setup_anndata_dsp
 from torch import nn
 
 from scvi_ext.base import (
@@ -36,6 +35,7 @@ from scvi_ext.base import (
     InferenceModule,
     NonGenerativeModule,
     register_labelled_anndata,
+    setup_anndata_method,
 )
 from scvi_ext.benchmark import METHODS, MethodResult, register_method, run_benchmark
 from scvi_ext.data import simulate
@@ -90,8 +90,7 @@ class Toy(ClassifierMixin, EmbeddingMixin, ArchesMixin, UnsupervisedTrainingMixi
         self.module = self._module_cls(stats.n_vars, n_labels, stats.n_batch, n_hidden)
         self.init_params_ = self._get_init_params(locals())
 
-    @classmethod
-    @setup_anndata_dsp.dedent
+    @setup_anndata_method
     def setup_anndata(
         cls, adata, labels_key, unlabeled_category=None, layer=None, batch_key=None, **kwargs
     ):
@@ -105,17 +104,8 @@ class Toy(ClassifierMixin, EmbeddingMixin, ArchesMixin, UnsupervisedTrainingMixi
             labelled), layer of raw counts (``None``: ``X``), ``obs`` column of batches.
         """
         setup_method_args = cls._get_setup_method_args(**locals())
-        register_labelled_anndata(
-            cls,
-            adata,
-            setup_method_args,
-            labels_key=labels_key,
-            unlabeled_category=unlabeled_category,
-            layer=layer,
-            obs_keys={"batch_key": batch_key},
-            fields=[CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key)],
-            **kwargs,
-        )
+        batch_field = CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key)
+        register_labelled_anndata(cls, adata, setup_method_args, [batch_field], **kwargs)
 
 
 def toy_method(reference, query, labels_key, seed=0, *, max_epochs=20) -> MethodResult:

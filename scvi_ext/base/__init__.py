@@ -43,7 +43,7 @@ from ._protocols import (
     InferenceModule,
     TokenAttentionModule,
 )
-from ._setup import register_labelled_anndata, resolve_unlabeled_category
+from ._setup import register_labelled_anndata, resolve_unlabeled_category, setup_anndata_method
 from ._splitter import LABELLED, UNLABELED, PairedDataLoader, PairedDataSplitter, labelled_mask
 from ._statistics import class_means, class_sums
 
@@ -83,6 +83,7 @@ __all__ = [
     "registry_known_labels",
     "registry_label_names",
     "resolve_unlabeled_category",
+    "setup_anndata_method",
     "sigmoid_ramp",
     "valid_plan_kwargs",
     "validation_early_stopping",

@@ -74,6 +74,14 @@ class InferenceMixin:
     #: Set on models made by :meth:`load_query_data`.
     is_query_model: bool = False
 
+    def __repr__(self) -> str:
+        """scvi's summary; models without their own summary list their init parameters."""
+        if not self._model_summary_string:
+            params = getattr(self, "init_params_", {}).get("non_kwargs", {})
+            shown = [f"{name}={value}" for name, value in params.items()]
+            self._model_summary_string = f"{type(self).__name__} with {', '.join(shown)}"
+        return super().__repr__()
+
     # ------------------------------------------------------------------ data access
     @property
     def setup_args(self) -> dict:

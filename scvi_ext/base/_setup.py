@@ -24,8 +24,18 @@ setup_anndata_dsp.params.update(
     }
 )
 
+#: Setup arguments ending in ``_key`` that are not ``obs`` columns checked by name here.
+_NOT_OBS_COLUMNS = ("labels_key", "obsm_key")
+
 #: Names tried, in order, for the unlabeled category of a fully labelled AnnData.
 _FREE_UNLABELED_NAMES = ("Unknown", "unlabeled", "_scvi_ext_unlabeled")
+
+
+def setup_anndata_method(function):
+    """Decorator of a model's ``setup_anndata``: a classmethod whose docstring takes scvi's
+    ``setup_anndata_dsp`` fragments (``%(param_adata)s``) and ours (``%(param_cell_types)s``,
+    ``%(param_unlabeled_or_none)s``)."""
+    return classmethod(setup_anndata_dsp.dedent(function))
 
 
 def resolve_unlabeled_category(
@@ -57,37 +67,38 @@ def register_labelled_anndata(
     cls,
     adata: AnnData,
     setup_method_args: dict,
-    *,
-    labels_key: str,
-    unlabeled_category: str | None,
-    layer: str | None = None,
-    obs_keys: dict[str, str | None] | None = None,
     fields: Sequence[BaseAnnDataField] = (),
     x_field: BaseAnnDataField | None = None,
     **kwargs,
 ) -> None:
     """Check and register the counts (or ``x_field``), labels and ``fields`` for ``cls``.
 
-    Checks the counts (:func:`~scvi_ext.data.validate_counts`; not with ``x_field``, a
-    field of other values registered in their place), the labels and unlabeled
-    category (a new reference only: query mapping and loading pass ``source_registry``)
-    and each ``obs_keys`` column (role -> column), then registers the counts, the labels
-    and ``fields``. ``setup_method_args`` records the resolved unlabeled category, so
-    loading and query mapping use the same one.
+    The arguments of the model's ``setup_anndata`` are read from ``setup_method_args``:
+    ``labels_key``, ``unlabeled_category``, ``layer`` and every other ``*_key`` but
+    ``obsm_key`` (an ``obs`` column, checked by name). Checks the counts
+    (:func:`~scvi_ext.data.validate_counts`; not with ``x_field``, a field of other values
+    registered in their place), the labels and unlabeled category (a new reference only:
+    query mapping and loading pass ``source_registry``) and those columns, then registers
+    the counts, the labels and ``fields``. ``setup_method_args`` records the resolved
+    unlabeled category, so loading and query mapping use the same one.
     """
+    setup_args = setup_method_args["setup_args"]
+    labels_key, layer = setup_args["labels_key"], setup_args.get("layer")
     source_registry = kwargs.get("source_registry")
     if x_field is None:
         validate_counts(adata, layer)
         x_field = LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True)
     if source_registry is None:
-        unlabeled_category = resolve_unlabeled_category(adata, labels_key, unlabeled_category)
+        unlabeled_category = resolve_unlabeled_category(
+            adata, labels_key, setup_args.get("unlabeled_category")
+        )
         validate_labels(adata, labels_key, unlabeled_category)
     else:
         unlabeled_category = registry_label_names(source_registry)[1]
-    for role, key in (obs_keys or {}).items():
-        if key is not None:
+    for role, key in setup_args.items():
+        if role.endswith("_key") and role not in _NOT_OBS_COLUMNS and key is not None:
             validate_obs_key(adata, key, role)
-    setup_method_args["setup_args"]["unlabeled_category"] = unlabeled_category
+    setup_args["unlabeled_category"] = unlabeled_category
     all_fields = [
         x_field,
         LabelsWithUnlabeledObsField(REGISTRY_KEYS.LABELS_KEY, labels_key, unlabeled_category),

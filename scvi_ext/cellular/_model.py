@@ -15,7 +15,6 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data.fields import CategoricalObsField
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin
-from scvi.utils import setup_anndata_dsp
 
 from scvi_ext.base import (
     ClassifierMixin,
@@ -24,6 +23,7 @@ from scvi_ext.base import (
     class_sums,
     labelled_mask,
     register_labelled_anndata,
+    setup_anndata_method,
 )
 
 from ._losses import batch_centroid_distances, class_weights
@@ -128,6 +128,41 @@ class CELLULAR(
         "early_stopping_patience": 20,
     }
 
+    # ------------------------------------------------------------------ setup
+    @setup_anndata_method
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str,
+        batch_key: str | None = None,
+        layer: str | None = None,
+        unlabeled_category: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Register an AnnData with raw counts for :class:`CELLULAR`.
+
+        Select genes first (``scvi_ext.data.select_genes(adata, method="cellular")``:
+        2000 ``cell_ranger`` HVGs, as in the thesis); the model normalises counts itself.
+
+        Parameters
+        ----------
+        %(param_adata)s
+        %(param_cell_types)s
+        batch_key
+            ``obs`` column of batches (patients, donors, ...) for the batch-mixing loss and
+            the centroid reference. Must have at least two batches; ``None`` switches the
+            batch-mixing loss off. A cell type present in one batch only is allowed (with
+            a warning): its batch-mixing term is empty and its centroid distances come from
+            that batch alone.
+        %(param_layer)s
+        %(param_unlabeled_or_none)s
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        batch_field = CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key)
+        register_labelled_anndata(cls, adata, setup_method_args, [batch_field], **kwargs)
+        if batch_key is not None and "source_registry" not in kwargs:
+            _check_batches(adata, labels_key, batch_key, unlabeled_category)
+
     def __init__(
         self,
         adata: AnnData | None = None,
@@ -216,51 +251,6 @@ class CELLULAR(
             saved["gene_embeddings"] = {SAVED_EMBEDDINGS_KEY: list(embedding_matrix.shape)}
         if resolved_sets is not None:
             saved["gene_sets"] = resolved_sets
-
-    # ------------------------------------------------------------------ setup
-    @classmethod
-    @setup_anndata_dsp.dedent
-    def setup_anndata(
-        cls,
-        adata: AnnData,
-        labels_key: str,
-        batch_key: str | None = None,
-        layer: str | None = None,
-        unlabeled_category: str | None = None,
-        **kwargs,
-    ) -> None:
-        """Register an AnnData with raw counts for :class:`CELLULAR`.
-
-        Select genes first (``scvi_ext.data.select_genes(adata, method="cellular")``:
-        2000 ``cell_ranger`` HVGs, as in the thesis); the model normalises counts itself.
-
-        Parameters
-        ----------
-        %(param_adata)s
-        %(param_cell_types)s
-        batch_key
-            ``obs`` column of batches (patients, donors, ...) for the batch-mixing loss and
-            the centroid reference. Must have at least two batches; ``None`` switches the
-            batch-mixing loss off. A cell type present in one batch only is allowed (with
-            a warning): its batch-mixing term is empty and its centroid distances come from
-            that batch alone.
-        %(param_layer)s
-        %(param_unlabeled_or_none)s
-        """
-        setup_method_args = cls._get_setup_method_args(**locals())
-        register_labelled_anndata(
-            cls,
-            adata,
-            setup_method_args,
-            labels_key=labels_key,
-            unlabeled_category=unlabeled_category,
-            layer=layer,
-            obs_keys={"batch_key": batch_key},
-            fields=[CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key)],
-            **kwargs,
-        )
-        if batch_key is not None and "source_registry" not in kwargs:
-            _check_batches(adata, labels_key, batch_key, unlabeled_category)
 
     # ------------------------------------------------------------------ training
     def _codes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -18,7 +18,6 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
 from scvi.data.fields import LayerField, ObsmField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
-from scvi.utils import setup_anndata_dsp
 
 from scvi_ext.base import (
     BASE_NOVELTY_METHODS,
@@ -33,6 +32,7 @@ from scvi_ext.base import (
     register_labelled_anndata,
     registry_gene_names,
     registry_known_labels,
+    setup_anndata_method,
 )
 
 from ._module import LatentClassifierModule
@@ -175,37 +175,8 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
     default_novelty_method: str = "query_neighbours"
     novelty_methods = NOVELTY_METHODS
 
-    def __init__(
-        self,
-        adata: AnnData | None = None,
-        registry: dict | None = None,
-        n_hidden1: int = 512,
-        n_hidden2: int = 512,
-        dropout_rate: float = 0.2,
-    ):
-        super().__init__(adata, registry=registry)
-        self.upstream_model: BaseModelClass | None = None
-        #: Counts the upstream model embedded for training (``from_model``; not saved).
-        self.reference_adata: AnnData | None = None
-        state = self.registry_["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]
-        n_input = len(state["column_names"])
-        n_labels = len(self.label_names)
-        self.module = self._module_cls(
-            n_input=n_input,
-            n_labels=n_labels,
-            n_hidden1=n_hidden1,
-            n_hidden2=n_hidden2,
-            dropout_rate=dropout_rate,
-        )
-        self._model_summary_string = (
-            f"LatentClassifier with n_input={n_input}, hidden=({n_hidden1}, {n_hidden2}), "
-            f"dropout_rate={dropout_rate}, n_labels={n_labels}"
-        )
-        self.init_params_ = self._get_init_params(locals())
-
     # ------------------------------------------------------------------ setup
-    @classmethod
-    @setup_anndata_dsp.dedent
+    @setup_anndata_method
     def setup_anndata(
         cls,
         adata: AnnData,
@@ -238,16 +209,31 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
             if obsm_key is not None
             else LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=False)
         )
-        register_labelled_anndata(
-            cls,
-            adata,
-            setup_method_args,
-            labels_key=labels_key,
-            unlabeled_category=unlabeled_category,
-            layer=layer,
-            x_field=x_field,
-            **kwargs,
+        register_labelled_anndata(cls, adata, setup_method_args, x_field=x_field, **kwargs)
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        n_hidden1: int = 512,
+        n_hidden2: int = 512,
+        dropout_rate: float = 0.2,
+    ):
+        super().__init__(adata, registry=registry)
+        self.upstream_model: BaseModelClass | None = None
+        #: Counts the upstream model embedded for training (``from_model``; not saved).
+        self.reference_adata: AnnData | None = None
+        state = self.registry_["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]
+        n_input = len(state["column_names"])
+        n_labels = len(self.label_names)
+        self.module = self._module_cls(
+            n_input=n_input,
+            n_labels=n_labels,
+            n_hidden1=n_hidden1,
+            n_hidden2=n_hidden2,
+            dropout_rate=dropout_rate,
         )
+        self.init_params_ = self._get_init_params(locals())
 
     @classmethod
     def from_model(
@@ -442,13 +428,7 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
         score = getattr(self.module, method)  # centroid_distance, neighbour_distance
         return self.map_minibatches(score, adata, indices, batch_size)
 
-    def _query_neighbour_score(
-        self,
-        adata: AnnData | None,
-        indices: Sequence[int] | None,
-        reference: AnnData | None,
-        batch_size: int | None = None,
-    ) -> np.ndarray:
+    def _query_neighbour_score(self, adata, indices, reference, batch_size=None) -> np.ndarray:
         """Counts against the training counts (upstream model), else the representation
         against the training cells kept with the model."""
         if self.upstream_model is None:

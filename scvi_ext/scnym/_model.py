@@ -8,13 +8,13 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data.fields import CategoricalObsField
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin
-from scvi.utils import setup_anndata_dsp
 
 from scvi_ext.base import (
     ClassifierMixin,
     EmbeddingMixin,
     PairedDataSplitter,
     register_labelled_anndata,
+    setup_anndata_method,
 )
 
 from ._module import DOMAIN_KEY, ScNymModule
@@ -65,34 +65,7 @@ class ScNym(
         "early_stopping": False,
     }
 
-    def __init__(
-        self,
-        adata: AnnData | None = None,
-        registry: dict | None = None,
-        n_hidden: int = 256,
-        n_layers: int = 2,
-        dropout_rate: float = 0.1,
-    ):
-        super().__init__(adata, registry=registry)
-        n_labels = len(self.label_names)
-        has_domain = DOMAIN_KEY in self.registry_["field_registries"]
-        self.module = self._module_cls(
-            n_input=self.summary_stats.n_vars,
-            n_labels=n_labels,
-            n_batch=self.summary_stats.n_batch,
-            n_domains=self.summary_stats[f"n_{DOMAIN_KEY}"] if has_domain else 2,
-            n_hidden=n_hidden,
-            n_layers=n_layers,
-            dropout_rate=dropout_rate,
-        )
-        self._model_summary_string = (
-            f"ScNym model with n_hidden={n_hidden}, n_layers={n_layers}, "
-            f"dropout_rate={dropout_rate}, n_labels={n_labels}"
-        )
-        self.init_params_ = self._get_init_params(locals())
-
-    @classmethod
-    @setup_anndata_dsp.dedent
+    @setup_anndata_method
     def setup_anndata(
         cls,
         adata: AnnData,
@@ -122,17 +95,29 @@ class ScNym(
         fields = [CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key)]
         if domain_key is not None:
             fields.append(CategoricalObsField(DOMAIN_KEY, domain_key))
-        register_labelled_anndata(
-            cls,
-            adata,
-            setup_method_args,
-            labels_key=labels_key,
-            unlabeled_category=unlabeled_category,
-            layer=layer,
-            obs_keys={"batch_key": batch_key, "domain_key": domain_key},
-            fields=fields,
-            **kwargs,
+        register_labelled_anndata(cls, adata, setup_method_args, fields=fields, **kwargs)
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        registry: dict | None = None,
+        n_hidden: int = 256,
+        n_layers: int = 2,
+        dropout_rate: float = 0.1,
+    ):
+        super().__init__(adata, registry=registry)
+        n_labels = len(self.label_names)
+        has_domain = DOMAIN_KEY in self.registry_["field_registries"]
+        self.module = self._module_cls(
+            n_input=self.summary_stats.n_vars,
+            n_labels=n_labels,
+            n_batch=self.summary_stats.n_batch,
+            n_domains=self.summary_stats[f"n_{DOMAIN_KEY}"] if has_domain else 2,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            dropout_rate=dropout_rate,
         )
+        self.init_params_ = self._get_init_params(locals())
 
     @classmethod
     def load_query_data(cls, adata: AnnData, reference_model, **kwargs) -> ScNym:
