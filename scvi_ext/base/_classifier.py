@@ -95,6 +95,10 @@ class ClassifierMixin(InferenceMixin):
             (the likelihood then has no optimum), the temperature is left as it is (with a
             warning).
         """
+        if self.adata is None:
+            raise ValueError(
+                "calibrate reads labelled cells of the model's AnnData; load it with adata=..."
+            )
         if indices is None:
             indices = getattr(self, "validation_indices", None)
             indices = np.asarray([] if indices is None else indices, dtype=np.int64)
