@@ -59,3 +59,15 @@ def test_attributions_stay_on_the_modules_device(method):
     scores = _attributions(module, x, batch_index, 0, baselines, 2, generator, method)
     assert scores.device.type == "meta"
     assert scores.shape == x.shape
+
+
+def test_saliency_needs_a_trained_differentiable_classifier(sim_adata):
+    from scvi_ext.model import CELLULAR
+
+    ScNym.setup_anndata(sim_adata, labels_key="labels", unlabeled_category="Unknown")
+    with pytest.raises(RuntimeError, match="This ScNym is not trained"):
+        saliency(ScNym(sim_adata, n_hidden=8))
+    reference = sim_adata[sim_adata.obs["labels"] != "Unknown"].copy()
+    CELLULAR.setup_anndata(reference, labels_key="labels")
+    with pytest.raises(ValueError, match="DifferentiableClassifierModule"):
+        saliency(CELLULAR(reference, n_latent=4, n_hidden=(8,)))

@@ -111,7 +111,10 @@ def saliency(
             f"scvi_ext.base.DifferentiableClassifierModule (normalize, classify_normalized), "
             f"e.g. ScNym; {type(model).__name__} does not."
         )
-    model._check_trained()
+    if not model.is_trained:
+        raise RuntimeError(
+            f"This {type(model).__name__} is not trained; call model.train() first."
+        )
     with model.registered_anndata(adata) as registered:
         return _saliency_table(
             model, registered, names, cell_types, method, n_steps, n_cells, n_top, by, seed
