@@ -196,3 +196,37 @@ def test_training_and_prediction_on_backed_anndata(name, tmp_path):
     assert accuracy > 0.6  # 3 cell types: chance is 1/3
     backed.file.close()
     backed_query.file.close()
+
+
+def test_missing_genes_read_as_zeros_with_a_warning_and_duplicates_are_refused(trained):
+    _, model, _, query, _ = trained
+    fewer = query[:, 10:].copy()  # 50 of the model's 60 genes
+    with pytest.warns(UserWarning, match="lacks 10 of the model's 60 genes"):
+        assert len(model.predict(fewer)) == query.n_obs
+    duplicated = query.copy()
+    duplicated.var_names = [duplicated.var_names[0]] + list(duplicated.var_names[:-1])
+    with pytest.raises(ValueError, match="duplicated gene names"):
+        model.predict(duplicated)
+
+
+def test_a_model_without_data_cannot_train_or_calibrate(trained):
+    name, _, _, _, folder = trained
+    loaded = MODEL_CLASSES[name].load(folder, adata=False)
+    with pytest.raises(ValueError, match="has no data to train on"):
+        loaded.train(**TRAIN)
+    with pytest.raises(ValueError, match="calibrate reads labelled cells"):
+        loaded.calibrate()
+
+
+def test_a_model_saved_with_other_weights_says_so(tmp_path):
+    import torch
+
+    reference, _ = _data()
+    model = _scnym(reference)
+    model.train(**TRAIN)
+    model.save(tmp_path / "model")
+    saved = torch.load(tmp_path / "model" / "model.pt", weights_only=False)
+    saved["attr_dict"]["init_params_"]["non_kwargs"]["n_hidden"] = 16  # not the saved 32
+    torch.save(saved, tmp_path / "model" / "model.pt")
+    with pytest.raises(ValueError, match="does not fit this version of ScNym"):
+        ScNym.load(tmp_path / "model", adata=False)
