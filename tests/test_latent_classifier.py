@@ -168,10 +168,19 @@ def test_pca_and_layer_inputs(data):
     assert ((score >= 0) & (score <= 1)).all() and 0.3 < score.mean() < 0.7
     with pytest.raises(ValueError, match="reference= is for a classifier with an upstream"):
         clf.novelty_score(method="query_neighbours", reference=pca)
+    broken = pca.copy()
+    broken.obsm["X_pca"][0, 0] = np.nan
+    with pytest.raises(ValueError, match=r"adata.obsm\['X_pca'\] has NaN or infinite values"):
+        clf.predict(broken)
     LatentClassifier.setup_anndata(pca, labels_key="cell_type", layer="log")
     clf = LatentClassifier(pca, n_hidden1=32, n_hidden2=32)
     clf.train(max_epochs=10, batch_size=32, **FAST_PLAN, **TRAIN)
     assert accuracy(clf.predict(), reference) > 0.5
+    broken = pca[:, ::-1].copy()  # genes in another order: matched by name
+    np.testing.assert_allclose(clf.predict_proba(broken), clf.predict_proba(pca), atol=1e-6)
+    broken.layers["log"][0, 0] = np.inf
+    with pytest.raises(ValueError, match="the representation of adata has NaN or infinite"):
+        clf.predict(broken)
 
 
 def test_query_neighbours_flags_a_type_left_out_of_training(data):

@@ -162,7 +162,7 @@ class InferenceMixin:
             self._setup_adata_manager_store.pop(uuid, None)
 
     def _check_trained(self) -> None:
-        if not getattr(self, "is_trained_", False):
+        if not self.is_trained:
             raise RuntimeError(
                 f"This {type(self).__name__} is not trained; call model.train() first."
             )
@@ -368,7 +368,8 @@ class InferenceMixin:
             if cls._counts_input:
                 genes = registry_gene_names(registry)
                 if not adata.var_names.astype(str).equals(genes):
-                    adata = detached_anndata(adata, setup_args, genes=genes)
+                    known_labels = registry_known_labels(registry)
+                    adata = detached_anndata(adata, setup_args, known_labels, genes=genes)
                 validate_counts(adata, setup_args.get("layer"))
         try:
             return super().load(dir_path, adata=adata, **kwargs)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
-from scvi import REGISTRY_KEYS
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
 from scvi_ext.data import log_normalise
+
+from ._anndata import registry_gene_names
 
 #: Library size each cell is scaled to before ``log1p`` (counts input).
 TARGET_SUM = 1e4
@@ -112,9 +112,7 @@ def registered_counts(adata: AnnData, registry: dict, name: str):
     Reads ``adata.layers[layer]`` when the model was set up with ``layer``, else
     ``adata.X``. ``name`` names ``adata`` in the errors.
     """
-    genes = pd.Index(
-        registry["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]["column_names"]
-    )
+    genes = registry_gene_names(registry)
     layer = registry["setup_args"].get("layer")
     missing = genes.difference(adata.var_names)
     if len(missing):

@@ -255,8 +255,8 @@ class WarmupCosineTrainingPlan(BaseTrainingPlan):
     ----------
     module
         The module to train.
-    optimizer, lr, weight_decay
-        Optimizer settings.
+    weight_decay
+        Weight decay (the optimizer and learning rate are :class:`BaseTrainingPlan`'s).
     warmup_epochs
         Epochs of linear warm-up.
     cosine_epochs
@@ -269,15 +269,12 @@ class WarmupCosineTrainingPlan(BaseTrainingPlan):
         self,
         module: BaseModuleClass,
         *,
-        optimizer: OptimizerName = "Adam",
-        lr: float = 1e-3,
         weight_decay: float = 5e-5,
         warmup_epochs: int = 4,
         cosine_epochs: int | None = None,
         **kwargs,
     ):
-        kwargs.setdefault("reduce_lr_on_plateau", False)
-        super().__init__(module, optimizer=optimizer, lr=lr, weight_decay=weight_decay, **kwargs)
+        super().__init__(module, weight_decay=weight_decay, **kwargs)
         self.warmup_epochs = warmup_epochs
         self.cosine_epochs = cosine_epochs
 

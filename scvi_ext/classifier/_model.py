@@ -223,8 +223,7 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
         self.upstream_model: BaseModelClass | None = None
         #: Counts the upstream model embedded for training (``from_model``; not saved).
         self.reference_adata: AnnData | None = None
-        state = self.registry_["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]
-        n_input = len(state["column_names"])
+        n_input = len(self.gene_names)
         n_labels = len(self.label_names)
         self.module = self._module_cls(
             n_input=n_input,
