@@ -11,6 +11,8 @@ Examples
 >>> results = run_benchmark("kang_ifnb", seeds=[0, 1, 2], outdir="bench_kang")
 """
 
+# Each imported for its @register_method / @register_task / @register_study side effects.
+from . import _attention_tasks, _latent_inputs, _matching  # noqa: F401
 from ._cellular_tasks import cellular_method, embedding_quality, novel_type_detection
 from ._methods import (
     BATCH_COLUMN,
@@ -25,7 +27,7 @@ from ._methods import (
     register_method,
 )
 from ._runner import run_benchmark, score_predictions, set_seed, summary_table
-from ._studies import AUROC_COLUMNS, STUDIES, Study, run_study
+from ._studies import AUROC_COLUMNS, STUDIES, Study, register_study, run_study
 from ._tasks import TASK_METHOD_KWARGS, TASKS, kang_donors_lodo, register_task, split_by_column
 from ._throughput import training_throughput
 
@@ -49,6 +51,7 @@ __all__ = [
     "query_label_ceiling",
     "reference_hvgs",
     "register_method",
+    "register_study",
     "register_task",
     "run_benchmark",
     "run_study",

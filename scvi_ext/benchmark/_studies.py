@@ -82,6 +82,28 @@ def _throughput(seed: int) -> dict[str, pd.DataFrame]:
     return {"throughput": table.reset_index()}
 
 
+def register_study(
+    name: str, description: str, headline: dict[str, tuple[str, ...]] | None = None
+) -> Callable[
+    [Callable[[int], dict[str, pd.DataFrame]]], Callable[[int], dict[str, pd.DataFrame]]
+]:
+    """Decorator adding ``run(seed) -> {table name: DataFrame}`` to :data:`STUDIES`.
+
+    Examples
+    --------
+    >>> @register_study("my_study", "What it measures.", {"scores": ("accuracy",)})
+    ... def my_study(seed: int) -> dict[str, pd.DataFrame]: ...
+    """
+
+    def decorator(
+        run: Callable[[int], dict[str, pd.DataFrame]],
+    ) -> Callable[[int], dict[str, pd.DataFrame]]:
+        STUDIES[name] = Study(run, description, headline or {})
+        return run
+
+    return decorator
+
+
 STUDIES: dict[str, Study] = {
     "kang_donors_embedding": Study(
         _embedding,

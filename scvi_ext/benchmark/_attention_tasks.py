@@ -1,0 +1,1 @@
+"""CAN and CGRAN (issue 13): within-dataset classification, gene scaling, markers, transfer."""
