@@ -320,14 +320,20 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
         raise CLIError(f"Unknown task {args.task!r}; available: {available}.")
     outdir = args.outdir or f"scvi_ext_outputs/benchmark_{args.task}"
     if args.task in STUDIES:
-        if args.methods or args.max_epochs or args.task_option or args.method_option:
+        if args.methods or args.max_epochs or args.method_option:
             raise CLIError(
-                f"--methods, --max-epochs, --method-option and --task-option apply to "
-                f"annotation tasks; {args.task!r} is a study with fixed settings."
+                f"--methods, --max-epochs and --method-option apply to annotation tasks; "
+                f"{args.task!r} is a study: set its options with --task-option KEY=VALUE."
             )
         try:
-            run_study(args.task, seeds=args.seeds, outdir=outdir, command=_command_line(argv))
-        except FileNotFoundError as error:
+            run_study(
+                args.task,
+                seeds=args.seeds,
+                outdir=outdir,
+                command=_command_line(argv),
+                options=_key_values(args.task_option, "--task-option"),
+            )
+        except (FileNotFoundError, TypeError) as error:
             raise CLIError(str(error)) from error
         print((Path(outdir) / "summary.md").read_text())
         return 0
@@ -475,8 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="Option of the task function, e.g. held_out_donor=1015 for kang_donors_lodo "
-        "(repeatable).",
+        help="Option of the task or study function, e.g. held_out_donor=1015 for "
+        "kang_donors_lodo (repeatable).",
     )
     benchmark.add_argument(
         "--max-epochs",

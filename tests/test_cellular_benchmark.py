@@ -152,16 +152,24 @@ def test_run_study_writes_tables_plots_and_summary(tmp_path, monkeypatch):
         run_study("toy", seeds=[], outdir=tmp_path)
 
 
-def test_cli_runs_a_study_and_rejects_method_options(tmp_path, monkeypatch, capsys):
-    def run(seed):
-        return {"scores": pd.DataFrame({"method": ["a"], "auroc": [0.8]})}
+def test_cli_runs_a_study_with_its_options_and_rejects_method_options(
+    tmp_path, monkeypatch, capsys
+):
+    def run(seed, score=0.8):
+        return {"scores": pd.DataFrame({"method": ["a"], "auroc": [score]})}
 
     monkeypatch.setitem(STUDIES, "toy", Study(run, "A toy study.", {}))
     assert main(["benchmark", "--task", "toy", "--seeds", "0", "--outdir", str(tmp_path)]) == 0
     assert "| a | 0.800 |" in capsys.readouterr().out
+    argv = ["benchmark", "--task", "toy", "--seeds", "0", "--outdir", str(tmp_path)]
+    assert main([*argv, "--task-option", "score=0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "| a | 0.500 |" in out and "Options: score=0.5" in out
+    assert main([*argv, "--task-option", "sccore=0.5"]) == 2
+    assert "sccore not accepted by this study; options: score." in capsys.readouterr().err
     code = main(["benchmark", "--task", "toy", "--methods", "scnym", "--outdir", str(tmp_path)])
     assert code == 2
-    assert "'toy' is a study with fixed settings" in capsys.readouterr().err
+    assert "'toy' is a study: set its options with --task-option" in capsys.readouterr().err
 
 
 def test_task_method_options_are_merged_under_the_users(tmp_path, monkeypatch):

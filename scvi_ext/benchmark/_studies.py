@@ -8,6 +8,7 @@ tasks: ``scvi-ext benchmark --task kang_donors_embedding``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,23 @@ from ._runner import _format_cell, machine_info, set_seed
 logger = logging.getLogger(__name__)
 
 
+StudyFunction = Callable[..., dict[str, pd.DataFrame]]
+
+
+def _check_options(run: StudyFunction, options: dict) -> None:
+    """Refuse options that ``run`` does not take, naming those it does."""
+    parameters = inspect.signature(run).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    accepted = [name for name in parameters if name != "seed"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"Option(s) {', '.join(unknown)} not accepted by this study; options: "
+            f"{', '.join(accepted) or 'none'}."
+        )
+
+
 @dataclass(frozen=True)
 class Study:
     """A named study.
@@ -30,14 +48,16 @@ class Study:
     Attributes
     ----------
     run
-        ``run(seed)`` returns named tables; the first column of each names its rows.
+        ``run(seed, **options)`` returns named tables; the first column of each names its
+        rows. Options (sizes, datasets...) come from ``run_study(..., options=...)``, on
+        the command line ``--task-option KEY=VALUE``.
     description
         One paragraph for the report.
     headline
         Table name -> the columns drawn in ``<table>.png``.
     """
 
-    run: Callable[[int], dict[str, pd.DataFrame]]
+    run: StudyFunction
     description: str
     headline: dict[str, tuple[str, ...]]
 
@@ -84,10 +104,8 @@ def _throughput(seed: int) -> dict[str, pd.DataFrame]:
 
 def register_study(
     name: str, description: str, headline: dict[str, tuple[str, ...]] | None = None
-) -> Callable[
-    [Callable[[int], dict[str, pd.DataFrame]]], Callable[[int], dict[str, pd.DataFrame]]
-]:
-    """Decorator adding ``run(seed) -> {table name: DataFrame}`` to :data:`STUDIES`.
+) -> Callable[[StudyFunction], StudyFunction]:
+    """Decorator adding ``run(seed, **options) -> {table name: DataFrame}`` to :data:`STUDIES`.
 
     Examples
     --------
@@ -95,9 +113,7 @@ def register_study(
     ... def my_study(seed: int) -> dict[str, pd.DataFrame]: ...
     """
 
-    def decorator(
-        run: Callable[[int], dict[str, pd.DataFrame]],
-    ) -> Callable[[int], dict[str, pd.DataFrame]]:
+    def decorator(run: StudyFunction) -> StudyFunction:
         STUDIES[name] = Study(run, description, headline or {})
         return run
 
@@ -172,6 +188,7 @@ def run_study(
     seeds: list[int],
     outdir: str | Path,
     command: str | None = None,
+    options: dict | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Run a study of :data:`STUDIES` for each seed and write its report.
 
@@ -185,6 +202,9 @@ def run_study(
         Folder for ``<table>_per_seed.csv``, ``<table>.png`` and ``summary.md``.
     command
         Command line recorded in the report.
+    options
+        Keyword arguments of the study's ``run`` (e.g. smaller sizes); an unknown key is
+        a ``TypeError`` naming the accepted ones.
 
     Returns
     -------
@@ -195,6 +215,8 @@ def run_study(
     if not seeds:
         raise ValueError("Give at least one seed.")
     study = STUDIES[name]
+    options = dict(options or {})
+    _check_options(study.run, options)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()  # before the study runs: some methods change torch's threads
@@ -202,12 +224,14 @@ def run_study(
     for seed in seeds:
         logger.info("Study %s, seed %d", name, seed)
         set_seed(seed)
-        for table_name, table in study.run(seed).items():
+        for table_name, table in study.run(seed, **options).items():
             per_seed.setdefault(table_name, []).append(table.assign(seed=seed))
     tables = {key: pd.concat(parts, ignore_index=True) for key, parts in per_seed.items()}
 
     lines = [f"# Benchmark: {name}", "", study.description, ""]
     lines += [f"Seeds: {', '.join(map(str, seeds))}; mean ± sd over seeds.", ""]
+    if options:
+        lines += ["Options: " + ", ".join(f"{k}={v!r}" for k, v in options.items()), ""]
     for table_name, table in tables.items():
         table.to_csv(outdir / f"{table_name}_per_seed.csv", index=False)
         lines += [f"## {table_name}", "", markdown_table(summarise_over_seeds(table)), ""]
