@@ -26,6 +26,7 @@ from scvi_ext.data import (
     validate_gene_overlap,
     validate_labels,
     validate_obs_key,
+    write_simulated,
 )
 
 needs_datasets = pytest.mark.skipif(
@@ -234,6 +235,40 @@ def test_simulate_200k_cells_in_bounded_memory():
     assert adata.X.format == "csr" and adata.X.dtype == np.float32
     assert 0 < adata.X.nnz < 0.1 * n_cells * n_genes
     assert peak < 0.35 * dense_bytes
+
+
+def test_write_simulated_writes_the_simulated_cells_chunk_by_chunk(tmp_path):
+    expected = simulate(n_cells=250, n_genes=40, seed=5)
+    path = write_simulated(tmp_path / "sim.h5ad", n_cells=250, n_genes=40, seed=5, chunk_size=60)
+    backed = ad.read_h5ad(path, backed="r")
+    assert backed.shape == (250, 40)
+    assert (backed.X[:].tocsr() != expected.X).nnz == 0
+    pd.testing.assert_frame_equal(backed.obs, expected.obs)
+    assert list(backed.var_names) == list(expected.var_names)
+    backed.file.close()
+    with pytest.raises(FileExistsError, match="pass overwrite=True to replace it"):
+        write_simulated(path, n_cells=10, n_genes=10)
+    with pytest.raises(TypeError, match="n_cels"):
+        write_simulated(tmp_path / "other.h5ad", n_cels=10)
+
+
+def test_write_simulated_memory_does_not_grow_with_the_number_of_cells(tmp_path):
+    def peak_bytes(n_cells: int) -> int:
+        tracemalloc.start()
+        try:
+            write_simulated(
+                tmp_path / f"{n_cells}.h5ad", n_cells=n_cells, n_genes=500, chunk_size=4000
+            )
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak_bytes(8_000), peak_bytes(80_000)
+    counts = ad.read_h5ad(tmp_path / "80000.h5ad", backed="r")
+    counts_bytes = counts.X.group["data"].nbytes + counts.X.group["indices"].nbytes
+    counts.file.close()
+    # ten times the cells: only the per-cell obs grows (a few hundred bytes a cell)
+    assert large < small + 400 * 72_000 < counts_bytes
 
 
 # --- validation -----------------------------------------------------------------------

@@ -18,7 +18,7 @@ from ._loaders import (
     load_snareseq_gene_region_map,
 )
 from ._paths import DATA_DIR_ENV_VAR, get_data_dir
-from ._simulate import simulate
+from ._simulate import simulate, write_simulated
 from ._validation import (
     validate_counts,
     validate_gene_overlap,
@@ -43,6 +43,7 @@ __all__ = [
     "log_normalised_anndata",
     "select_genes",
     "simulate",
+    "write_simulated",
     "validate_counts",
     "validate_gene_overlap",
     "validate_labels",

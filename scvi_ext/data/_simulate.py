@@ -9,10 +9,16 @@ million-cell run is a plain call (not part of the test suite)::
     adata = simulate(n_cells=1_000_000, n_genes=2000, chunk_size=50_000)
 """
 
+import inspect
+from collections.abc import Iterator
+from pathlib import Path
+
 import anndata as ad
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata.io import sparse_dataset, write_elem
 
 # Entries with a mean below this are drawn by inverse-CDF sampling (cheap: most of
 # them are zero); larger means are drawn as gamma-Poisson.
@@ -75,8 +81,8 @@ def simulate(
         Seed of the :class:`numpy.random.Generator`; the result is a deterministic
         function of the seed and does not depend on ``chunk_size``.
     chunk_size
-        Number of cells generated at once; the dense per-chunk working memory is
-        about ``14 * chunk_size * n_genes`` bytes.
+        Number of cells generated at once; the per-chunk working memory is about
+        ``40 * chunk_size * n_genes`` bytes.
 
     Returns
     -------
@@ -88,6 +94,66 @@ def simulate(
     truth (marker genes, condition program, markers lost in the query and the
     parameters) in ``uns["simulation"]``.
     """
+    obs, var, uns, chunks = _simulation(**locals())  # locals(): the arguments above
+    return ad.AnnData(X=_stack_csr(list(chunks), n_genes), obs=obs, var=var, uns=uns)
+
+
+def write_simulated(path: str | Path, overwrite: bool = False, **simulate_kwargs) -> Path:
+    """Write :func:`simulate`'s cells to an h5ad file chunk by chunk, in bounded memory.
+
+    The file holds the same cells as ``simulate(**simulate_kwargs)``, but only one chunk
+    of counts is in memory at a time (about ``40 * chunk_size * n_genes`` bytes), so a
+    million cells x 2000 genes, several GB of counts, is written on a small machine.
+    Read it without loading it: ``anndata.read_h5ad(path, backed="r")``.
+
+    Parameters
+    ----------
+    path
+        The ``.h5ad`` file to write.
+    overwrite
+        Replace an existing file (otherwise :class:`FileExistsError`).
+    **simulate_kwargs
+        Arguments of :func:`simulate` (``n_cells``, ``n_genes``, ``chunk_size``, ...).
+
+    Returns
+    -------
+    The path written.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    unknown = sorted(set(simulate_kwargs) - set(inspect.signature(simulate).parameters))
+    if unknown:
+        raise TypeError(f"write_simulated got unknown simulate() argument(s): {unknown}.")
+    obs, var, uns, chunks = _simulation(**{**_SIMULATE_DEFAULTS, **simulate_kwargs})
+    first = next(chunks)
+    ad.AnnData(X=first, obs=obs.iloc[: first.shape[0]], var=var, uns=uns).write_h5ad(path)
+    with h5py.File(path, "r+") as handle:
+        counts = sparse_dataset(handle["X"])
+        for chunk in chunks:
+            counts.append(chunk)
+        del handle["obs"]
+        write_elem(handle, "obs", obs)
+    return path
+
+
+def _simulation(
+    *,
+    n_cells: int,
+    n_genes: int,
+    n_cell_types: int,
+    n_batches: int,
+    query_fraction: float,
+    n_markers: int,
+    marker_fold_change: float,
+    batch_effect: float,
+    condition_shift: float,
+    mean_library_size: float,
+    dispersion: float,
+    seed: int | None,
+    chunk_size: int,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict, Iterator[sp.csr_matrix]]:
+    """``obs``, ``var``, ``uns`` and a generator of CSR count chunks (see :func:`simulate`)."""
     _check_simulate_args(
         n_cells,
         n_genes,
@@ -145,14 +211,13 @@ def simulate(
         rng.normal(-(_LIBRARY_LOG_SD**2) / 2, _LIBRARY_LOG_SD, size=n_cells)
     )
 
-    pieces = []
-    for start in range(0, n_cells, chunk_size):
-        stop = min(start + chunk_size, n_cells)
-        means = profiles[groups[start:stop]]
-        means *= library_sizes[start:stop, None].astype(np.float32)
-        pieces.append(_sample_chunk(means, float(dispersion), uniform_rng, gamma_rng, poisson_rng))
-        del means
-    counts = _stack_csr(pieces, n_genes)
+    def chunks() -> Iterator[sp.csr_matrix]:
+        for start in range(0, n_cells, chunk_size):
+            stop = min(start + chunk_size, n_cells)
+            means = profiles[groups[start:stop]]
+            means *= library_sizes[start:stop, None].astype(np.float32)
+            yield _sample_chunk(means, float(dispersion), uniform_rng, gamma_rng, poisson_rng)
+            del means
 
     type_names = [f"type_{i}" for i in range(n_cell_types)]
     gene_names = [f"gene_{i}" for i in range(n_genes)]
@@ -187,7 +252,12 @@ def simulate(
             "params": params,
         }
     }
-    return ad.AnnData(X=counts, obs=obs, var=var, uns=uns)
+    return obs, var, uns, chunks()
+
+
+_SIMULATE_DEFAULTS = {
+    name: parameter.default for name, parameter in inspect.signature(simulate).parameters.items()
+}
 
 
 def _check_simulate_args(
