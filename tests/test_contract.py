@@ -19,6 +19,7 @@ import scvi
 import torch
 import torch.nn.functional as F
 from anndata import AnnData
+from lightning.pytorch import Callback
 from scvi import REGISTRY_KEYS
 from scvi.data.fields import CategoricalObsField
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin
@@ -231,6 +232,40 @@ def test_benchmark_adapter_runs_through_run_benchmark_above_chance(tmp_path):
         METHODS.pop("toy")
     assert list(results["method"]) == ["toy"]
     assert results["accuracy"].iloc[0] > 0.5  # chance: 0.25
+
+
+class _EpochRecorder(Callback):
+    """Records the epochs that run, and raises at the end of ``kill_after`` as a kill would."""
+
+    def __init__(self, kill_after: int | None = None):
+        self.epochs, self.kill_after = [], kill_after
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.epochs.append(trainer.current_epoch)
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.kill_after and not trainer.sanity_checking:
+            raise RuntimeError("killed")
+
+
+def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
+    reference, _ = _simulated()
+    Toy.setup_anndata(reference, labels_key="cell_type", batch_key="batch")
+    settings = {**FAST, "max_epochs": 4, "checkpoint_dir": tmp_path / "checkpoints"}
+    killed = _EpochRecorder(kill_after=2)
+    with pytest.raises(RuntimeError, match="killed"):
+        Toy(reference).train(**settings, callbacks=[killed])
+    assert killed.epochs == [0, 1, 2]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["epoch=1.ckpt"]
+    resumed = _EpochRecorder()
+    model = Toy(reference)
+    model.train(**settings, resume=True, callbacks=[resumed])
+    assert resumed.epochs == [2, 3]
+    assert model.is_trained and model.predict().shape == (reference.n_obs,)
+    with pytest.raises(ValueError, match="No checkpoint to resume from in"):
+        Toy(reference).train(**{**settings, "checkpoint_dir": tmp_path / "none"}, resume=True)
+    with pytest.raises(ValueError, match="resume=True needs the checkpoint_dir"):
+        Toy(reference).train(**FAST, resume=True)
 
 
 DDP_SCRIPT = """

@@ -24,6 +24,7 @@ from ._anndata import (
     registry_gene_names,
     registry_known_labels,
 )
+from ._checkpoint import EpochCheckpoint, latest_checkpoint
 from ._plan import validation_early_stopping
 
 logger = logging.getLogger(__name__)
@@ -245,6 +246,8 @@ class InferenceMixin:
         early_stopping: bool | None = None,
         early_stopping_patience: int | None = None,
         plan_kwargs: dict | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        resume: bool = False,
         **trainer_kwargs,
     ):
         """Fit the data statistics, train, then fit what depends on the trained model.
@@ -272,6 +275,13 @@ class InferenceMixin:
             ``module.loss``; an unknown key is an error that lists the valid ones. Query
             models (``load_query_data``) default to ``weight_decay=0``, since decay would
             move the weights the query mapping froze.
+        checkpoint_dir
+            Folder for a Lightning checkpoint of the training state (weights, optimizer,
+            schedule, epoch), replaced after every epoch, so that a run killed midway can
+            resume (the checkpoint a run resumed from is kept).
+        resume
+            Resume from the latest checkpoint in ``checkpoint_dir``: training goes on at
+            the epoch after it, up to ``max_epochs``, with the same other arguments.
         **trainer_kwargs
             Passed to :class:`~scvi.train.Trainer`; classifiers also take
             ``calibrate=False`` (no temperature fitted after training).
@@ -279,8 +289,9 @@ class InferenceMixin:
         Raises
         ------
         ValueError
-            ``max_epochs`` below 1, unknown ``plan_kwargs`` keys, no data (``adata=False``)
-            or genes of the model's AnnData edited after setup.
+            ``max_epochs`` below 1, unknown ``plan_kwargs`` keys, no data (``adata=False``),
+            genes of the model's AnnData edited after setup, or ``resume`` without a
+            checkpoint in ``checkpoint_dir``.
         """
         settings = {
             "max_epochs": max_epochs,
@@ -309,6 +320,13 @@ class InferenceMixin:
         if self.adata is None:
             raise ValueError(f"This {type(self).__name__} has no data to train on (adata=False).")
         self._check_registered_genes(self.adata)
+        if resume and checkpoint_dir is None:
+            raise ValueError("resume=True needs the checkpoint_dir of the interrupted run.")
+        if checkpoint_dir is not None:
+            if resume:
+                trainer_kwargs["ckpt_path"] = str(latest_checkpoint(checkpoint_dir))
+            callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
+            trainer_kwargs["callbacks"] = [*callbacks, EpochCheckpoint(checkpoint_dir)]
         self.fit_statistics()
         trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         early_stopping = validation_early_stopping(
