@@ -234,6 +234,17 @@ def test_benchmark_adapter_runs_through_run_benchmark_above_chance(tmp_path):
     assert results["accuracy"].iloc[0] > 0.5  # chance: 0.25
 
 
+def test_training_on_every_cell_without_a_validation_set(caplog):
+    reference, _ = _simulated()
+    Toy.setup_anndata(reference, labels_key="cell_type", batch_key="batch")
+    model = Toy(reference)
+    model.train(**{**FAST, "max_epochs": 2}, train_size=1.0)
+    assert model.predict().shape == (reference.n_obs,)
+    assert "validation_loss" not in model.history
+    assert "No labelled validation cells to calibrate on (train_size=1?)" in caplog.text
+    assert model.calibration_temperature == 1.0
+
+
 class _EpochRecorder(Callback):
     """Records the epochs that run, and raises at the end of ``kill_after`` as a kill would."""
 

@@ -328,11 +328,13 @@ class InferenceMixin:
             callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
             trainer_kwargs["callbacks"] = [*callbacks, EpochCheckpoint(checkpoint_dir)]
         self.fit_statistics()
-        trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
+        train_size = settings["train_size"]
+        if train_size is None or train_size < 1 or validation_size:  # a validation set exists
+            trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
         early_stopping = validation_early_stopping(
             bool(settings["early_stopping"]),
             settings["early_stopping_patience"],
-            settings["train_size"],
+            train_size,
             validation_size,
             trainer_kwargs,
         )
