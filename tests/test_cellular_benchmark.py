@@ -155,12 +155,14 @@ def test_run_study_writes_tables_plots_and_summary(tmp_path, monkeypatch):
 def test_cli_runs_a_study_with_its_options_and_rejects_method_options(
     tmp_path, monkeypatch, capsys
 ):
-    def run(seed, score=0.8):
+    def run(seed, outdir, score=0.8):
+        (outdir / f"figure_{seed}.png").write_bytes(b"")
         return {"scores": pd.DataFrame({"method": ["a"], "auroc": [score]})}
 
     monkeypatch.setitem(STUDIES, "toy", Study(run, "A toy study.", {}))
     assert main(["benchmark", "--task", "toy", "--seeds", "0", "--outdir", str(tmp_path)]) == 0
     assert "| a | 0.800 |" in capsys.readouterr().out
+    assert (tmp_path / "figure_0.png").is_file()
     argv = ["benchmark", "--task", "toy", "--seeds", "0", "--outdir", str(tmp_path)]
     assert main([*argv, "--task-option", "score=0.5"]) == 0
     out = capsys.readouterr().out

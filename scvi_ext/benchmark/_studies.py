@@ -32,7 +32,7 @@ def _check_options(run: StudyFunction, options: dict) -> None:
     parameters = inspect.signature(run).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return
-    accepted = [name for name in parameters if name != "seed"]
+    accepted = [name for name in parameters if name not in ("seed", "outdir")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(
@@ -50,7 +50,8 @@ class Study:
     run
         ``run(seed, **options)`` returns named tables; the first column of each names its
         rows. Options (sizes, datasets...) come from ``run_study(..., options=...)``, on
-        the command line ``--task-option KEY=VALUE``.
+        the command line ``--task-option KEY=VALUE``. A ``run`` with an ``outdir``
+        parameter gets the report folder, for figures of its own (PNG).
     description
         One paragraph for the report.
     headline
@@ -219,12 +220,13 @@ def run_study(
     _check_options(study.run, options)
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
+    folder = {"outdir": outdir} if "outdir" in inspect.signature(study.run).parameters else {}
     machine = machine_info()  # before the study runs: some methods change torch's threads
     per_seed: dict[str, list[pd.DataFrame]] = {}
     for seed in seeds:
         logger.info("Study %s, seed %d", name, seed)
         set_seed(seed)
-        for table_name, table in study.run(seed, **options).items():
+        for table_name, table in study.run(seed, **options, **folder).items():
             per_seed.setdefault(table_name, []).append(table.assign(seed=seed))
     tables = {key: pd.concat(parts, ignore_index=True) for key, parts in per_seed.items()}
 
