@@ -2,6 +2,7 @@
 
 from scvi_ext.cellular import CELLULAR
 from scvi_ext.classifier import LatentClassifier
+from scvi_ext.gmvae import GMVAE
 from scvi_ext.scnym import ScNym
 
-__all__ = ["CELLULAR", "LatentClassifier", "ScNym"]
+__all__ = ["CELLULAR", "GMVAE", "LatentClassifier", "ScNym"]

@@ -1,0 +1,340 @@
+"""GMVAE (issue 14): the model contract's tests for an embedding model, and its own behaviour."""
+
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+import scvi
+import torch
+from anndata import AnnData
+from conftest import requires_shared_data
+
+from scvi_ext.base import ClassifierModule, EmbeddingModule, InferenceModule
+from scvi_ext.data import simulate
+from scvi_ext.gmvae import GMVAE, pyro_enumerated_elbo
+from scvi_ext.model import LatentClassifier
+
+SMALL = {"n_latent": 8, "n_hidden": 32, "n_components": 6}
+FAST = {
+    "max_epochs": 25,
+    "batch_size": 64,
+    "plan_kwargs": {"lr": 3e-3},
+    "enable_progress_bar": False,
+    "enable_model_summary": False,
+}
+
+
+def _simulated() -> tuple[AnnData, AnnData]:
+    adata = simulate(n_cells=480, n_genes=100, n_cell_types=4, n_batches=2, n_markers=15, seed=1)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    query = (adata.obs["condition"] == "query").to_numpy()
+    return adata[~query].copy(), adata[query].copy()
+
+
+def _trained(reference: AnnData, seed: int = 0, **train) -> GMVAE:
+    scvi.settings.seed = seed
+    model = GMVAE(reference, **SMALL)
+    model.train(**{**FAST, **train})
+    return model
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    """(GMVAE trained on the reference condition with a batch covariate, reference, query)."""
+    reference, query = _simulated()
+    GMVAE.setup_anndata(reference, batch_key="batch", labels_key="cell_type")
+    return _trained(reference), reference, query
+
+
+def test_module_is_an_inference_and_embedding_module_not_a_classifier(reference_model):
+    model, _, _ = reference_model
+    assert isinstance(model.module, InferenceModule)
+    assert isinstance(model.module, EmbeddingModule)
+    assert not isinstance(model.module, ClassifierModule)
+
+
+def test_training_logs_the_negative_elbo_and_the_elbo_per_stage(reference_model):
+    model, _, _ = reference_model
+    for name in ("train_loss", "train_elbo", "validation_loss", "validation_elbo"):
+        assert name in model.history, sorted(model.history)
+    first, last = model.history["train_elbo"].iloc[[0, -1], 0]
+    assert last > first + 10  # the ELBO rose
+
+
+def test_latent_and_clusters_separate_the_query_cell_types(reference_model):
+    from sklearn.metrics import adjusted_rand_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    model, reference, query = reference_model
+    latent = model.get_latent_representation(query)
+    assert latent.shape == (query.n_obs, SMALL["n_latent"])
+    assert "_scvi_uuid" not in query.uns  # the user's AnnData is untouched
+    knn = KNeighborsClassifier(15).fit(model.get_latent_representation(), reference.obs.cell_type)
+    assert knn.score(latent, query.obs["cell_type"]) > 0.8  # chance: 0.25
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clusters = model.predict_cluster(query)
+    assert adjusted_rand_score(query.obs["cell_type"], clusters) > 0.1  # chance: 0
+
+
+def test_query_with_genes_reversed_gets_the_same_latent_and_clusters(reference_model):
+    model, _, query = reference_model
+    reversed_genes = query[:, ::-1].copy()
+    np.testing.assert_allclose(
+        model.get_latent_representation(reversed_genes),
+        model.get_latent_representation(query),
+        atol=1e-5,
+    )
+    soft = model.predict_cluster(reversed_genes, soft=True)
+    np.testing.assert_allclose(soft, model.predict_cluster(query, soft=True), atol=1e-6)
+
+
+def test_predict_cluster_is_the_argmax_of_the_soft_assignment(reference_model):
+    model, _, query = reference_model
+    soft = model.predict_cluster(query, soft=True)
+    assert soft.shape == (query.n_obs, SMALL["n_components"])
+    assert list(soft.index) == list(query.obs_names)
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(model.predict_cluster(query), soft.to_numpy().argmax(axis=1))
+
+
+def test_collapsed_components_are_reported_by_warning_and_attribute(reference_model):
+    model, _, query = reference_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        most_used = int(np.bincount(model.predict_cluster(query)).argmax())
+    bias = model.module.y_logits.bias
+    saved = bias.detach().clone()
+    try:
+        with torch.no_grad():
+            bias[most_used] = -1e4  # no cell can choose the most used component
+        with pytest.warns(UserWarning, match="components have no cell assigned") as caught:
+            clusters = model.predict_cluster(query)
+        counts = np.bincount(clusters, minlength=SMALL["n_components"])
+        empty = np.flatnonzero(counts == 0).tolist()
+        assert most_used in empty
+        assert model.collapsed_components == empty
+        assert f"no cell assigned: {empty}" in str(caught[0].message)
+    finally:
+        with torch.no_grad():
+            bias.copy_(saved)
+    model.predict_cluster(query)
+    assert most_used not in model.collapsed_components
+
+
+def test_pyro_enumerated_elbo_equals_the_torch_elbo_on_a_minibatch(reference_model):
+    model, _, _ = reference_model
+    tensors = next(iter(model.iter_minibatches(batch_size=64)))
+    model.module.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        torch_elbo = np.mean([-model.module.negative_elbo(tensors).mean() for _ in range(50)])
+        _, _, output = model.module(tensors)
+    pyro_elbo = pyro_enumerated_elbo(model.module, tensors, num_particles=50)
+    # same objective: Pyro's KL of z is a Monte Carlo estimate, torch's is analytic
+    assert abs(pyro_elbo - torch_elbo) < 0.005 * abs(torch_elbo), (pyro_elbo, torch_elbo)
+    np.testing.assert_allclose(float(output.extra_metrics["elbo"]), -float(output.loss), rtol=1e-6)
+
+
+def test_the_pyro_backend_trains_the_same_networks(reference_model):
+    _, reference, _ = reference_model
+    scvi.settings.seed = 0
+    model = GMVAE(reference, **SMALL)
+    before = model.module.px_scale.weight.detach().clone()
+    model.train(max_epochs=3, backend="pyro", batch_size=64, plan_kwargs={"lr": 3e-3})
+    assert "elbo_train" in model.history
+    assert not torch.equal(before, model.module.px_scale.weight)
+    assert model.get_latent_representation().shape == (reference.n_obs, SMALL["n_latent"])
+    with pytest.raises(ValueError, match=r"Unknown plan_kwargs \['weight_decay'\]"):
+        model.train(max_epochs=1, backend="pyro", plan_kwargs={"weight_decay": 0.1})
+    with pytest.raises(ValueError, match="max_epochs must be at least 1, not 0"):
+        model.train(max_epochs=0, backend="pyro")
+    with pytest.raises(ValueError, match="backend must be 'torch' or 'pyro'"):
+        model.train(max_epochs=1, backend="jax")
+
+
+def test_elbo_reconstruction_error_and_normalized_expression_follow_scvi(reference_model):
+    model, reference, query = reference_model
+    elbo = model.get_elbo(query)
+    reconstruction = model.get_reconstruction_error(query)["reconstruction_loss"]
+    assert np.isfinite(elbo) and elbo < 0 < reconstruction
+    assert elbo < -reconstruction + 5  # ELBO = -(reconstruction + KL); sampling noise aside
+    assert model.get_elbo(query, return_mean=False).shape == (query.n_obs,)
+    expression = model.get_normalized_expression(query)
+    assert expression.shape == (query.n_obs, query.n_vars)
+    np.testing.assert_allclose(expression.sum(axis=1), 1.0, atol=1e-4)
+    genes = list(query.var_names[:3])
+    batch = reference.obs["batch"].cat.categories[0]
+    subset = model.get_normalized_expression(
+        query, transform_batch=batch, gene_list=genes, library_size=1e4
+    )
+    assert list(subset.columns) == genes and (subset.to_numpy() > 0).all()
+    with pytest.raises(ValueError, match="transform_batch 'nope' is not a batch"):
+        model.get_normalized_expression(query, transform_batch="nope")
+
+
+def test_non_count_data_is_refused_with_a_message(reference_model):
+    model, reference, query = reference_model
+    logged = reference.copy()
+    logged.X = np.log1p(logged.X.toarray() if hasattr(logged.X, "toarray") else logged.X)
+    with pytest.raises(ValueError, match="non-integer values.*log-transformed data: pass raw"):
+        GMVAE.setup_anndata(logged, batch_key="batch")
+    logged_query = query.copy()
+    logged_query.X = logged.X[: query.n_obs]
+    with pytest.raises(ValueError, match="non-integer values"):
+        model.get_latent_representation(logged_query)
+    with pytest.raises(ValueError, match="likelihood must be one of"):
+        GMVAE(reference, likelihood="gaussian")
+
+
+@pytest.mark.parametrize("likelihood", ["zinb", "poisson"])
+def test_other_likelihoods_train(likelihood):
+    reference, _ = _simulated()
+    GMVAE.setup_anndata(reference)
+    model = GMVAE(reference, likelihood=likelihood, **SMALL)
+    model.train(**{**FAST, "max_epochs": 2})
+    assert np.isfinite(model.get_elbo())
+
+
+def test_seeded_training_is_deterministic(reference_model):
+    _, reference, _ = reference_model
+    first, second = (_trained(reference, seed=3, max_epochs=3) for _ in range(2))
+    np.testing.assert_array_equal(
+        first.get_latent_representation(), second.get_latent_representation()
+    )
+
+
+def test_save_load_gives_identical_outputs_and_second_save_needs_overwrite(
+    reference_model, tmp_path
+):
+    model, reference, query = reference_model
+    folder = str(tmp_path / "gmvae")
+    model.save(folder)
+    loaded = GMVAE.load(folder, adata=reference)
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(), model.get_latent_representation()
+    )
+    without_data = GMVAE.load(folder, adata=False)
+    assert without_data.adata is None
+    np.testing.assert_array_equal(
+        without_data.predict_cluster(query, soft=True), model.predict_cluster(query, soft=True)
+    )
+    with pytest.raises(ValueError, match="loaded without data"):
+        without_data.get_latent_representation()
+    with pytest.raises(ValueError, match="already exists"):
+        model.save(folder)
+    model.save(folder, overwrite=True)
+
+
+def test_query_mapping_to_new_batches_trains_only_the_decoders_new_batch_columns(
+    reference_model,
+):
+    model, reference, query = reference_model
+    query = query.copy()
+    query.obs["batch"] = "new_" + query.obs["batch"].astype(str)
+    query_model = GMVAE.load_query_data(query, model)
+    before = {key: value.clone() for key, value in query_model.module.state_dict().items()}
+    query_model.train(max_epochs=3, batch_size=64, enable_progress_bar=False)
+    after = query_model.module.state_dict()
+    changed = {
+        key
+        for key in before
+        if not torch.equal(before[key], after[key]) and not key.endswith("num_batches_tracked")
+    }
+    first = "decoder.fc_layers.Layer 0.0.weight"
+    # scvi's default freeze_batchnorm_decoder=False: the decoder's BatchNorm adapts too
+    batch_norm = {
+        f"decoder.fc_layers.Layer 0.1.{name}"
+        for name in ("weight", "bias", "running_mean", "running_var")
+    }
+    assert changed == {first} | batch_norm
+    n_reference_columns = SMALL["n_latent"] + reference.obs["batch"].nunique()
+    old, new = slice(0, n_reference_columns), slice(n_reference_columns, None)
+    assert after[first].shape[1] == n_reference_columns + 2
+    assert torch.equal(before[first][:, old], after[first][:, old])
+    assert not torch.equal(before[first][:, new], after[first][:, new])
+    assert query_model.get_latent_representation().shape == (query.n_obs, SMALL["n_latent"])
+
+
+def test_latent_classifier_from_gmvae_predicts_the_query_above_chance(reference_model):
+    model, _, query = reference_model
+    classifier = LatentClassifier.from_model(model, n_hidden1=32, n_hidden2=32)
+    classifier.train(max_epochs=20, batch_size=64, enable_progress_bar=False)
+    assert (classifier.predict(query) == query.obs["cell_type"].to_numpy()).mean() > 0.7
+
+
+def test_training_and_embedding_on_backed_anndata(tmp_path):
+    reference, query = _simulated()
+    reference.write_h5ad(tmp_path / "reference.h5ad")
+    query.write_h5ad(tmp_path / "query.h5ad")
+    backed = ad.read_h5ad(tmp_path / "reference.h5ad", backed="r")
+    backed_query = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
+    GMVAE.setup_anndata(backed, batch_key="batch")
+    model = GMVAE(backed, **SMALL)
+    model.train(**{**FAST, "max_epochs": 2})
+    assert model.get_latent_representation(backed_query).shape == (query.n_obs, 8)
+    assert model.predict_cluster(backed_query).shape == (query.n_obs,)
+    backed.file.close()
+    backed_query.file.close()
+
+
+@requires_shared_data
+def test_real_data_latent_separates_kang_cell_types_well_above_chance():
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from scvi_ext.data import load_dataset, select_genes
+
+    adata = load_dataset("kang_ifnb")
+    adata = adata[np.random.default_rng(0).choice(adata.n_obs, 800, replace=False)].copy()
+    adata = select_genes(adata, method="can", n_top_genes=300)
+    GMVAE.setup_anndata(adata, batch_key="condition")
+    scvi.settings.seed = 0
+    model = GMVAE(adata, n_latent=10, n_hidden=64, n_components=7)
+    model.train(max_epochs=15, batch_size=128, plan_kwargs={"lr": 3e-3}, enable_progress_bar=False)
+    labels = adata.obs["cell_type"].astype(str)
+    knn = KNeighborsClassifier(15)
+    accuracy = cross_val_score(knn, model.get_latent_representation(), labels, cv=3).mean()
+    majority = labels.value_counts(normalize=True).iloc[0]
+    assert accuracy > 0.7 > majority + 0.35, (accuracy, majority)
+
+
+DDP_SCRIPT = """
+import os
+import sys
+
+import scvi
+
+sys.path.insert(0, {tests!r})
+from test_gmvae import FAST, SMALL, _simulated
+
+from scvi_ext.gmvae import GMVAE
+
+scvi.settings.seed = 0
+reference, query = _simulated()
+GMVAE.setup_anndata(reference, batch_key="batch")
+model = GMVAE(reference, **SMALL)
+model.train(**{{**FAST, "max_epochs": 2}}, accelerator="cpu", devices=2, strategy="ddp")
+# one file per rank: the ranks share stdout, so their prints can interleave
+with open(f"ddp_ok_rank{{os.environ.get('LOCAL_RANK', '0')}}.txt", "w") as handle:
+    handle.write(str(model.get_latent_representation(query).shape[0]))
+"""
+
+
+def test_cpu_ddp_with_two_processes_trains_and_both_ranks_embed(tmp_path):
+    script = tmp_path / "ddp_gmvae.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = sorted(path.name for path in tmp_path.glob("ddp_ok_rank*.txt"))
+    assert outputs == ["ddp_ok_rank0.txt", "ddp_ok_rank1.txt"], result.stdout[-2000:]
+    n_query = _simulated()[1].n_obs
+    for name in outputs:
+        assert (tmp_path / name).read_text() == str(n_query)

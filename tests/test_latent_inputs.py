@@ -1,0 +1,60 @@
+"""The latent_inputs study (issue 14): options and a tiny run through run_study."""
+
+import pandas as pd
+import pytest
+from conftest import requires_shared_data
+
+from scvi_ext.benchmark import STUDIES, run_study
+from scvi_ext.benchmark._latent_inputs import study_options
+
+
+def test_options_default_to_the_full_study_and_take_single_values_as_tuples():
+    full = study_options()
+    assert full.ks == (10, 25, 50, 100) and full.fractions == (0.1, 0.25, 0.5, 1.0)
+    assert full.datasets == (
+        "snareseq_cell_type",
+        "snareseq_cell_type_fine",
+        "kang_donors",
+        "kang_ifnb",
+    )
+    reduced = study_options(datasets="kang_ifnb", ks=(10, 50), fractions=[0.25, 1], epochs=30)
+    assert reduced.datasets == ("kang_ifnb",) and reduced.ks == (10, 50)
+    assert reduced.fractions == (0.25, 1) and reduced.epochs == 30
+
+
+def test_unknown_options_and_choices_are_errors_that_name_them():
+    with pytest.raises(ValueError, match=r"datasets: unknown \['pbmc'\]"):
+        study_options(datasets="pbmc")
+    with pytest.raises(ValueError, match=r"Unknown latent_inputs option\(s\) \['kss'\]"):
+        study_options(kss=10)
+
+
+@requires_shared_data
+def test_tiny_run_writes_every_table_and_figure(tmp_path):
+    options = dict(
+        datasets="kang_ifnb",
+        ks=4,
+        fractions=0.5,
+        epochs=2,
+        classifier_epochs=2,
+        n_hidden=16,
+        n_components=4,
+        gmvae_lr=1e-3,
+        max_cells=200,
+        umap=False,
+    )
+    tables = run_study("latent_inputs", seeds=[0], outdir=tmp_path, options=options)
+    classification = tables["classification"]
+    representations = {"log_hvg", "pca_k4", "gmvae_k4", "scvi_k4", "cellular_k4"}
+    assert set(classification["representation"]) == representations
+    assert len(classification) == len(representations) * 2  # two classifiers
+    assert classification["accuracy"].between(0, 1).all()
+    methods = set(tables["clustering"]["clustering"].str.split(" / ").str[1])
+    assert {"gmvae_k4 predict_cluster", "scvi_k4 leiden", "pca_k4 leiden"} <= methods
+    assert list(tables["backends"]["backend"]) == ["kang_ifnb / torch", "kang_ifnb / pyro"]
+    assert (tables["speed"]["cells_per_second"] > 0).all()
+    assert (tmp_path / "elbo_kang_ifnb_seed0.png").exists()
+    assert (tmp_path / "classification.png").exists() and (tmp_path / "summary.md").exists()
+    per_seed = pd.read_csv(tmp_path / "classification_per_seed.csv")
+    assert len(per_seed) == len(classification)
+    assert "latent_inputs" in STUDIES
