@@ -1,8 +1,9 @@
 """The public models."""
 
+from scvi_ext.can import CAN
 from scvi_ext.cellular import CELLULAR
 from scvi_ext.classifier import LatentClassifier
 from scvi_ext.gmvae import GMVAE
 from scvi_ext.scnym import ScNym
 
-__all__ = ["CELLULAR", "GMVAE", "LatentClassifier", "ScNym"]
+__all__ = ["CAN", "CELLULAR", "GMVAE", "LatentClassifier", "ScNym"]
