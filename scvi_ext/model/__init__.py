@@ -2,8 +2,9 @@
 
 from scvi_ext.can import CAN
 from scvi_ext.cellular import CELLULAR
+from scvi_ext.cgran import CGRAN
 from scvi_ext.classifier import LatentClassifier
 from scvi_ext.gmvae import GMVAE
 from scvi_ext.scnym import ScNym
 
-__all__ = ["CAN", "CELLULAR", "GMVAE", "LatentClassifier", "ScNym"]
+__all__ = ["CAN", "CELLULAR", "CGRAN", "GMVAE", "LatentClassifier", "ScNym"]

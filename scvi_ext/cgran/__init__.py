@@ -1,0 +1,21 @@
+"""CGRAN: Cell-Gene Representation Attention Network (seed paper, section 4.2)."""
+
+from ._attention import (
+    dense_local_attention,
+    full_attention,
+    grouped_local_attention,
+    local_mask,
+    padded_groups,
+)
+from ._model import CGRAN
+from ._module import CGRANModule
+
+__all__ = [
+    "CGRAN",
+    "CGRANModule",
+    "dense_local_attention",
+    "full_attention",
+    "grouped_local_attention",
+    "local_mask",
+    "padded_groups",
+]

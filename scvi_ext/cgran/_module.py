@@ -1,0 +1,267 @@
+"""CGRAN network: folded-in cell vector + gene vectors -> two attention blocks -> cell type."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from scvi import REGISTRY_KEYS
+from scvi.module.base import LossOutput, auto_move_data
+from torch import nn
+
+from scvi_ext.base import NonGenerativeModule
+
+from ._attention import (
+    cell_row_attention,
+    dense_local_attention,
+    full_attention,
+    grouped_local_attention,
+    local_mask,
+    padded_groups,
+)
+from ._embedding import uniform_groups
+
+#: CGRAN (paper A.2) models log(1 + counts / total * 1e5).
+COUNTS_PER_CELL = 1e5
+
+AttentionKind = Literal["local", "full"]
+LocalImplementation = Literal["grouped", "dense"]
+
+
+class AttentionBlock(nn.Module):
+    """Multi-head attention, a fully connected residual branch, then L2 normalisation.
+
+    ``L2Norm(Dropout(concat_heads(Attention(x)) + Linear(x)))``: the residual branch maps
+    the input to the concatenated heads' width.
+    """
+
+    def __init__(self, n_input: int, n_heads: int, head_dim: int, dropout_rate: float):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, head_dim
+        self.query_key_value = nn.Linear(n_input, 3 * n_heads * head_dim)
+        self.residual = nn.Linear(n_input, n_heads * head_dim)
+        self.dropout = nn.Dropout(dropout_rate)
+
+    def query_key_value_heads(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Queries, keys and values, each (cells, heads, tokens, head_dim)."""
+        n_cells, n_tokens, _ = x.shape
+        heads = self.query_key_value(x).view(n_cells, n_tokens, 3, self.n_heads, self.head_dim)
+        return list(heads.permute(2, 0, 3, 1, 4).unbind(0))
+
+    def forward(self, x: torch.Tensor, attend, local: bool, cell_only: bool = False):
+        """Block output and the cell token's attention weights (cells, heads, tokens).
+
+        ``attend(q, k, v) -> (outputs, cell weights)``; ``local`` says whether it is local
+        attention. With ``cell_only`` only the cell token is updated (the last block: the
+        classifier reads nothing else).
+        """
+        q, k, v = self.query_key_value_heads(x)
+        residual = self.residual(x[:, :1] if cell_only else x)
+        return self._output(q, k, v, residual, attend, local, cell_only)
+
+    def forward_cell_and_genes(
+        self, cells: torch.Tensor, genes: torch.Tensor, attend, local: bool, cell_only=False
+    ):
+        """:meth:`forward` of the tokens ``[c, c + G_1, ..., c + G_g]`` (eq. 5), never formed.
+
+        ``cells`` is (cells, d), ``genes`` (g, d). The layers are affine, so
+        ``Linear(c + G_j) = Linear(c) + W G_j``: ``W G`` is computed once for all cells and
+        broadcast-added to each cell's ``Linear(c)`` (the cell token's own value). This
+        saves the ``cells x genes`` products of the layers, in the forward and the backward.
+        """
+        offsets = F.pad(genes, (0, 0, 1, 0))  # (1 + g, d): token 0, the cell, adds nothing
+        n_heads, head_dim = self.n_heads, self.head_dim
+        by_cell = self.query_key_value(cells).view(len(cells), 3, n_heads, 1, head_dim)
+        by_token = (offsets @ self.query_key_value.weight.T).view(-1, 3, n_heads, head_dim)
+        by_cell = by_cell.movedim(1, 0).contiguous()  # (3, cells, heads, 1, head_dim)
+        by_token = by_token.permute(1, 2, 0, 3)[:, None].contiguous()  # (3, 1, heads, tokens, .)
+        q, k, v = (by_cell + by_token).unbind(0)  # contiguous, as its terms are
+        residual = self.residual(cells)[:, None]
+        if not cell_only:
+            residual = residual + offsets @ self.residual.weight.T
+        return self._output(q, k, v, residual, attend, local, cell_only)
+
+    def _output(self, q, k, v, residual, attend, local: bool, cell_only: bool):
+        """``L2Norm(Dropout(concat_heads(Attention) + residual))``, cell weights."""
+        if cell_only:
+            attended, cell_weights = cell_row_attention(q, k, v, local=local)
+        else:
+            attended, cell_weights = attend(q, k, v)
+        attended = attended.transpose(1, 2).flatten(2)  # (cells, tokens, heads * head_dim)
+        return F.normalize(self.dropout(attended + residual), dim=-1), cell_weights
+
+
+class CGRANModule(NonGenerativeModule):
+    """Cell-Gene Representation Attention Network (section 4.2).
+
+    The cell vector ``c = m P`` is the fold-in of the normalised expression ``m``; tokens
+    are ``[c, c + G_1, ..., c + G_g]`` (eq. 5); two attention blocks; the cell token of the
+    last one (the latent) goes through a linear classifier. Gene vectors ``G``, fold-in
+    ``P`` and gene groups are buffers, filled by the model's ``fit_statistics``.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes.
+    n_labels
+        Number of cell types.
+    n_embedding
+        Dimension ``d`` of cell and gene vectors (paper: 128).
+    attention
+        ``"local"`` (eq. 6-7, by gene group) or ``"full"`` (softmax over all tokens).
+    group_size
+        Genes per uniform group (paper: 100); the initial grouping.
+    n_heads
+        Heads of both blocks (paper: 10).
+    head_dims
+        Width of each head in the first and second block (paper: 8 and 4).
+    dropout_rate
+        Dropout on every block (paper: 0.1).
+    local_implementation
+        ``"grouped"`` (group by group) or ``"dense"`` (the masked (g + 1) x (g + 1)
+        matrix, for tests and the scaling study).
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        n_labels: int,
+        n_embedding: int = 128,
+        attention: AttentionKind = "local",
+        group_size: int = 100,
+        n_heads: int = 10,
+        head_dims: tuple[int, int] = (8, 4),
+        dropout_rate: float = 0.1,
+        local_implementation: LocalImplementation = "grouped",
+    ):
+        super().__init__()
+        self.n_labels = n_labels
+        self.attention = attention
+        self.local_implementation = local_implementation
+        self.register_buffer("gene_vectors", torch.zeros(n_input, n_embedding))
+        self.register_buffer("fold_in", torch.zeros(n_input, n_embedding))
+        self.register_buffer("gene_group", uniform_groups(n_input, group_size))
+        self.register_buffer("embedding_fitted", torch.tensor(False))
+        widths = [n_embedding] + [n_heads * dim for dim in head_dims]
+        self.blocks = nn.ModuleList(
+            AttentionBlock(widths[i], n_heads, dim, dropout_rate)
+            for i, dim in enumerate(head_dims)
+        )
+        self.classifier = nn.Linear(widths[-1], n_labels)
+
+    # ------------------------------------------------------------------ embedding
+    def set_embedding(
+        self, gene_vectors: torch.Tensor, fold_in: torch.Tensor, gene_group: torch.Tensor
+    ) -> None:
+        """Fill the fitted buffers (gene vectors, fold-in, gene group codes)."""
+        self.gene_vectors.copy_(gene_vectors)
+        self.fold_in.copy_(fold_in)
+        self.gene_group.copy_(gene_group)
+        self.embedding_fitted.fill_(True)
+
+    @staticmethod
+    def normalize(counts: torch.Tensor) -> torch.Tensor:
+        """log(1 + counts / total * 1e5) of each cell."""
+        library = counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
+        return torch.log1p(counts / library * COUNTS_PER_CELL)
+
+    def cell_vectors(self, x_normalized: torch.Tensor) -> torch.Tensor:
+        """Folded-in cell vectors (cells, d) of normalised expression."""
+        return x_normalized @ self.fold_in
+
+    def tokens(self, x_normalized: torch.Tensor) -> torch.Tensor:
+        """The token sequence of eq. 5: (cells, 1 + genes, d)."""
+        cells = self.cell_vectors(x_normalized)[:, None]
+        return torch.cat([cells, cells + self.gene_vectors], dim=1)
+
+    # ------------------------------------------------------------------ attention
+    def _attend(self):
+        """``attend(q, k, v) -> (outputs, cell weights)`` of the chosen attention."""
+        if self.attention == "full":
+            return full_attention
+        if self.local_implementation == "dense":
+            mask = local_mask(self.gene_group)
+            return lambda q, k, v: dense_local_attention(q, k, v, mask)
+        groups = padded_groups(self.gene_group)
+        return lambda q, k, v: grouped_local_attention(q, k, v, groups)
+
+    def encode(
+        self, x_normalized: torch.Tensor, n_blocks: int | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Tokens after ``n_blocks`` blocks (default: all; the last updates the cell token
+        only) and each block's cell-token attention weights (cells, heads, tokens)."""
+        attend, local = self._attend(), self.attention == "local"
+        n_blocks = len(self.blocks) if n_blocks is None else n_blocks
+        if n_blocks == 0:
+            return self.tokens(x_normalized), []
+        first, *rest = self.blocks[:n_blocks]
+        x, cell_weights = first.forward_cell_and_genes(
+            self.cell_vectors(x_normalized),
+            self.gene_vectors,
+            attend,
+            local,
+            cell_only=len(self.blocks) == 1,
+        )
+        weights = [cell_weights]
+        for i, block in enumerate(rest, start=1):
+            x, cell_weights = block(x, attend, local, cell_only=i == len(self.blocks) - 1)
+            weights.append(cell_weights)
+        return x, weights
+
+    def classify_normalized(
+        self, x_normalized: torch.Tensor, batch_index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and latent (the last block's cell token) of normalised expression."""
+        x, _ = self.encode(x_normalized)
+        z = x[:, 0]
+        return self.classifier(z), z
+
+    # ------------------------------------------------------------------ scvi module
+    @auto_move_data
+    def inference(self, x: torch.Tensor) -> dict:
+        """Logits and latent of count data."""
+        logits, z = self.classify_normalized(self.normalize(x))
+        return {"logits": logits, "z": z}
+
+    def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
+        """Cross-entropy of labelled cells (the unlabeled category is code ``n_labels``)."""
+        labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
+        labelled = (labels < self.n_labels).float()
+        logits = inference_outputs["logits"]
+        per_cell = F.cross_entropy(logits, labels.clamp(max=self.n_labels - 1), reduction="none")
+        n_labelled = labelled.sum().clamp_min(1)
+        accuracy = ((logits.argmax(1) == labels) * labelled).sum() / n_labelled
+        loss = (per_cell * labelled).sum() / n_labelled
+        return LossOutput(
+            loss=loss, n_obs_minibatch=len(labels), extra_metrics={"accuracy": accuracy}
+        )
+
+    def predict_logits(self, tensors: dict) -> torch.Tensor:
+        """Class logits of a minibatch of count data."""
+        return self.inference(tensors[REGISTRY_KEYS.X_KEY])["logits"]
+
+    def latent(self, tensors: dict) -> torch.Tensor:
+        """The last block's cell token of a minibatch (cells, heads x last head dim)."""
+        return self.inference(tensors[REGISTRY_KEYS.X_KEY])["z"]
+
+    @auto_move_data
+    def cell_gene_attention(self, tensors: dict) -> torch.Tensor:
+        """Last block's attention of the cell token to each gene, mean over heads (cells, g)."""
+        _, weights = self.encode(self.normalize(tensors[REGISTRY_KEYS.X_KEY]))
+        return weights[-1][:, :, 1:].mean(dim=1)
+
+    @auto_move_data
+    def gene_gene_attention(
+        self, tensors: dict, genes: torch.Tensor, block: int = -1
+    ) -> torch.Tensor:
+        """Softmax attention among the chosen genes in ``block``, mean over heads.
+
+        No group mask: genes of different groups are compared too (figure 4b). Returns
+        (cells, chosen, chosen); rows sum to 1.
+        """
+        block = block % len(self.blocks)
+        x, _ = self.encode(self.normalize(tensors[REGISTRY_KEYS.X_KEY]), n_blocks=block)
+        q, k, _ = self.blocks[block].query_key_value_heads(x[:, 1 + genes])
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        return torch.softmax(scores, dim=-1).mean(dim=1)

@@ -1,0 +1,486 @@
+"""CGRAN (issue 13): the contract's tests, local attention, embeddings, transfer, markers."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scvi
+import torch
+from anndata import AnnData
+from conftest import requires_shared_data
+
+from scvi_ext.base import (
+    ClassifierModule,
+    DifferentiableClassifierModule,
+    EmbeddingModule,
+    InferenceModule,
+)
+from scvi_ext.cgran import (
+    CGRAN,
+    CGRANModule,
+    dense_local_attention,
+    grouped_local_attention,
+    local_mask,
+    padded_groups,
+)
+from scvi_ext.cgran._attention import cell_row_attention
+from scvi_ext.data import simulate
+
+SMALL = {"n_embedding": 16, "n_heads": 2, "head_dims": (4, 2), "group_size": 30}
+FAST = {
+    "max_epochs": 30,
+    "batch_size": 64,
+    "enable_progress_bar": False,
+    "plan_kwargs": {"lr": 1e-2},
+}
+
+
+def _simulated() -> tuple[AnnData, AnnData]:
+    adata = simulate(n_cells=480, n_genes=100, n_cell_types=4, n_batches=2, n_markers=15, seed=1)
+    adata.obs["cell_type"] = adata.obs["cell_type"].astype(str)
+    query = (adata.obs["condition"] == "query").to_numpy()
+    return adata[~query].copy(), adata[query].copy()
+
+
+@pytest.fixture(scope="module")
+def reference_model():
+    """(SVD + uniform + local CGRAN trained on the reference condition, reference, query)."""
+    scvi.settings.seed = 0
+    reference, query = _simulated()
+    CGRAN.setup_anndata(reference, labels_key="cell_type")
+    model = CGRAN(reference, **SMALL)
+    model.train(**FAST)
+    return model, reference, query
+
+
+# ---- the contract
+def test_module_satisfies_inference_embedding_classifier_and_saliency_protocols(
+    reference_model,
+):
+    model, _, _ = reference_model
+    for protocol in (InferenceModule, EmbeddingModule, ClassifierModule):
+        assert isinstance(model.module, protocol)
+    assert isinstance(model.module, DifferentiableClassifierModule)
+
+
+def test_training_logs_the_loss_and_accuracy_per_stage(reference_model):
+    model, _, _ = reference_model
+    for name in ("train_loss", "train_accuracy", "validation_loss", "validation_accuracy"):
+        assert name in model.history, sorted(model.history)
+
+
+def test_query_accuracy_well_above_chance_and_latent_is_the_last_cell_token(reference_model):
+    model, _, query = reference_model
+    predictions = model.predict(query)
+    assert (predictions == query.obs["cell_type"].to_numpy()).mean() > 0.7  # chance: 0.25
+    latent = model.get_latent_representation(query)
+    assert latent.shape == (query.n_obs, 2 * 2)  # heads x last head width
+    np.testing.assert_allclose(np.linalg.norm(latent, axis=1), 1.0, atol=1e-5)  # L2-normalised
+    assert "_scvi_uuid" not in query.uns
+
+
+def test_query_with_genes_reversed_gets_the_same_probabilities(reference_model):
+    model, _, query = reference_model
+    reversed_genes = query[:, ::-1].copy()
+    np.testing.assert_allclose(
+        model.predict_proba(reversed_genes), model.predict_proba(query), atol=1e-6
+    )
+
+
+def test_unknown_plan_kwargs_and_zero_epochs_are_errors(reference_model):
+    model, _, _ = reference_model
+    with pytest.raises(ValueError, match="Unknown plan_kwargs"):
+        model.train(max_epochs=1, plan_kwargs={"label_smothing": 0.1})
+    with pytest.raises(ValueError, match="max_epochs"):
+        model.train(max_epochs=0)
+
+
+def test_save_load_gives_identical_predictions_attention_and_embedding(reference_model, tmp_path):
+    model, reference, query = reference_model
+    folder = str(tmp_path / "cgran")
+    model.save(folder)
+    loaded = CGRAN.load(folder, adata=reference)
+    np.testing.assert_array_equal(loaded.predict_proba(), model.predict_proba())
+    without_data = CGRAN.load(folder, adata=False)
+    assert without_data.adata is None
+    np.testing.assert_array_equal(without_data.predict_proba(query), model.predict_proba(query))
+    np.testing.assert_array_equal(without_data.get_attention(query), model.get_attention(query))
+    assert torch.equal(without_data.module.gene_vectors, model.module.gene_vectors)
+    with pytest.raises(ValueError, match="already exists"):
+        model.save(folder)
+
+
+@pytest.mark.parametrize("embedding", ["svd", "mf"])
+def test_seeded_training_is_deterministic(embedding):
+    reference, query = _simulated()
+    CGRAN.setup_anndata(reference, labels_key="cell_type")
+    probabilities = []
+    for _ in range(2):
+        scvi.settings.seed = 3
+        model = CGRAN(reference, embedding=embedding, mf_epochs=3, **SMALL)
+        model.train(**{**FAST, "max_epochs": 2})
+        probabilities.append(model.predict_proba(query))
+    np.testing.assert_array_equal(*probabilities)
+
+
+DDP_SCRIPT = """
+import os
+import sys
+
+import scvi
+
+sys.path.insert(0, {tests!r})
+from test_cgran import FAST, SMALL, _simulated
+from scvi_ext.cgran import CGRAN
+
+scvi.settings.seed = 0
+reference, query = _simulated()
+CGRAN.setup_anndata(reference, labels_key="cell_type")
+model = CGRAN(reference, **SMALL)
+model.train(**{{**FAST, "max_epochs": 2}}, accelerator="cpu", devices=2, strategy="ddp")
+with open(f"ddp_ok_rank{{os.environ.get('LOCAL_RANK', '0')}}.txt", "w") as handle:
+    handle.write(str(model.predict(query).shape[0]))
+"""
+
+
+def test_cpu_ddp_with_two_processes_trains_and_both_ranks_predict(tmp_path):
+    script = tmp_path / "ddp_cgran.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = sorted(path.name for path in tmp_path.glob("ddp_ok_rank*.txt"))
+    assert outputs == ["ddp_ok_rank0.txt", "ddp_ok_rank1.txt"], result.stdout[-2000:]
+    for name in outputs:
+        assert (tmp_path / name).read_text() == str(_simulated()[1].n_obs)
+
+
+# ---- local attention: grouped == dense (eq. 6-7)
+def _qkv(n_genes: int, seed: int = 0) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (3, 2, n_genes + 1, 4)
+    return [
+        torch.randn(shape, generator=generator, dtype=torch.float64).requires_grad_()
+        for _ in range(3)
+    ]
+
+
+@pytest.mark.parametrize(
+    "codes",
+    [
+        torch.arange(23) // 10,  # uniform groups; 10 does not divide 23
+        torch.tensor([4] * 3 + [0] * 12 + [7] * 1 + [2] * 7),  # unequal; groups 1, 3, 5, 6 empty
+        torch.tensor([5, 1, 5, 5, 1, 0, 5, 5, 1, 5, 5, 5, 0, 5, 5, 1, 5, 5, 5, 5, 5, 1, 5]),
+        torch.zeros(23, dtype=torch.long),  # one group: every gene sees every gene
+    ],
+)
+def test_grouped_local_attention_equals_the_dense_masked_matrix_forward_and_backward(codes):
+    q, k, v = _qkv(len(codes))
+    grouped, grouped_cell = grouped_local_attention(q, k, v, padded_groups(codes))
+    dense, dense_cell = dense_local_attention(q, k, v, local_mask(codes))
+    torch.testing.assert_close(grouped, dense, atol=1e-5, rtol=0)
+    torch.testing.assert_close(grouped_cell, dense_cell, atol=1e-5, rtol=0)
+    upstream = torch.randn_like(grouped)
+    grouped_grads = torch.autograd.grad((grouped * upstream).sum(), [q, k, v])
+    dense_grads = torch.autograd.grad((dense * upstream).sum(), [q, k, v])
+    for grouped_grad, dense_grad in zip(grouped_grads, dense_grads, strict=True):
+        torch.testing.assert_close(grouped_grad, dense_grad, atol=1e-5, rtol=0)
+
+
+def test_local_attention_rows_are_l2_normalised_and_zero_outside_the_group():
+    codes = torch.tensor([0, 0, 1, 1, 1, 2])
+    q, k, v = _qkv(len(codes))
+    mask = local_mask(codes)
+    assert mask[0].all() and mask[:, 0].all()  # the cell row and column (eq. 6)
+    assert not mask[1, 3] and mask[3, 4]
+    scores = (q @ k.transpose(-1, -2)) / 2.0
+    weights = torch.nn.functional.normalize(torch.softmax(scores, -1) * mask, dim=-1)
+    np.testing.assert_allclose(weights.norm(dim=-1).detach(), 1.0)
+    _, cell_weights = grouped_local_attention(q, k, v, padded_groups(codes))
+    torch.testing.assert_close(cell_weights, weights[:, :, 0])
+
+
+def test_the_whole_module_is_the_same_with_grouped_and_dense_local_attention():
+    torch.manual_seed(0)
+    module = CGRANModule(50, 3, n_embedding=8, group_size=15, n_heads=2, head_dims=(4, 2))
+    codes = torch.tensor([3] * 20 + [0] * 5 + [9] * 25)  # k-means-like: unequal, gaps
+    module.set_embedding(torch.randn(50, 8), torch.randn(50, 8) / 10, codes)
+    module.eval()
+    x = torch.poisson(torch.rand(6, 50) * 4)
+    outputs = {}
+    for implementation in ("grouped", "dense"):
+        module.local_implementation = implementation
+        module.zero_grad()
+        logits = module.inference(x)["logits"]
+        logits.square().sum().backward()
+        grads = [p.grad.clone() for p in module.parameters()]
+        outputs[implementation] = (logits.detach(), grads)
+    torch.testing.assert_close(outputs["grouped"][0], outputs["dense"][0], atol=1e-5, rtol=0)
+    for grouped, dense in zip(outputs["grouped"][1], outputs["dense"][1], strict=True):
+        torch.testing.assert_close(grouped, dense, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cell_only", [False, True])
+@pytest.mark.parametrize(
+    ("attention", "implementation"),
+    [("local", "grouped"), ("local", "dense"), ("full", "grouped")],
+)
+def test_first_block_without_the_token_sequence_equals_the_layers_on_the_tokens(
+    attention, implementation, cell_only
+):
+    torch.manual_seed(0)
+    module = CGRANModule(
+        50, 3, n_embedding=8, group_size=15, n_heads=2, head_dims=(4, 2), attention=attention
+    )
+    module.local_implementation = implementation
+    codes = torch.tensor([3] * 20 + [0] * 5 + [9] * 25)
+    module.set_embedding(torch.randn(50, 8), torch.randn(50, 8) / 10, codes)
+    # float64: the algebra is exact; in float32 the plain path's own rounding error in the
+    # query_key_value weight's gradient (entries ~30) is ~1e-4, above the 1e-5 compared here
+    module.eval().double()
+    block, attend, local = module.blocks[0], module._attend(), attention == "local"
+    counts = torch.poisson(torch.rand(6, 50) * 4).double()
+    x_normalized = module.normalize(counts).requires_grad_()
+    inputs = [x_normalized, *block.parameters()]
+
+    # the plain computation: eq. 5's tokens through the linear layers
+    tokens = module.tokens(x_normalized)
+    heads = block.query_key_value(tokens).view(6, 51, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    q, k, v = heads.unbind(0)
+    if cell_only:
+        attended, plain_weights = cell_row_attention(q, k, v, local)
+        tokens = tokens[:, :1]
+    else:
+        attended, plain_weights = attend(q, k, v)
+    attended = attended.transpose(1, 2).flatten(2)
+    plain = torch.nn.functional.normalize(attended + block.residual(tokens), dim=-1)
+
+    fast, fast_weights = block.forward_cell_and_genes(
+        module.cell_vectors(x_normalized), module.gene_vectors, attend, local, cell_only
+    )
+    torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fast_weights, plain_weights, atol=1e-5, rtol=0)
+    upstream = [torch.randn_like(fast), torch.randn_like(fast_weights)]
+    plain_grads = torch.autograd.grad(
+        (plain * upstream[0]).sum() + (plain_weights * upstream[1]).sum(), inputs
+    )
+    fast_grads = torch.autograd.grad(
+        (fast * upstream[0]).sum() + (fast_weights * upstream[1]).sum(), inputs
+    )
+    for fast_grad, plain_grad in zip(fast_grads, plain_grads, strict=True):
+        torch.testing.assert_close(fast_grad, plain_grad, atol=1e-5, rtol=0)
+
+
+def test_a_one_block_module_classifies_from_the_first_block_cell_token():
+    module = CGRANModule(50, 3, n_embedding=8, group_size=15, n_heads=2, head_dims=(4,))
+    module.set_embedding(torch.randn(50, 8), torch.randn(50, 8) / 10, module.gene_group)
+    out = module.inference(torch.poisson(torch.rand(6, 50) * 4))
+    assert out["logits"].shape == (6, 3) and out["z"].shape == (6, 8)
+
+
+def test_padded_groups_lists_every_gene_once_and_drops_empty_groups():
+    codes = torch.tensor([6, 0, 6, 6, 2, 0, 6])
+    groups = padded_groups(codes)
+    assert groups.index.shape == (3, 4)  # groups 0, 2, 6; the largest has 4 genes
+    assert groups.valid.sum(1).tolist() == [2, 1, 4]
+    assert sorted(groups.index[groups.valid].tolist()) == list(range(7))
+    assert torch.equal(groups.index.ravel()[groups.position], torch.arange(7))
+
+
+# ---- embeddings
+def test_svd_fold_in_of_training_cells_is_u_times_root_s():
+    reference, _ = _simulated()
+    CGRAN.setup_anndata(reference, labels_key="cell_type")
+    model = CGRAN(reference, **SMALL)
+    model.fit_statistics()
+    counts = torch.as_tensor(reference.X.toarray())
+    normalized = model.module.normalize(counts).double()
+    u, s, vt = torch.linalg.svd(normalized, full_matrices=False)
+    expected_cells = (u * s.sqrt())[:, :16]
+    expected_genes = (vt.T * s.sqrt())[:, :16]
+    folded = model.module.cell_vectors(normalized.float()).double()
+    signs = torch.sign((folded * expected_cells).sum(0))  # SVD signs are arbitrary
+    torch.testing.assert_close(folded, expected_cells * signs, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        model.module.gene_vectors.double(), expected_genes * signs, atol=1e-3, rtol=1e-3
+    )
+
+
+def test_mf_fold_in_is_the_least_squares_cell_vector_and_kmeans_fills_the_groups():
+    reference, _ = _simulated()
+    CGRAN.setup_anndata(reference, labels_key="cell_type")
+    model = CGRAN(reference, embedding="mf", grouping="kmeans", mf_epochs=5, **SMALL)
+    model.fit_statistics()
+    module = model.module
+    normalized = module.normalize(torch.as_tensor(reference.X.toarray()))
+    cells = module.cell_vectors(normalized)
+    residual = normalized - cells @ module.gene_vectors.T
+    # normal equations of min ||m - c G^T||: the residual is orthogonal to the gene vectors
+    orthogonality = (residual @ module.gene_vectors).abs().max()
+    assert orthogonality < 1e-4 * (normalized @ module.gene_vectors).abs().max()
+    assert module.gene_group.unique().numel() == 4  # ceil(100 / 30) k-means groups
+    assert bool(module.embedding_fitted)
+
+
+# ---- transfer (section 5.6)
+@pytest.mark.parametrize("setting", ["A", "B", "C"])
+def test_transfer_settings_move_the_parameters_the_paper_says(reference_model, setting):
+    model, _, query = reference_model
+    query_model = CGRAN.load_query_data(query, model, setting=setting)
+    before = {key: value.clone() for key, value in query_model.module.state_dict().items()}
+    query_model.train(max_epochs=2, batch_size=64, enable_progress_bar=False)
+    after = query_model.module.state_dict()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    parameters = {name for name, _ in query_model.module.named_parameters()}
+    embedding = {"gene_vectors", "fold_in", "embedding_fitted"}
+    if setting == "A":
+        assert changed == {"classifier.weight", "classifier.bias"} | embedding
+    elif setting == "B":
+        assert changed == parameters | embedding
+    else:  # the reference gene vectors are kept
+        assert changed == parameters
+        assert torch.equal(after["gene_vectors"], model.module.gene_vectors)
+    assert query_model.predict().shape == (query.n_obs,)
+    assert query_model.transfer_setting_ == setting
+
+
+# ---- markers (section 5.5) and gene-gene attention (figure 4b)
+def test_marker_genes_follow_section_5_5_on_attention_that_marks_the_simulated_markers(
+    reference_model, monkeypatch
+):
+    """Top-k lists, HAGs (fraction >= min_fraction) and highly differential genes (HAGs of
+    one type only), on an attention that favours each type's simulated markers."""
+    model, reference, _ = reference_model
+    types = reference.obs["cell_type"].to_numpy()
+    marker_of = reference.var["marker_of"].astype(str).to_numpy()
+    rng = np.random.default_rng(0)
+    attention = rng.uniform(0.0, 0.1, size=reference.shape)
+    attention[:, :3] += 0.5  # genes 0-2: high attention in every cell: HAGs, not differential
+    attention += 0.3 * (marker_of[None, :] == types[:, None])  # each type's own markers
+    monkeypatch.setattr(
+        CGRAN, "get_attention", lambda self, adata=None, indices=None, **_: attention[indices]
+    )
+    n_markers = 15
+    table = model.marker_genes(top_k=3 + n_markers, min_fraction=0.7, batch_size=100)
+    assert list(table.columns) == [
+        "cell_type", "gene", "fraction", "mean_attention", "other_fraction",
+        "highly_differential", "n_cells",
+    ]  # fmt: skip
+    assert (table["fraction"] >= 0.7).all()
+    shared = table[~table["highly_differential"]]
+    assert set(shared["gene"]) == set(reference.var_names[:3])
+    differential = table[table["highly_differential"]]
+    for cell_type, genes in differential.groupby("cell_type")["gene"]:
+        expected = set(reference.var_names[(marker_of == cell_type)]) - set(
+            reference.var_names[:3]
+        )
+        assert set(genes) == expected
+        assert (differential.loc[genes.index, "n_cells"] == (types == cell_type).sum()).all()
+    assert differential["other_fraction"].max() < 0.7
+
+
+def test_marker_genes_of_a_trained_model_come_from_its_attention(reference_model):
+    model, _, _ = reference_model
+    table = model.marker_genes(top_k=10, min_fraction=0.5)
+    attention = model.get_attention()
+    cell_types = model.adata.obs["cell_type"].to_numpy()
+    row = table.iloc[0]
+    in_type = attention[cell_types == row["cell_type"]]
+    gene = list(model.gene_names).index(row["gene"])
+    top = np.argsort(-in_type, axis=1)[:, :10]
+    np.testing.assert_allclose(row["fraction"], (top == gene).any(axis=1).mean())
+    np.testing.assert_allclose(row["mean_attention"], in_type[:, gene].mean(), rtol=1e-5)
+
+
+def test_gene_gene_attention_is_a_genes_by_genes_table_of_rows_summing_to_one(reference_model):
+    model, _, _ = reference_model
+    genes = list(model.gene_names[[3, 50, 97]])
+    table = model.gene_gene_attention(genes)
+    assert list(table.index) == genes and list(table.columns) == genes
+    np.testing.assert_allclose(table.sum(axis=1), 1.0, atol=1e-5)
+    first_block = model.gene_gene_attention(genes, block=0)
+    assert not np.allclose(first_block, table)
+
+
+def test_get_attention_is_cells_by_genes(reference_model):
+    model, _, query = reference_model
+    attention = model.get_attention(query)
+    assert attention.shape == (query.n_obs, query.n_vars)
+    assert (attention >= 0).all() and (attention <= 1).all()
+
+
+# ---- bad inputs
+def test_bad_arguments_are_refused_with_what_to_change(reference_model):
+    model, reference, query = reference_model
+    with pytest.raises(ValueError, match=r"group_size \(101\) must be between 1 and the number"):
+        CGRAN(reference, group_size=101)
+    with pytest.raises(
+        ValueError, match=r"n_embedding \(128\) is larger than the number of genes"
+    ):
+        CGRAN(reference)
+    with pytest.raises(ValueError, match=r"embedding must be one of \['svd', 'mf'\], not 'pca'"):
+        CGRAN(reference, embedding="pca", **SMALL)
+    with pytest.raises(ValueError, match=r"grouping must be one of"):
+        CGRAN(reference, grouping="random", **SMALL)
+    with pytest.raises(ValueError, match=r"attention must be one of \['local', 'full'\]"):
+        CGRAN(reference, attention="sparse", **SMALL)
+    with pytest.raises(ValueError, match="every head_dims width"):
+        CGRAN(reference, **{**SMALL, "head_dims": (8, 0)})
+    with pytest.raises(ValueError, match=r"Unknown genes \['NOT_A_GENE', 'CD3E'\]"):
+        model.gene_gene_attention(["gene_1", "NOT_A_GENE", "CD3E"])
+    with pytest.raises(ValueError, match="distinct names"):
+        model.gene_gene_attention(["gene_1", "gene_1"])
+    with pytest.raises(ValueError, match=r"setting must be one of \['A', 'B', 'C'\]"):
+        CGRAN.load_query_data(query, model, setting="D")
+    with pytest.raises(ValueError, match="top_k must be between 1 and the number of genes"):
+        model.marker_genes(top_k=0)
+    with pytest.raises(ValueError, match=r"min_fraction must be in \(0, 1\]"):
+        model.marker_genes(min_fraction=1.5)
+
+
+def test_fewer_cells_than_the_embedding_dimension_is_refused_at_train_and_transfer(
+    reference_model,
+):
+    model, reference, query = reference_model
+    few = reference[:10].copy()
+    CGRAN.setup_anndata(few, labels_key="cell_type")
+    message = "fits 16-dimensional cell and gene vectors on its training cells, but the AnnData"
+    with pytest.raises(ValueError, match=f"{message} has only 10 cells"):
+        CGRAN(few, **SMALL).train(max_epochs=1)
+    with pytest.raises(ValueError, match=f"{message} has only 12 cells"):
+        CGRAN.load_query_data(query[:12].copy(), model, setting="A")
+    CGRAN.load_query_data(query[:12].copy(), model, setting="C")  # keeps the gene vectors
+
+
+# ---- real data
+@requires_shared_data
+def test_accuracy_well_above_chance_on_kang_pbmcs():
+    from scvi_ext.data import load_dataset, select_genes
+
+    adata = load_dataset("kang_ifnb")
+    adata = adata[np.random.default_rng(0).permutation(adata.n_obs)[:700]].copy()
+    adata = select_genes(adata, method="cgran", n_top_genes=200)
+    train = np.random.default_rng(1).random(adata.n_obs) < 0.8
+    reference, test = adata[train].copy(), adata[~train].copy()
+    CGRAN.setup_anndata(reference, labels_key="cell_type")
+    model = CGRAN(reference, n_embedding=32, n_heads=4, group_size=50)
+    model.train(max_epochs=20, enable_progress_bar=False, plan_kwargs={"lr": 1e-2})
+    accuracy = (model.predict(test) == test.obs["cell_type"].astype(str).to_numpy()).mean()
+    majority = test.obs["cell_type"].value_counts(normalize=True).max()  # 0.26; 7 types
+    assert accuracy > max(0.6, majority + 0.3), accuracy
+
+
+# ---- the genes study
+def test_genes_study_is_registered_and_grouped_attention_needs_less_time_and_memory():
+    from scvi_ext.benchmark import STUDIES
+    from scvi_ext.benchmark._cgran_scaling import attention_scaling
+
+    assert "cgran_genes" in STUDIES
+    table = attention_scaling(genes=[600], n_cells=2, threads=1)
+    assert list(table["genes"]) == ["g=600"]
+    assert table["memory_ratio"].iloc[0] > 2  # (g + 1)^2 vs g x (group + 1): about 6x
+    assert table["speedup"].iloc[0] > 1
