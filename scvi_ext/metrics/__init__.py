@@ -8,6 +8,13 @@ from ._classification import (
     macro_f1,
     weighted_f1,
 )
+from ._matching import (
+    foscttm,
+    matched_label_fraction,
+    matching_aupr,
+    matching_score,
+    matching_top_k,
+)
 from ._novelty import novelty_auroc, novelty_precision_coverage
 
 __all__ = [
@@ -15,7 +22,12 @@ __all__ = [
     "balanced_accuracy",
     "classification_report",
     "expected_calibration_error",
+    "foscttm",
     "macro_f1",
+    "matched_label_fraction",
+    "matching_aupr",
+    "matching_score",
+    "matching_top_k",
     "novelty_auroc",
     "novelty_precision_coverage",
     "reliability_curve",

@@ -1,0 +1,528 @@
+"""CrossAttentionMatcher: match cells between RNA and ATAC profiles measured separately."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from anndata import AnnData
+from mudata import MuData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import MuDataCategoricalObsField, MuDataLayerField
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+from scvi.utils import setup_anndata_dsp
+
+from scvi_ext.base import MIN_GENE_FRACTION, BaseTrainingPlan, InferenceMixin, align_genes
+from scvi_ext.data import validate_counts
+
+from ._assignment import Assignment, assign, fit_temperature, probabilities, top_k_scores
+from ._features import gene_genome_order, genome_order
+from ._module import CrossAttentionModule, Objective, Tokenizer
+
+#: The modalities the model reads: setup argument -> role in the messages.
+MODALITY_ROLES = {"rna_layer": "RNA", "atac_layer": "ATAC"}
+#: Default ``modalities`` of :meth:`CrossAttentionMatcher.setup_mudata`.
+DEFAULT_MODALITIES = {"rna_layer": "rna", "atac_layer": "atac"}
+_FIELD_KEYS = {"rna": REGISTRY_KEYS.X_KEY, "atac": REGISTRY_KEYS.ATAC_X_KEY}
+#: Paired validation cells (at most) on which the softmax temperature is fitted.
+N_TEMPERATURE_CELLS = 2000
+
+
+def _check_paired_mudata(mdata: MuData, modalities: dict) -> None:
+    """Both modalities present, with the same cells in the same order."""
+    if not isinstance(mdata, MuData):
+        raise ValueError(
+            f"CrossAttentionMatcher.setup_mudata needs a MuData with RNA and ATAC modalities, "
+            f"not {type(mdata).__name__}."
+        )
+    for argument, role in MODALITY_ROLES.items():
+        name = modalities[argument]
+        if name not in mdata.mod:
+            raise ValueError(
+                f"The MuData has no {role} modality '{name}' (modalities: {list(mdata.mod)}). "
+                f"Pass modalities={{'{argument}': <name of the {role} modality>}}."
+            )
+    rna, atac = (mdata.mod[modalities[argument]] for argument in MODALITY_ROLES)
+    if not rna.obs_names.equals(atac.obs_names) or rna.n_obs != mdata.n_obs:
+        raise ValueError(
+            f"The RNA and ATAC modalities hold different cells ({rna.n_obs} and {atac.n_obs} "
+            f"cells, MuData {mdata.n_obs}; e.g. {list(rna.obs_names[:2])} vs "
+            f"{list(atac.obs_names[:2])}). Training needs paired cells: the same obs_names in "
+            "the same order in both, e.g. mdata = mdata[shared_cells].copy() with "
+            "mudata.MuData(..., axis=0) after intersecting obs_names."
+        )
+
+
+class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModelClass):
+    """Cross-attention network for matching RNA and ATAC profiles of the same cells.
+
+    Fan & Shen, "Matching Cells Between Modalities with a Cross Attention Network": per
+    modality a 1-D CNN over features in genome order yields region tokens, projected to a
+    shared width; a Transformer self-attention unit per modality gives the unit-norm
+    embeddings ``e0`` (RNA) and ``t0`` (ATAC), a cross-attention unit over the stacked
+    tokens of a pair ``e1``/``t1``; the score is ``S = e0 . t0 + alpha e1 . t1``, trained on
+    paired cells with a bidirectional triplet loss (hardest in-batch negative, margin).
+    ``objective="infonce"`` (with ``alpha=0``) is the CLIP baseline. RNA counts are
+    normalised per cell + log1p, ATAC counts TF-IDF (IDF of the training cells) inside the
+    module, so new cells go through the same transform.
+
+    Parameters
+    ----------
+    mdata
+        MuData registered with :meth:`setup_mudata` (paired cells).
+    registry
+        Registry of a saved model (used by ``load(adata=False)``).
+    gene_region_map
+        Genes x peaks (registered order), non-zero where a peak is linked to a gene: genes
+        are then ordered by the position of their peaks; ``None`` keeps the given order.
+    n_filters, kernel_size_rna, kernel_size_atac, n_tokens_rna, n_tokens_atac
+        The CNN tokenizers: filters, their width (= stride), tokens after pooling.
+    embed_dim, n_heads, dropout
+        Width ``p`` of the tokens and attention heads.
+    alpha, margin
+        Weight of the cross-attention term and triplet margin.
+    objective
+        ``"triplet"`` (the paper) or ``"infonce"`` (CLIP; needs ``alpha=0``).
+    n_hard_candidates
+        In-batch negatives per cell whose cross term is scored to find the hardest.
+    n_rerank
+        Candidates per cell re-ranked with the cross term at :meth:`match`.
+    tokenizer
+        ``"conv"`` (the paper: shared filters, max pooled to ``n_tokens_*`` tokens) or
+        ``"local"`` (untied weights per genomic stretch; ``n_filters`` and the kernel sizes
+        are then unused).
+
+    Examples
+    --------
+    >>> CrossAttentionMatcher.setup_mudata(mdata)
+    >>> model = CrossAttentionMatcher(mdata, gene_region_map=gene_region_map)
+    >>> model.train(max_epochs=30)
+    >>> P = model.match(rna_query, atac_query, top_k=1000)
+    """
+
+    _module_cls = CrossAttentionModule
+    _training_plan_cls = BaseTrainingPlan
+    _counts_input = False  # the base's gene checks read one AnnData; this model does its own
+    train_defaults = {
+        "max_epochs": 30,
+        "train_size": 0.9,
+        "batch_size": 256,
+        "early_stopping": True,
+        "early_stopping_patience": 10,
+    }
+
+    def __init__(
+        self,
+        mdata: MuData | None = None,
+        registry: dict | None = None,
+        gene_region_map: sp.spmatrix | None = None,
+        n_filters: int = 32,
+        kernel_size_rna: int = 4,
+        kernel_size_atac: int = 16,
+        n_tokens_rna: int = 16,
+        n_tokens_atac: int = 32,
+        embed_dim: int = 64,
+        n_heads: int = 4,
+        dropout: float = 0.1,
+        alpha: float = 0.5,
+        margin: float = 0.2,
+        objective: Objective = "triplet",
+        n_hard_candidates: int = 8,
+        n_rerank: int = 20,
+        tokenizer: Tokenizer = "conv",
+    ):
+        super().__init__(mdata, registry=registry)
+        genes, peaks = self.feature_names("rna"), self.feature_names("atac")
+        self.n_rerank = n_rerank
+        self.match_temperature_ = 0.05
+        self.module = self._module_cls(
+            len(genes),
+            len(peaks),
+            gene_genome_order(genes, peaks, gene_region_map),
+            genome_order(peaks),
+            n_filters=n_filters,
+            kernel_size_rna=kernel_size_rna,
+            kernel_size_atac=kernel_size_atac,
+            n_tokens_rna=n_tokens_rna,
+            n_tokens_atac=n_tokens_atac,
+            embed_dim=embed_dim,
+            n_heads=n_heads,
+            dropout=dropout,
+            alpha=alpha,
+            margin=margin,
+            objective=objective,
+            n_hard_candidates=n_hard_candidates,
+            tokenizer=tokenizer,
+        )
+        self._model_summary_string = (
+            f"CrossAttentionMatcher ({objective}, alpha={alpha}) on {len(genes)} genes and "
+            f"{len(peaks)} peaks"
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    @setup_anndata_dsp.dedent
+    def setup_mudata(
+        cls,
+        mdata: MuData,
+        modalities: dict[str, str] | None = None,
+        rna_layer: str | None = None,
+        atac_layer: str | None = None,
+        batch_key: str | None = None,
+        **kwargs,
+    ):
+        """Register the paired RNA and ATAC counts of a MuData.
+
+        Parameters
+        ----------
+        mdata
+            MuData whose RNA and ATAC modalities hold the same cells in the same order.
+        modalities
+            Setup argument -> modality name; default ``{"rna_layer": "rna", "atac_layer":
+            "atac"}`` (``"batch_key"`` may name the modality whose ``obs`` has the batches).
+        rna_layer, atac_layer
+            Layers of raw counts (``None``: ``X`` of the modality).
+        batch_key
+            Column of library batches (recorded; the network does not condition on it, so
+            cells of new batches can be matched).
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        modalities = {**DEFAULT_MODALITIES, **(modalities or {})}
+        _check_paired_mudata(mdata, modalities)
+        for argument, layer in (("rna_layer", rna_layer), ("atac_layer", atac_layer)):
+            validate_counts(mdata.mod[modalities[argument]], layer)
+        fields = [
+            MuDataLayerField(
+                REGISTRY_KEYS.X_KEY,
+                rna_layer,
+                mod_key=modalities["rna_layer"],
+                is_count_data=True,
+                mod_required=True,
+            ),
+            MuDataLayerField(
+                REGISTRY_KEYS.ATAC_X_KEY,
+                atac_layer,
+                mod_key=modalities["atac_layer"],
+                is_count_data=True,
+                mod_required=True,
+            ),
+            MuDataCategoricalObsField(
+                REGISTRY_KEYS.BATCH_KEY, batch_key, mod_key=modalities.get("batch_key")
+            ),
+        ]
+        manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
+        manager.register_fields(mdata, **kwargs)
+        cls.register_manager(manager)
+
+    @classmethod
+    def setup_anndata(cls, adata: AnnData, **kwargs):
+        """Not available: the model reads paired RNA and ATAC, registered with
+        :meth:`setup_mudata`."""
+        raise ValueError(
+            "CrossAttentionMatcher reads paired RNA and ATAC counts: build a MuData "
+            "(mudata.MuData({'rna': rna, 'atac': atac})) and call setup_mudata."
+        )
+
+    def feature_names(self, modality: str) -> pd.Index:
+        """Genes (``"rna"``) or peaks (``"atac"``) the model reads, in registered order."""
+        field = self.registry_["field_registries"][_FIELD_KEYS[self._modality(modality)]]
+        return pd.Index([str(name) for name in field["state_registry"]["column_names"]])
+
+    @property
+    def gene_names(self) -> pd.Index:
+        """The RNA features."""
+        return self.feature_names("rna")
+
+    @staticmethod
+    def _modality(modality: str) -> str:
+        if modality not in _FIELD_KEYS:
+            raise ValueError(f"modality must be 'rna' or 'atac', not {modality!r}.")
+        return modality
+
+    # ------------------------------------------------------------------ training
+    def fit_statistics(self) -> None:
+        """IDF of each peak, log(1 + n_cells / (1 + cells with the peak)), on the
+        registered (training) cells, read in minibatches."""
+        n_cells, cells_with_peak = 0, torch.zeros(self.module.peak_idf.shape[0])
+        for tensors in self.iter_minibatches(batch_size=1024):
+            atac = tensors[REGISTRY_KEYS.ATAC_X_KEY]
+            cells_with_peak += (atac > 0).sum(0).float().cpu()
+            n_cells += len(atac)
+        idf = torch.log1p(n_cells / (1.0 + cells_with_peak))
+        self.module.peak_idf.copy_(idf.to(self.module.peak_idf.device))
+
+    def _after_training(self) -> None:
+        """Fit the softmax temperature of :meth:`match` on paired validation cells (the
+        competition score on them); without validation cells, on training cells."""
+        validation = getattr(self, "validation_indices", None)
+        indices = np.asarray([] if validation is None else validation, dtype=int)
+        if len(indices) < 2:
+            indices = np.asarray(self.train_indices, dtype=int)
+        rng = np.random.default_rng(0)
+        if len(indices) > N_TEMPERATURE_CELLS:
+            indices = np.sort(rng.choice(indices, N_TEMPERATURE_CELLS, replace=False))
+        rna = self._encode(self._registered_modality("rna")[indices], "rna")
+        atac = self._encode(self._registered_modality("atac")[indices], "atac")
+        candidates, scores = self._candidate_scores(rna, atac, top_k=len(indices))
+        self.match_temperature_ = fit_temperature(candidates, scores)
+
+    # ------------------------------------------------------------------ data of one modality
+    def _modality_name(self, modality: str) -> str:
+        """Name of ``modality``'s AnnData in the MuData (as given to ``setup_mudata``)."""
+        modalities = {**DEFAULT_MODALITIES, **(self.setup_args.get("modalities") or {})}
+        return modalities[f"{modality}_layer"]
+
+    def _registered_modality(self, modality: str) -> AnnData:
+        if self.adata is None:
+            raise ValueError(
+                "This CrossAttentionMatcher was loaded without data (adata=False); pass the "
+                "cells to use."
+            )
+        return self.adata.mod[self._modality_name(modality)]
+
+    def _modality_anndata(self, data: AnnData | MuData | None, modality: str) -> AnnData:
+        """The AnnData of ``modality`` in ``data`` (default: the model's MuData)."""
+        modality = self._modality(modality)
+        if data is None:
+            return self._registered_modality(modality)
+        if isinstance(data, MuData):
+            name = self._modality_name(modality)
+            if name not in data.mod:
+                role = MODALITY_ROLES[f"{modality}_layer"]
+                raise ValueError(
+                    f"The MuData has no {role} modality '{name}' (modalities: "
+                    f"{list(data.mod)}); the model was set up with '{name}'."
+                )
+            return data.mod[name]
+        if not isinstance(data, AnnData):
+            raise ValueError(
+                f"Expected an AnnData of {modality.upper()} counts or a MuData, not "
+                f"{type(data).__name__}."
+            )
+        return data
+
+    @torch.inference_mode()
+    def _encode(
+        self, adata: AnnData, modality: str, batch_size: int = 256, need_weights: bool = False
+    ) -> dict[str, np.ndarray | torch.Tensor]:
+        """Embeddings (and tokens, attention) of the cells of one modality, in row blocks.
+
+        Features are matched to the model's by name (reordered; missing ones read as zeros
+        with a warning; fewer than half shared is an error); counts are validated.
+        """
+        self._check_trained()
+        layer = self.setup_args.get(f"{modality}_layer")
+        validate_counts(adata, layer)
+        matrix = adata.X if layer is None else adata.layers[layer]
+        features, name = self.feature_names(modality), f"the {modality.upper()} AnnData"
+        n_shared = int(features.isin(adata.var_names.astype(str)).sum())
+        if n_shared < MIN_GENE_FRACTION * len(features):
+            kind = "genes" if modality == "rna" else "peaks"
+            missing = list(features[~features.isin(adata.var_names.astype(str))][:3])
+            raise ValueError(
+                f"{name} shares only {n_shared} of the model's {len(features)} {kind} (e.g. "
+                f"missing {missing}). Pass cells measured on the training features "
+                f"(model.feature_names('{modality}')); missing ones read as zeros only while "
+                f"at least {MIN_GENE_FRACTION:.0%} are present."
+            )
+        device = self.module.device
+        was_training = self.module.training
+        self.module.eval()
+        outputs: dict[str, list] = {"embedding": [], "tokens": [], "attention": []}
+        try:
+            for start in range(0, adata.n_obs, batch_size):
+                block = align_genes(
+                    matrix[start : start + batch_size], adata.var_names, features, name
+                )
+                block = block.toarray() if sp.issparse(block) else np.asarray(block)
+                counts = torch.as_tensor(block, dtype=torch.float32, device=device)
+                encoded = self.module.encode(counts, modality, need_weights=need_weights)
+                outputs["embedding"].append(encoded["embedding"].cpu())
+                outputs["tokens"].append(encoded["tokens"].cpu())
+                if need_weights:
+                    outputs["attention"].append(encoded["attention"].sum(0).cpu())
+        finally:
+            self.module.train(was_training)
+        result = {
+            "embedding": torch.cat(outputs["embedding"]).numpy(),
+            "tokens": torch.cat(outputs["tokens"]),
+        }
+        if need_weights:
+            result["attention_sum"] = torch.stack(outputs["attention"]).sum(0).numpy()
+        return result
+
+    # ------------------------------------------------------------------ outputs
+    def get_latent_representation(
+        self,
+        adata: AnnData | MuData | None = None,
+        modality: str = "rna",
+        batch_size: int = 256,
+    ) -> np.ndarray:
+        """Unit-norm self-attention embeddings (``e0`` for RNA, ``t0`` for ATAC).
+
+        Parameters
+        ----------
+        adata
+            AnnData of that modality's counts, or a MuData (default: the model's).
+        modality
+            ``"rna"`` or ``"atac"``.
+        batch_size
+            Cells encoded at a time.
+
+        Returns
+        -------
+        Cells x ``embed_dim``; RNA and ATAC embeddings live in the same space.
+        """
+        modality = self._modality(modality)
+        return self._encode(self._modality_anndata(adata, modality), modality, batch_size)[
+            "embedding"
+        ]
+
+    def get_attention(
+        self,
+        adata: AnnData | MuData | None = None,
+        modality: str = "rna",
+        indices: Sequence[int] | None = None,
+        batch_size: int = 256,
+    ) -> pd.DataFrame:
+        """Region-region self-attention of one modality (paper 3.2), averaged over cells
+        and heads.
+
+        Returns
+        -------
+        Tokens x tokens (rows attend to columns; rows sum to 1), labelled by the first and
+        last feature, in genome order, that each token pools over.
+        """
+        modality = self._modality(modality)
+        data = self._modality_anndata(adata, modality)
+        if indices is not None:
+            data = data[np.asarray(indices)]
+        encoded = self._encode(data, modality, batch_size, need_weights=True)
+        attention = encoded["attention_sum"] / data.n_obs
+        module = self.module
+        tokenizer = module.rna_tokenizer if modality == "rna" else module.atac_tokenizer
+        order = (module.gene_order if modality == "rna" else module.peak_order).cpu().numpy()
+        ordered = self.feature_names(modality)[order]
+        spans = tokenizer.token_spans(len(ordered))
+        labels = [f"{ordered[first]}..{ordered[last]}" for first, last in spans]
+        return pd.DataFrame(attention, index=labels, columns=labels)
+
+    @torch.inference_mode()
+    def _candidate_scores(
+        self,
+        rna: dict,
+        atac: dict,
+        top_k: int,
+        n_rerank: int | None = None,
+        block_size: int = 1024,
+        pair_batch_size: int = 4096,
+        rows: str = "rna",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``top_k`` candidates of each cell of ``rows`` by ``e0 . t0`` (in blocks), the
+        first ``n_rerank`` re-scored with the full ``S = e0 . t0 + alpha e1 . t1``."""
+        queries, candidates = (rna, atac) if rows == "rna" else (atac, rna)
+        indices, scores = top_k_scores(
+            queries["embedding"], candidates["embedding"], top_k, block_size
+        )
+        n_rerank = min(self.n_rerank if n_rerank is None else n_rerank, indices.shape[1])
+        if self.module.cross_attention is None or n_rerank < 1:
+            return indices, scores
+        pair_rows = np.repeat(np.arange(len(indices)), n_rerank)
+        columns = indices[:, :n_rerank].ravel()
+        cross = np.empty(len(pair_rows), dtype=np.float32)
+        was_training = self.module.training
+        self.module.eval()
+        device = self.module.device
+        try:
+            for start in range(0, len(pair_rows), pair_batch_size):
+                chunk = slice(start, start + pair_batch_size)
+                query_tokens = queries["tokens"][pair_rows[chunk]].to(device)
+                candidate_tokens = candidates["tokens"][columns[chunk]].to(device)
+                rna_tokens, atac_tokens = (
+                    (query_tokens, candidate_tokens)
+                    if rows == "rna"
+                    else (candidate_tokens, query_tokens)
+                )
+                cross[chunk] = self.module.cross_scores(rna_tokens, atac_tokens).cpu().numpy()
+        finally:
+            self.module.train(was_training)
+        cross = cross.reshape(len(indices), n_rerank)
+        alpha = self.module.alpha
+        rescored = scores.copy()
+        rescored[:, :n_rerank] += alpha * cross
+        rescored[:, n_rerank:] += alpha * cross.min(1, keepdims=True)
+        order = np.argsort(-rescored, axis=1, kind="stable")
+        return np.take_along_axis(indices, order, 1), np.take_along_axis(rescored, order, 1)
+
+    def match(
+        self,
+        rna: AnnData | MuData,
+        atac: AnnData | None = None,
+        top_k: int = 1000,
+        assignment: Assignment = None,
+        temperature: float | None = None,
+        n_rerank: int | None = None,
+        batch_size: int = 256,
+        block_size: int = 1024,
+        rows: Literal["rna", "atac"] = "rna",
+    ) -> sp.csr_matrix:
+        """Probability that each RNA cell and each ATAC cell are the same cell.
+
+        Scores ``e0 . t0`` in blocks of ``block_size`` RNA cells (never a dense n x n
+        matrix), keeps the ``top_k`` best ATAC cells of each RNA cell, re-ranks the first
+        ``n_rerank`` of them with the cross-attention term (the other kept candidates get
+        the row's lowest re-ranked cross term), then takes a softmax at ``temperature``.
+
+        Parameters
+        ----------
+        rna
+            RNA counts (AnnData), or a MuData with both modalities (``atac`` then ``None``).
+        atac
+            ATAC counts (AnnData); any number of cells.
+        top_k
+            Non-zeros kept per row (the competition allows 1000).
+        assignment
+            One-to-one post-processing: ``"bipartite"`` (maximum-likelihood matching,
+            0/1 rows), ``"ot"`` (entropic optimal transport between uniform marginals, as
+            MatchCLOT) or ``None``.
+        temperature
+            Softmax temperature (default: the one fitted after training, maximising the
+            competition score on paired validation cells).
+        n_rerank
+            Candidates re-ranked with the cross term (default: the model's ``n_rerank``).
+        batch_size, block_size
+            Cells encoded at a time; RNA cells scored at a time.
+        rows
+            Modality of the rows: ``"atac"`` matches each ATAC cell to the RNA cells.
+
+        Returns
+        -------
+        CSR matrix (RNA cells x ATAC cells, or ATAC x RNA with ``rows="atac"``); rows sum
+        to 1, at most ``top_k`` non-zeros per row.
+        """
+        if atac is None:
+            if not isinstance(rna, MuData):
+                raise ValueError(
+                    "Pass the ATAC cells (match(rna_adata, atac_adata)) or one MuData holding "
+                    "both modalities."
+                )
+            rna, atac = rna, rna
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, not {top_k}.")
+        rna_encoded = self._encode(self._modality_anndata(rna, "rna"), "rna", batch_size)
+        atac_encoded = self._encode(self._modality_anndata(atac, "atac"), "atac", batch_size)
+        if rows not in ("rna", "atac"):
+            raise ValueError(f"rows must be 'rna' or 'atac', not {rows!r}.")
+        indices, scores = self._candidate_scores(
+            rna_encoded, atac_encoded, top_k, n_rerank, block_size, rows=rows
+        )
+        temperature = self.match_temperature_ if temperature is None else temperature
+        n_columns = len((atac_encoded if rows == "rna" else rna_encoded)["embedding"])
+        matrix = probabilities(indices, scores, n_columns, temperature)
+        return assign(matrix, assignment, temperature)

@@ -1,0 +1,138 @@
+"""Cross-modality cell matching metrics (NeurIPS 2021 matching task, FOSCTTM).
+
+A matching matrix ``P`` has one row per RNA cell and one column per ATAC cell, both in the
+order of the true pairs (row ``i`` and column ``i`` are the same cell); rows sum to 1.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+
+def _square_csr(matrix, name: str = "P") -> sp.csr_matrix:
+    matrix = sp.csr_matrix(matrix, dtype=np.float64)
+    if matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(
+            f"{name} has shape {matrix.shape}; matching metrics need the same cells in rows "
+            "(RNA) and columns (ATAC), in the same order."
+        )
+    return matrix
+
+
+def matching_score(matrix) -> float:
+    """The competition's score: mean probability placed on the true pair, ``mean_i P[i, i]``.
+
+    Random matching scores ``1 / n``; a perfect one 1.
+    """
+    matrix = _square_csr(matrix)
+    return float(matrix.diagonal().mean())
+
+
+def matching_top_k(matrix, k: int) -> float:
+    """Fraction of rows whose true pair is among their ``k`` largest entries (a true pair
+    of probability 0 is never found; ties count against it)."""
+    matrix = _square_csr(matrix)
+    true = matrix.diagonal()
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    n_above = np.bincount(rows[matrix.data > true[rows]], minlength=matrix.shape[0])
+    n_tied = np.bincount(rows[matrix.data == true[rows]], minlength=matrix.shape[0]) - 1
+    return float(((true > 0) & (n_above + n_tied < k)).mean())
+
+
+def matched_label_fraction(matrix, row_labels, column_labels) -> float:
+    """Mean probability mass each row puts on columns with its own label (e.g. cell type)."""
+    matrix = sp.csr_matrix(matrix, dtype=np.float64)
+    row_labels, column_labels = np.asarray(row_labels), np.asarray(column_labels)
+    rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    same = row_labels[rows] == column_labels[matrix.indices]
+    mass = np.bincount(rows, weights=matrix.data * same, minlength=matrix.shape[0])
+    return float(mass.mean())
+
+
+def matching_aupr(matrix) -> float:
+    """Area under the precision-recall curve (average precision) of the entries of ``P`` as
+    scores of "same cell", the ``n`` true pairs among all ``n x n`` entries.
+
+    Entries not stored score 0 and tie with each other (one threshold). Equal to
+    ``sklearn.metrics.average_precision_score`` on the dense matrix.
+    """
+    matrix = _square_csr(matrix)
+    n = matrix.shape[0]
+    true = matrix.diagonal()
+    rows = np.repeat(np.arange(n), np.diff(matrix.indptr))
+    values = matrix.data
+    positive = (rows == matrix.indices) & (values > 0)
+    stored = values > 0
+    values, positive = values[stored], positive[stored]
+    order = np.argsort(-values, kind="stable")
+    values, positive = values[order], positive[order]
+    last_of_tie = np.r_[values[1:] != values[:-1], True] if len(values) else np.array([], bool)
+    true_positives = np.cumsum(positive)[last_of_tie]
+    predicted = (np.arange(len(values)) + 1)[last_of_tie]
+    recall_steps = np.diff(np.r_[0, true_positives]) / n
+    precision = true_positives / predicted
+    ap = float((recall_steps * precision).sum())
+    n_missed = n - int((true > 0).sum())
+    if n_missed:  # every unstored entry at score 0: one last threshold with all n^2 entries
+        ap += n_missed / n * (n / (n * n))
+    return ap
+
+
+def foscttm(
+    x: np.ndarray,
+    y: np.ndarray,
+    metric: Literal["euclidean", "cosine"] = "euclidean",
+    direction: Literal["both", "x_to_y", "y_to_x"] = "both",
+    block_size: int = 1024,
+) -> float:
+    """Fraction Of Samples Closer Than the True Match (lower is better; random 0.5).
+
+    For each cell ``i`` of ``x``, the fraction of cells of ``y`` strictly closer to
+    ``x_i`` than its true match ``y_i`` (and the other way round), averaged over cells and,
+    with ``direction="both"``, over the two directions. Computed ``block_size`` rows at a
+    time: memory ``block_size x n``.
+
+    Parameters
+    ----------
+    x, y
+        Embeddings of the same cells in the two modalities (cells x dimensions, same order).
+    metric
+        ``"euclidean"`` or ``"cosine"`` distance.
+    direction
+        ``"x_to_y"``, ``"y_to_x"`` or ``"both"`` (their mean).
+    block_size
+        Rows compared at a time.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(
+            f"x and y have shapes {x.shape} and {y.shape}; FOSCTTM needs the same cells, in "
+            "the same order, embedded in the same space."
+        )
+    if metric == "cosine":
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        y = y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+    elif metric != "euclidean":
+        raise ValueError(f"metric must be 'euclidean' or 'cosine', not {metric!r}.")
+
+    def one_way(a: np.ndarray, b: np.ndarray) -> float:
+        closer = np.empty(len(a))
+        b_norms = (b * b).sum(1)
+        for start in range(0, len(a), block_size):
+            block = a[start : start + block_size]
+            distances = (block * block).sum(1)[:, None] - 2 * block @ b.T + b_norms[None]
+            rows = np.arange(len(block))
+            true = distances[rows, start + rows]
+            closer[start : start + len(block)] = (distances < true[:, None] - 1e-12).sum(1)
+        return float((closer / (len(b) - 1)).mean())
+
+    if direction == "x_to_y":
+        return one_way(x, y)
+    if direction == "y_to_x":
+        return one_way(y, x)
+    if direction == "both":
+        return (one_way(x, y) + one_way(y, x)) / 2
+    raise ValueError(f"direction must be 'both', 'x_to_y' or 'y_to_x', not {direction!r}.")

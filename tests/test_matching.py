@@ -1,0 +1,358 @@
+"""CrossAttentionMatcher (issue 15): the contract's tests on paired RNA/ATAC MuData, the
+matching utilities, and the bad inputs with their messages."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import scvi
+import torch
+from conftest import requires_shared_data
+from mudata import MuData
+from scipy.optimize import linear_sum_assignment
+
+from scvi_ext.matching import (
+    CrossAttentionMatcher,
+    bipartite_assignment,
+    entropic_ot,
+    gene_genome_order,
+    genome_order,
+    match_embeddings,
+    probabilities,
+    simulate_paired,
+    top_k_scores,
+)
+from scvi_ext.metrics import matched_label_fraction, matching_score, matching_top_k
+from scvi_ext.model import CrossAttentionMatcher as ExportedMatcher
+
+SMALL = {
+    "embed_dim": 16,
+    "n_heads": 2,
+    "n_tokens_rna": 4,
+    "n_tokens_atac": 8,
+    "n_filters": 4,
+    "kernel_size_atac": 8,
+    "n_hard_candidates": 4,
+    "tokenizer": "local",
+    "n_rerank": 5,
+}
+FAST = {"max_epochs": 12, "batch_size": 64, "enable_progress_bar": False}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """One torch thread: on a shared 2-core machine two threads per process run the small
+    attention steps tens of times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def trained(_one_torch_thread):
+    """(model trained on 320 paired cells, training MuData, held-out MuData of 80 cells)."""
+    scvi.settings.seed = 0
+    mdata = simulate_paired()
+    reference, held_out = mdata[:320].copy(), mdata[320:].copy()
+    CrossAttentionMatcher.setup_mudata(reference, batch_key="rna:batch")
+    model = CrossAttentionMatcher(reference, **SMALL)
+    model.train(**FAST)
+    return model, reference, held_out
+
+
+def test_exported_as_scvi_ext_model():
+    assert ExportedMatcher is CrossAttentionMatcher
+
+
+def test_training_logs_loss_and_in_batch_accuracy_and_fits_idf_and_temperature(trained):
+    model, reference, _ = trained
+    for name in ("train_loss", "validation_loss", "train_top1_in_batch"):
+        assert name in model.history, sorted(model.history)
+    atac = reference.mod["atac"].X
+    cells_with_peak = np.asarray((atac > 0).sum(0)).ravel()
+    expected = np.log1p(reference.n_obs / (1.0 + cells_with_peak))
+    np.testing.assert_allclose(model.module.peak_idf.numpy(), expected, rtol=1e-5)
+    assert 1e-4 <= model.match_temperature_ <= 1.0
+
+
+def test_held_out_matching_well_above_chance(trained):
+    model, _, held_out = trained
+    matrix = model.match(held_out.mod["rna"], held_out.mod["atac"], top_k=50)
+    n = held_out.n_obs
+    assert matching_score(matrix) > 3 / n  # chance: 1 / n
+    assert matching_top_k(matrix, 5) > 3 * 5 / n
+    types = held_out.mod["rna"].obs["cell_type"].to_numpy()
+    assert matched_label_fraction(matrix, types, types) > 0.6  # chance: about 0.25
+
+
+def test_match_rows_sum_to_one_with_at_most_top_k_per_row_on_queries_of_other_sizes(trained):
+    model, _, held_out = trained
+    rna, atac = held_out.mod["rna"][:37].copy(), held_out.mod["atac"][5:58].copy()
+    matrix = model.match(rna, atac, top_k=10)
+    assert sp.issparse(matrix) and matrix.shape == (37, 53)
+    np.testing.assert_allclose(matrix.sum(1).A1, 1.0, rtol=1e-5)
+    assert np.diff(matrix.indptr).max() <= 10
+    reverse = model.match(rna, atac, top_k=10, rows="atac")
+    assert reverse.shape == (53, 37)
+    np.testing.assert_allclose(reverse.sum(1).A1, 1.0, rtol=1e-5)
+    assert model.match(held_out, top_k=1000).shape == (held_out.n_obs, held_out.n_obs)
+
+
+def test_one_to_one_assignments(trained):
+    model, _, held_out = trained
+    bipartite = model.match(held_out, top_k=20, assignment="bipartite")
+    np.testing.assert_array_equal(bipartite.sum(1).A1, 1.0)
+    np.testing.assert_array_equal(bipartite.sum(0).A1, 1.0)  # a permutation
+    assert set(np.unique(bipartite.data)) == {1.0}
+    transport = model.match(held_out, top_k=20, assignment="ot")
+    np.testing.assert_allclose(transport.sum(1).A1, 1.0, rtol=1e-6)
+    full_support = model.match(held_out, top_k=held_out.n_obs, assignment="ot")
+    np.testing.assert_allclose(full_support.sum(0).A1, 1.0, atol=1e-3)  # uniform marginals
+    with pytest.raises(ValueError, match="assignment must be 'bipartite', 'ot' or None"):
+        model.match(held_out, assignment="greedy")
+
+
+def test_block_matching_equals_dense_and_reranking_changes_scores(trained):
+    model, _, held_out = trained
+    rna_embedding = model.get_latent_representation(held_out, modality="rna")
+    atac_embedding = model.get_latent_representation(held_out, modality="atac")
+    indices, scores = top_k_scores(rna_embedding, atac_embedding, top_k=7, block_size=3)
+    dense_scores, dense_indices = torch.topk(
+        torch.as_tensor(rna_embedding @ atac_embedding.T), 7, dim=1
+    )
+    np.testing.assert_allclose(scores, dense_scores.numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(indices, dense_indices.numpy())
+    blocks = model.match(held_out, top_k=15, block_size=3)
+    dense = model.match(held_out, top_k=15, block_size=held_out.n_obs)
+    np.testing.assert_allclose(blocks.toarray(), dense.toarray(), rtol=1e-4, atol=1e-6)
+    plain = model.match(held_out, top_k=15, n_rerank=0)
+    assert not np.allclose(plain.toarray(), dense.toarray())  # the cross term re-ranks
+
+
+def test_embeddings_attention_and_the_users_data_untouched(trained):
+    model, _, held_out = trained
+    before_uns = dict(held_out.mod["rna"].uns)
+    latent = model.get_latent_representation(held_out.mod["atac"], modality="atac")
+    assert latent.shape == (held_out.n_obs, SMALL["embed_dim"])
+    np.testing.assert_allclose(np.linalg.norm(latent, axis=1), 1.0, rtol=1e-5)
+    attention = model.get_attention(held_out, modality="atac", indices=range(10))
+    assert attention.shape == (SMALL["n_tokens_atac"], SMALL["n_tokens_atac"])
+    np.testing.assert_allclose(attention.sum(1), 1.0, rtol=1e-4)
+    assert attention.index[0].startswith("chr1_")  # tokens follow the genome
+    model.match(held_out, top_k=5)
+    assert dict(held_out.mod["rna"].uns) == before_uns
+    assert "_scvi_uuid" not in held_out.mod["rna"].uns
+
+
+def test_features_matched_by_name(trained):
+    model, _, held_out = trained
+    rna, atac = held_out.mod["rna"], held_out.mod["atac"]
+    reordered = model.match(rna[:, ::-1].copy(), atac[:, ::-1].copy(), top_k=10)
+    np.testing.assert_allclose(reordered.toarray(), model.match(rna, atac, top_k=10).toarray())
+    with pytest.warns(UserWarning, match="read as zero counts"):
+        model.match(rna[:, 10:].copy(), atac, top_k=10)
+
+
+def test_save_load_gives_identical_match_matrices(trained, tmp_path):
+    model, reference, held_out = trained
+    folder = tmp_path / "matcher"
+    model.save(folder, save_anndata=True)
+    loaded = CrossAttentionMatcher.load(folder)
+    expected = model.match(held_out, top_k=20).toarray()
+    np.testing.assert_array_equal(loaded.match(held_out, top_k=20).toarray(), expected)
+    without_data = CrossAttentionMatcher.load(folder, adata=False)
+    assert without_data.adata is None
+    np.testing.assert_array_equal(without_data.match(held_out, top_k=20).toarray(), expected)
+    assert without_data.match_temperature_ == model.match_temperature_
+    with pytest.raises(ValueError, match="already exists"):
+        model.save(folder)
+
+
+def test_seeded_training_is_deterministic():
+    mdata = simulate_paired(n_cells=160)
+    matrices = []
+    for _ in range(2):
+        scvi.settings.seed = 3
+        copy = mdata.copy()
+        CrossAttentionMatcher.setup_mudata(copy)
+        model = CrossAttentionMatcher(copy, **SMALL)
+        model.train(max_epochs=2, batch_size=64, enable_progress_bar=False)
+        matrices.append(model.match(copy, top_k=10).toarray())
+    np.testing.assert_array_equal(*matrices)
+
+
+def test_paper_conv_tokenizer_and_infonce_objective_train():
+    mdata = simulate_paired(n_cells=160)
+    CrossAttentionMatcher.setup_mudata(mdata)
+    for settings in ({"tokenizer": "conv"}, {"objective": "infonce", "alpha": 0.0}):
+        model = CrossAttentionMatcher(mdata, **{**SMALL, **settings})
+        model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+        assert model.match(mdata, top_k=10).shape == (160, 160)
+    assert model.module.cross_attention is None  # InfoNCE: no cross unit, no unused weights
+    with pytest.raises(ValueError, match="objective='infonce' scores the self-attention"):
+        CrossAttentionMatcher(mdata, objective="infonce", alpha=0.5)
+
+
+def test_bad_inputs_are_errors_that_say_what_to_change(trained):
+    model, _, held_out = trained
+    rna_only = MuData({"rna": held_out.mod["rna"].copy()})
+    with pytest.raises(
+        ValueError, match=r"The MuData has no ATAC modality 'atac' \(modalities: \['rna'\]\)"
+    ):
+        CrossAttentionMatcher.setup_mudata(rna_only)
+    shifted = MuData(
+        {"rna": held_out.mod["rna"][:40].copy(), "atac": held_out.mod["atac"][40:].copy()}
+    )
+    with pytest.raises(ValueError, match="The RNA and ATAC modalities hold different cells"):
+        CrossAttentionMatcher.setup_mudata(shifted)
+    other_peaks = held_out.mod["atac"].copy()
+    other_peaks.var_names = [f"chr9_{i}_{i + 1}" for i in range(other_peaks.n_vars)]
+    with pytest.raises(
+        ValueError, match=r"the ATAC AnnData shares only 0 of the model's 600 peaks"
+    ):
+        model.match(held_out.mod["rna"], other_peaks)
+    with pytest.raises(ValueError, match="Pass the ATAC cells"):
+        model.match(held_out.mod["rna"])
+    with pytest.raises(ValueError, match="reads paired RNA and ATAC counts"):
+        CrossAttentionMatcher.setup_anndata(held_out.mod["rna"].copy())
+    with pytest.raises(ValueError, match="modality must be 'rna' or 'atac'"):
+        model.get_latent_representation(held_out, modality="protein")
+    fractional = held_out.mod["rna"].copy()
+    fractional.X = fractional.X * 0.5
+    with pytest.raises(ValueError, match="non-integer values"):
+        model.match(fractional, held_out.mod["atac"])
+
+
+def test_untrained_model_refuses_to_match():
+    mdata = simulate_paired(n_cells=100)
+    CrossAttentionMatcher.setup_mudata(mdata)
+    with pytest.raises(RuntimeError, match="not trained"):
+        CrossAttentionMatcher(mdata, **SMALL).match(mdata)
+
+
+# ---- the matching utilities
+def test_genome_order_sorts_peaks_and_genes_by_their_linked_peaks():
+    peaks = ["chr2_100_200", "chr10_5_9", "chr1_900_950", "chr1_50_80", "chrX_1_2"]
+    assert [peaks[i] for i in genome_order(peaks)] == [
+        "chr1_50_80",
+        "chr1_900_950",
+        "chr2_100_200",
+        "chr10_5_9",
+        "chrX_1_2",
+    ]
+    links = sp.csr_matrix(np.array([[1, 0, 0, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 0, 0]]))
+    # gene0 -> chr2 (rank 2), gene1 -> chr1_50 (rank 0), gene2 unlinked: last
+    np.testing.assert_array_equal(gene_genome_order(["g0", "g1", "g2"], peaks, links), [1, 0, 2])
+    with pytest.warns(UserWarning, match="not all named chr_start_end"):
+        np.testing.assert_array_equal(genome_order(["a", "b"]), [0, 1])
+
+
+def test_probabilities_rows_sum_to_one_with_top_k_nonzeros():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 4)), rng.normal(size=(50, 4))
+    matrix = match_embeddings(x, y, top_k=6, temperature=0.3, block_size=7)
+    np.testing.assert_allclose(matrix.sum(1).A1, 1.0, rtol=1e-6)
+    assert (np.diff(matrix.indptr) == 6).all()
+    dense = np.exp(x @ y.T / 0.3)
+    np.testing.assert_allclose(
+        match_embeddings(x, y, top_k=50, temperature=0.3).toarray(),
+        dense / dense.sum(1, keepdims=True),
+        rtol=1e-5,
+    )
+
+
+def test_sparse_entropic_ot_equals_pot_on_full_support():
+    ot = pytest.importorskip("ot")
+    rng = np.random.default_rng(0)
+    scores = rng.normal(size=(12, 9))
+    plan = ot.sinkhorn(np.full(12, 1 / 12), np.full(9, 1 / 9), -scores, 0.5, stopThr=1e-12)
+    mine = entropic_ot(sp.csr_matrix(scores), epsilon=0.5, tol=1e-10).toarray()
+    np.testing.assert_allclose(mine, plan / plan.sum(1, keepdims=True), atol=1e-7)
+
+
+def test_bipartite_assignment_equals_hungarian_on_full_support_and_always_exists():
+    rng = np.random.default_rng(1)
+    scores = rng.normal(size=(8, 8))
+    matrix = probabilities(np.argsort(-scores, 1), -np.sort(-scores, 1), 8, 0.5)
+    rows, columns = linear_sum_assignment(-np.log(matrix.toarray()))
+    expected = np.zeros((8, 8))
+    expected[rows, columns] = 1
+    np.testing.assert_array_equal(bipartite_assignment(matrix).toarray(), expected)
+    one_candidate = probabilities(np.zeros((8, 1), dtype=int), np.zeros((8, 1)), 8, 1.0)
+    assigned = bipartite_assignment(one_candidate)  # all rows want column 0: fallback edges
+    np.testing.assert_array_equal(assigned.sum(0).A1, 1.0)
+
+
+# ---- real data
+@requires_shared_data
+def test_snareseq_genome_order_and_matching_contract_on_real_cells():
+    """Real peaks and genes go along the genome; a model on a real subset matches held-out
+    cells with the contract's output. (Above-chance matching on real data needs the full
+    training set: see docs/matching.md for the benchmark.)"""
+    from scvi_ext.data import load_snareseq, load_snareseq_gene_region_map
+    from scvi_ext.matching import peak_positions
+
+    mdata, links = load_snareseq(), load_snareseq_gene_region_map()
+    peaks, genes = mdata.mod["atac"].var_names, mdata.mod["rna"].var_names
+    positions = peak_positions(peaks).iloc[genome_order(peaks)]
+    key = positions["chrom_rank"].to_numpy() * 1e10 + positions["start"].to_numpy()
+    assert (np.diff(key) >= 0).all()
+    gene_order = gene_genome_order(genes, peaks, links)
+    peak_rank = np.empty(len(peaks))
+    peak_rank[genome_order(peaks)] = np.arange(len(peaks))
+    first_peak_rank = [peak_rank[links[i].indices].mean() for i in gene_order[:200]]
+    assert (np.diff(first_peak_rank) >= 0).all()
+
+    scvi.settings.seed = 0
+    cells = np.random.default_rng(0).choice(mdata.n_obs, 800, replace=False)
+    reference, held_out = mdata[np.sort(cells[:600])].copy(), mdata[np.sort(cells[600:])].copy()
+    CrossAttentionMatcher.setup_mudata(reference)
+    model = CrossAttentionMatcher(reference, gene_region_map=links, **SMALL)
+    model.train(max_epochs=1, batch_size=128, enable_progress_bar=False)
+    matrix = model.match(held_out.mod["rna"], held_out.mod["atac"][:150].copy(), top_k=100)
+    assert matrix.shape == (200, 150)
+    np.testing.assert_allclose(matrix.sum(1).A1, 1.0, rtol=1e-5)
+    assert np.diff(matrix.indptr).max() <= 100
+
+
+DDP_SCRIPT = """
+import os
+import sys
+
+import scvi
+import torch
+
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+from test_matching import SMALL
+from scvi_ext.matching import simulate_paired
+from scvi_ext.matching import CrossAttentionMatcher
+
+scvi.settings.seed = 0
+mdata = simulate_paired(n_cells=200)
+CrossAttentionMatcher.setup_mudata(mdata)
+model = CrossAttentionMatcher(mdata, **SMALL)
+model.train(max_epochs=2, batch_size=32, accelerator="cpu", devices=2, strategy="ddp",
+            enable_progress_bar=False)
+matrix = model.match(mdata, top_k=10)
+with open(f"ddp_ok_rank{{os.environ.get('LOCAL_RANK', '0')}}.txt", "w") as handle:
+    handle.write(str(matrix.shape[0]))
+"""
+
+
+def test_cpu_ddp_with_two_processes_trains_and_both_ranks_match(tmp_path):
+    script = tmp_path / "ddp_matcher.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    outputs = sorted(path.name for path in tmp_path.glob("ddp_ok_rank*.txt"))
+    assert outputs == ["ddp_ok_rank0.txt", "ddp_ok_rank1.txt"], result.stdout[-2000:]
+    for name in outputs:
+        assert (tmp_path / name).read_text() == "200"
