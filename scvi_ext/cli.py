@@ -28,7 +28,7 @@ QUICK_METHOD_KWARGS = {
 #: Models of ``scvi-ext annotate``: trained from counts on reference + query cells (the
 #: query unlabeled) and annotated with their ``annotate`` method. LatentClassifier is not
 #: one: it sits on top of another model's representation.
-ANNOTATE_MODELS = ("ScNym", "CELLULAR")
+ANNOTATE_MODELS = ("ScNym", "CELLULAR", "CAN", "CGRAN")
 
 
 class CLIError(Exception):
@@ -272,13 +272,13 @@ def _annotate(args: argparse.Namespace, argv: list[str]) -> int:
         unlabeled_category=args.unlabeled_category,
         batch_key=args.batch_key,
     )
+    setup_kwargs = {"labels_key": LABELS_COLUMN, "unlabeled_category": args.unlabeled_category}
+    if args.batch_key is not None:
+        if "batch_key" not in inspect.signature(model_cls.setup_anndata).parameters:
+            raise CLIError(f"--batch-key: {args.model} takes no batch covariate; leave it out.")
+        setup_kwargs["batch_key"] = BATCH_COLUMN
     try:
-        model_cls.setup_anndata(
-            adata,
-            labels_key=LABELS_COLUMN,
-            unlabeled_category=args.unlabeled_category,
-            batch_key=None if args.batch_key is None else BATCH_COLUMN,
-        )
+        model_cls.setup_anndata(adata, **setup_kwargs)
     except ValueError as error:
         raise CLIError(str(error)) from error
     set_seed(args.seed)
@@ -313,7 +313,14 @@ def _annotate(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
-    from scvi_ext.benchmark import METHODS, STUDIES, TASKS, run_benchmark, run_study, summary_table
+    from scvi_ext.benchmark import (
+        DEFAULT_METHODS,
+        STUDIES,
+        TASKS,
+        run_benchmark,
+        run_study,
+        summary_table,
+    )
 
     if args.task not in TASKS and args.task not in STUDIES:
         available = ", ".join(sorted([*TASKS, *STUDIES]))
@@ -337,7 +344,7 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
             raise CLIError(str(error)) from error
         print((Path(outdir) / "summary.md").read_text())
         return 0
-    methods = args.methods or list(METHODS)
+    methods = args.methods or list(DEFAULT_METHODS)
     method_kwargs = _method_options(methods, args.max_epochs, args.method_option)
     try:
         results = run_benchmark(
@@ -358,7 +365,7 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``scvi-ext`` argument parser."""
-    from scvi_ext.benchmark import METHODS, STUDIES, TASKS
+    from scvi_ext.benchmark import DEFAULT_METHODS, METHODS, STUDIES, TASKS
 
     parser = argparse.ArgumentParser(
         prog="scvi-ext", description="scvi-tools plugin models: demo, annotation, benchmarks."
@@ -471,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=sorted(METHODS),
         default=None,
-        help=f"Methods (default: all registered: {', '.join(METHODS)}).",
+        help=f"Methods (default: {', '.join(DEFAULT_METHODS)}; also: "
+        f"{', '.join(sorted(set(METHODS) - set(DEFAULT_METHODS)))}).",
     )
     benchmark.add_argument(
         "--outdir", default=None, help="Report folder (default: scvi_ext_outputs/benchmark_TASK)."

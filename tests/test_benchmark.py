@@ -9,6 +9,7 @@ import pytest
 import scanpy as sc
 
 from scvi_ext.benchmark import (
+    DEFAULT_METHODS,
     METHODS,
     TASKS,
     MethodResult,
@@ -178,8 +179,10 @@ def test_scnym_method(tiny_split):
 
 def test_methods_are_registered_by_decorator(tmp_path, monkeypatch):
     assert {"scnym", "cellular", "scanvi", "celltypist", "logistic_regression"} <= set(METHODS)
-    for name in list(METHODS):  # restored by monkeypatch after the test
+    for name in list(METHODS):  # both restored by monkeypatch after the test
         monkeypatch.delitem(METHODS, name)
+    saved_defaults = list(DEFAULT_METHODS)
+    DEFAULT_METHODS.clear()
 
     def constant(reference, query, labels_key, seed=0):
         n = query.n_obs
@@ -187,10 +190,11 @@ def test_methods_are_registered_by_decorator(tmp_path, monkeypatch):
 
     try:
         assert register_method("constant")(constant) is constant
-        assert list(METHODS) == ["constant"]
+        assert register_method("slow", default=False)(constant) is constant
+        assert list(METHODS) == ["constant", "slow"] and DEFAULT_METHODS == ["constant"]
         with pytest.raises(ValueError, match="'constant' is already registered"):
             register_method("constant")(lambda *args: None)
-        # without methods=..., the runner runs every registered method
+        # without methods=..., the runner runs the default methods
         results = run_benchmark(
             "simulated",
             seeds=[0],
@@ -201,6 +205,8 @@ def test_methods_are_registered_by_decorator(tmp_path, monkeypatch):
         )
     finally:
         METHODS.pop("constant", None)
+        METHODS.pop("slow", None)
+        DEFAULT_METHODS[:] = saved_defaults
     assert list(results["method"]) == ["constant"]
 
 

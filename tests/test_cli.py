@@ -212,4 +212,4 @@ def test_benchmark_help_lists_the_registered_methods(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for method in METHODS:
         assert method in text
-    assert "default: all registered: " in text
+    assert "Methods (default: scnym, " in text and "also: cgran" in text

@@ -9,7 +9,7 @@ import scipy.sparse as sp
 
 from scvi_ext.base import ClassifierModule, EmbeddingModule, InferenceModule
 from scvi_ext.data import simulate
-from scvi_ext.model import CELLULAR, LatentClassifier, ScNym
+from scvi_ext.model import CAN, CELLULAR, CGRAN, LatentClassifier, ScNym
 
 TRAIN = {"max_epochs": 2, "enable_progress_bar": False, "enable_model_summary": False}
 
@@ -37,8 +37,39 @@ def _latent_classifier(reference):
     return LatentClassifier.from_model(upstream, reference, n_hidden1=16, n_hidden2=16)
 
 
-BUILDERS = {"scnym": _scnym, "cellular": _cellular, "latent_classifier": _latent_classifier}
-MODEL_CLASSES = {"scnym": ScNym, "cellular": CELLULAR, "latent_classifier": LatentClassifier}
+def _can(reference):
+    CAN.setup_anndata(reference, labels_key="cell_type")
+    return CAN(reference, n_capsules=6, capsule_dim=16, attention_dim=8, kernel_size=3)
+
+
+def _cgran(reference):
+    CGRAN.setup_anndata(reference, labels_key="cell_type")
+    return CGRAN(reference, n_embedding=16, n_heads=4, head_dims=(8, 4), group_size=25)
+
+
+BUILDERS = {
+    "scnym": _scnym,
+    "cellular": _cellular,
+    "latent_classifier": _latent_classifier,
+    "can": _can,
+    "cgran": _cgran,
+}
+#: The papers' learning rate (1e-4) needs their 50-75 epochs; these tests train for 2 to 10.
+TEST_PLAN_KWARGS = {"can": {"lr": 1e-2}, "cgran": {"lr": 1e-2}}
+
+
+def _train_settings(name: str, **settings) -> dict:
+    """``TRAIN`` updated with ``settings``, and the model's test ``plan_kwargs``."""
+    return {**TRAIN, **settings, "plan_kwargs": TEST_PLAN_KWARGS.get(name)}
+
+
+MODEL_CLASSES = {
+    "scnym": ScNym,
+    "cellular": CELLULAR,
+    "latent_classifier": LatentClassifier,
+    "can": CAN,
+    "cgran": CGRAN,
+}
 
 
 @pytest.fixture(scope="module", params=list(BUILDERS))
@@ -46,7 +77,7 @@ def trained(request, tmp_path_factory):
     """(name, trained model, reference, query, save folder) for each model."""
     reference, query = _data()
     model = BUILDERS[request.param](reference)
-    model.train(**TRAIN)
+    model.train(**_train_settings(request.param))
     folder = tmp_path_factory.mktemp(request.param) / "model"
     model.save(folder)
     return request.param, model, reference, query, folder
@@ -184,7 +215,7 @@ def test_training_and_prediction_on_backed_anndata(name, tmp_path):
     query.write_h5ad(tmp_path / "query.h5ad")
     backed = ad.read_h5ad(tmp_path / "reference.h5ad", backed="r")
     backed_query = ad.read_h5ad(tmp_path / "query.h5ad", backed="r")
-    train = {**TRAIN, "max_epochs": 10, "batch_size": 32}
+    train = _train_settings(name, max_epochs=10, batch_size=32)
     if name == "latent_classifier":
         upstream = _cellular(backed)
         upstream.train(**train)

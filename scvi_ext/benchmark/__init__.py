@@ -16,6 +16,7 @@ from . import _attention_tasks, _cgran_scaling, _latent_inputs, _matching  # noq
 from ._cellular_tasks import cellular_method, embedding_quality, novel_type_detection
 from ._methods import (
     BATCH_COLUMN,
+    DEFAULT_METHODS,
     LABELS_COLUMN,
     METHODS,
     UNLABELED_CATEGORY,
@@ -34,6 +35,7 @@ from ._throughput import training_throughput
 __all__ = [
     "AUROC_COLUMNS",
     "BATCH_COLUMN",
+    "DEFAULT_METHODS",
     "LABELS_COLUMN",
     "METHODS",
     "STUDIES",

@@ -241,7 +241,8 @@ def plot_genes_scaling(attention: pd.DataFrame, path: str | Path) -> None:
 )
 def genes_study(
     seed: int,
-    genes: Sequence[int] | str = GENE_COUNTS,
+    outdir: str | Path | None = None,
+    genes: int | Sequence[int] = GENE_COUNTS,
     max_epochs: int = 75,
     lr: float | None = None,
     n_cells: int | None = None,
@@ -250,33 +251,35 @@ def genes_study(
     dense_budget_gib: float = 6.0,
     train: bool = True,
     attention: bool = True,
-    plot_path: str | None = None,
 ) -> dict[str, pd.DataFrame]:
-    """Run both tables; ``genes`` as a list or a comma-separated string, ``n_cells`` a
-    random subset of the dataset, ``lr`` a learning rate for short runs (default: the
-    paper's 1e-4), ``train=False`` only times the attention layer, ``attention=False``
-    only trains,
-    ``plot_path`` writes the log-log PNG of the attention table."""
+    """Run both tables.
+
+    ``genes``: gene numbers g; ``n_cells``: a random subset of the dataset; ``lr``: a
+    learning rate for short runs (default: the paper's 1e-4); ``train=False`` only times
+    the attention layer, ``attention=False`` only trains. The log-log PNG of the attention
+    table goes to ``outdir`` (``genes_scaling_loglog.png``).
+    """
     from scvi_ext.data import load_dataset
 
-    if isinstance(genes, str):
-        genes = [int(value) for value in genes.split(",")]
+    genes = [genes] if isinstance(genes, int) else list(genes)
     tables = {}
-    if str(attention).lower() not in ("false", "0"):
+    if attention:
         tables["attention_scaling"] = attention_scaling(
             genes,
-            n_cells=int(attention_cells),
-            dense_budget_gib=float(dense_budget_gib),
-            threads=int(attention_threads),
+            n_cells=attention_cells,
+            dense_budget_gib=dense_budget_gib,
+            threads=attention_threads,
         )
-        if plot_path:
-            plot_genes_scaling(tables["attention_scaling"], plot_path)
-    if str(train).lower() not in ("false", "0"):
+        if outdir is not None:
+            plot_genes_scaling(
+                tables["attention_scaling"], Path(outdir) / "genes_scaling_loglog.png"
+            )
+    if train:
         adata = load_dataset("kang_ifnb")
-        if n_cells is not None and int(n_cells) < adata.n_obs:
-            keep = np.random.default_rng(seed).permutation(adata.n_obs)[: int(n_cells)]
+        if n_cells is not None and n_cells < adata.n_obs:
+            keep = np.random.default_rng(seed).permutation(adata.n_obs)[:n_cells]
             adata = adata[np.sort(keep)].copy()
         tables["cgran_genes"] = cgran_genes(
-            adata, genes=genes, max_epochs=int(max_epochs), seed=seed, lr=lr
+            adata, genes=genes, max_epochs=max_epochs, seed=seed, lr=lr
         )
     return tables

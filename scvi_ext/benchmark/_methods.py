@@ -76,8 +76,22 @@ METHODS: dict[str, MethodFunction] = {}
 """Registered methods, by name, in registration order (:func:`register_method`)."""
 
 
-def register_method(name: str) -> Callable[[MethodFunction], MethodFunction]:
+DEFAULT_METHODS: list[str] = []
+"""Methods a benchmark runs when none are named (registered with ``default=True``)."""
+
+
+def register_method(
+    name: str, *, default: bool = True
+) -> Callable[[MethodFunction], MethodFunction]:
     """Decorator adding a method function to :data:`METHODS` under ``name``.
+
+    Parameters
+    ----------
+    name
+        The method's name in the benchmark.
+    default
+        Run it when a benchmark names no methods (:data:`DEFAULT_METHODS`); ``False`` for
+        methods too slow to run unasked.
 
     Examples
     --------
@@ -89,6 +103,8 @@ def register_method(name: str) -> Callable[[MethodFunction], MethodFunction]:
         if name in METHODS and METHODS[name] is not function:
             raise ValueError(f"A benchmark method named {name!r} is already registered.")
         METHODS[name] = function
+        if default and name not in DEFAULT_METHODS:
+            DEFAULT_METHODS.append(name)
         return function
 
     return decorator
@@ -545,3 +561,298 @@ def celltypist(
         cells_per_second=None,
         settings=settings,
     )
+
+
+def _fit_sklearn(
+    name: str,
+    classifier: Any,
+    reference: ad.AnnData,
+    query: ad.AnnData,
+    labels_key: str,
+    n_top_genes: int | None,
+    settings: str,
+) -> MethodResult:
+    """Fit a scikit-learn classifier on log-normalised reference HVGs, predict the query.
+
+    Predictions are the classifier's ``predict``; for a ``CalibratedClassifierCV`` with
+    ``ensemble=False``, that of its one estimator fitted on every reference cell (the model
+    the paper ran). The confidence is ``predict_proba`` of the predicted class.
+    """
+    query = _check_inputs(reference, query, labels_key)
+    genes = reference_hvgs(reference, n_top_genes)
+    reference_log = log_normalised_anndata(reference).X[:, genes]
+    query_log = log_normalised_anndata(query).X[:, genes]
+    labels = reference.obs[labels_key].astype(str).to_numpy()
+    start = time.perf_counter()
+    with warnings.catch_warnings():  # the paper's max_iter=1000 stops SVC before convergence
+        warnings.filterwarnings("ignore", message=".*max_iter.*|.*terminated early.*")
+        classifier.fit(reference_log, labels)
+    train_seconds = time.perf_counter() - start
+    calibrated = getattr(classifier, "calibrated_classifiers_", None)
+    predictor = calibrated[0].estimator if calibrated and len(calibrated) == 1 else classifier
+    predictions = np.asarray(predictor.predict(query_log)).astype(str)
+    proba = classifier.predict_proba(query_log)
+    column = pd.Index(np.asarray(classifier.classes_).astype(str)).get_indexer(predictions)
+    return MethodResult(
+        name=name,
+        predictions=predictions,
+        confidence=proba[np.arange(len(predictions)), column],
+        train_seconds=train_seconds,
+        settings=f"{int(genes.sum())} HVGs, {settings}",
+    )
+
+
+def _sigmoid_calibrated(estimator: Any, labels: pd.Series, folds: int) -> Any:
+    """``CalibratedClassifierCV(estimator, method="sigmoid", ensemble=False)`` with at most
+    as many folds as the rarest class has cells (at least 2)."""
+    from sklearn.calibration import CalibratedClassifierCV
+
+    folds = max(2, min(folds, int(labels.value_counts().min())))
+    return CalibratedClassifierCV(estimator, method="sigmoid", cv=folds, ensemble=False)
+
+
+@register_method("svm_linear")
+def svm_linear(
+    reference: ad.AnnData,
+    query: ad.AnnData,
+    labels_key: str,
+    seed: int = 0,
+    *,
+    n_top_genes: int | None = 2000,
+    max_iter: int = 1000,
+    calibration_folds: int = 5,
+) -> MethodResult:
+    """Linear SVM as the CAN/CGRAN paper ran it: ``SVC(kernel="linear", max_iter=1000)``.
+
+    One-vs-one multi-class (scikit-learn's ``SVC``) on log-normalised HVGs; predictions are
+    ``SVC.predict`` of the SVM fitted on every reference cell. Confidence: Platt scaling,
+    per-class sigmoids fitted on ``calibration_folds``-fold cross-validated decision
+    values (``CalibratedClassifierCV(method="sigmoid", ensemble=False)``, scikit-learn's
+    replacement of ``SVC(probability=True)``; their fits count in ``train_seconds``).
+
+    Parameters
+    ----------
+    reference, query, labels_key, seed
+        See the module docstring.
+    n_top_genes
+        Highly variable genes of the reference (:func:`reference_hvgs`).
+    max_iter
+        Iteration limit of the solver (paper: 1000).
+    calibration_folds
+        Cross-validation folds of the sigmoid calibration (fewer when the rarest cell
+        type has fewer cells).
+    """
+    from sklearn.svm import SVC
+
+    labels = reference.obs[labels_key].astype(str)
+    svm = SVC(kernel="linear", max_iter=max_iter)
+    classifier = _sigmoid_calibrated(svm, labels, calibration_folds)
+    return _fit_sklearn(
+        "svm_linear",
+        classifier,
+        reference,
+        query,
+        labels_key,
+        n_top_genes,
+        f"SVC linear, max_iter={max_iter}, Platt confidence ({classifier.cv}-fold)",
+    )
+
+
+@register_method("linear_svc")
+def linear_svc(
+    reference: ad.AnnData,
+    query: ad.AnnData,
+    labels_key: str,
+    seed: int = 0,
+    *,
+    n_top_genes: int | None = 2000,
+    calibration_folds: int = 3,
+) -> MethodResult:
+    """``LinearSVC`` (one-vs-rest, liblinear) on log-normalised HVGs.
+
+    LinearSVC has no probabilities: it is wrapped in ``CalibratedClassifierCV(method=
+    "sigmoid", ensemble=False)``, i.e. one LinearSVC fitted on every reference cell (its
+    ``predict`` gives the predictions), and per-class sigmoids fitted on
+    ``calibration_folds``-fold cross-validated decision values (the confidence).
+
+    Parameters
+    ----------
+    reference, query, labels_key, seed
+        See the module docstring.
+    n_top_genes
+        Highly variable genes of the reference (:func:`reference_hvgs`).
+    calibration_folds
+        Cross-validation folds of the sigmoid calibration (fewer when the rarest cell
+        type has fewer cells).
+    """
+    from sklearn.svm import LinearSVC
+
+    labels = reference.obs[labels_key].astype(str)
+    classifier = _sigmoid_calibrated(LinearSVC(random_state=seed), labels, calibration_folds)
+    return _fit_sklearn(
+        "linear_svc",
+        classifier,
+        reference,
+        query,
+        labels_key,
+        n_top_genes,
+        f"LinearSVC, sigmoid calibration ({classifier.cv}-fold)",
+    )
+
+
+@register_method("random_forest")
+def random_forest(
+    reference: ad.AnnData,
+    query: ad.AnnData,
+    labels_key: str,
+    seed: int = 0,
+    *,
+    n_top_genes: int | None = 2000,
+    n_estimators: int = 1000,
+    n_jobs: int | None = None,
+) -> MethodResult:
+    """Random forest on log-normalised HVGs (the CAN/CGRAN paper's: 1000 trees, defaults).
+
+    Confidence: the fraction of trees voting for the predicted class.
+
+    Parameters
+    ----------
+    reference, query, labels_key, seed
+        See the module docstring.
+    n_top_genes
+        Highly variable genes of the reference (:func:`reference_hvgs`).
+    n_estimators
+        Trees (paper: 1000).
+    n_jobs
+        Parallel jobs of scikit-learn (``None``: one).
+    """
+    from sklearn.ensemble import RandomForestClassifier
+
+    classifier = RandomForestClassifier(
+        n_estimators=n_estimators, random_state=seed, n_jobs=n_jobs
+    )
+    return _fit_sklearn(
+        "random_forest",
+        classifier,
+        reference,
+        query,
+        labels_key,
+        n_top_genes,
+        f"{n_estimators} trees",
+    )
+
+
+def _attention_model_result(
+    name: str, model: Any, query: ad.AnnData, train_seconds: float, n_genes: int
+) -> MethodResult:
+    """Predictions of a trained CAN or CGRAN on ``query`` (genes matched by name)."""
+    proba = model.predict(query, soft=True)
+    n_epochs = _trained_epochs(model, None)
+    return MethodResult(
+        name=name,
+        predictions=proba.idxmax(axis=1).astype(str).to_numpy(),
+        confidence=proba.max(axis=1).to_numpy(),
+        uncalibrated_confidence=model.predict_proba(query, calibrated=False).max(axis=1),
+        train_seconds=train_seconds,
+        cells_per_second=None
+        if n_epochs is None
+        else model.adata.n_obs * n_epochs / train_seconds,
+        settings=f"{n_genes} genes" + (f", {n_epochs} epochs" if n_epochs else ""),
+    )
+
+
+def _attention_genes(
+    reference: ad.AnnData, query: ad.AnnData, labels_key: str, n_top_genes: int | None
+) -> tuple[ad.AnnData, ad.AnnData]:
+    """Reference (a copy) on the paper's top-variance genes, and the query on the same."""
+    from scvi_ext.data import select_genes
+
+    query = _check_inputs(reference, query, labels_key)
+    reference = select_genes(reference, "can", n_top_genes=n_top_genes)
+    reference.obs[labels_key] = reference.obs[labels_key].astype(str)
+    return reference, query[:, reference.var_names]
+
+
+@register_method("can")
+def can(
+    reference: ad.AnnData,
+    query: ad.AnnData,
+    labels_key: str,
+    seed: int = 0,
+    *,
+    max_epochs: int | None = None,
+    n_top_genes: int | None = 1000,
+    progress_bar: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+) -> MethodResult:
+    """CAN (``scvi_ext.model.CAN``) on the reference's top-variance genes (paper: 1000).
+
+    Parameters
+    ----------
+    reference, query, labels_key, seed
+        See the module docstring.
+    max_epochs
+        Training epochs (``None``: the paper's 50).
+    n_top_genes
+        Genes of largest log-variance in the reference (``select_genes(..., "can")``).
+    progress_bar
+        Show Lightning progress bars.
+    model_kwargs
+        Arguments of :class:`~scvi_ext.model.CAN` (sizes).
+    """
+    from scvi_ext.model import CAN
+
+    reference, query = _attention_genes(reference, query, labels_key, n_top_genes)
+    CAN.setup_anndata(reference, labels_key=labels_key)
+    model = CAN(reference, **(model_kwargs or {}))
+    start = time.perf_counter()
+    model.train(max_epochs=max_epochs, enable_progress_bar=progress_bar)
+    seconds = time.perf_counter() - start
+    return _attention_model_result("can", model, query, seconds, reference.n_vars)
+
+
+@register_method("cgran", default=False)  # 75 epochs of attention over every gene: slow on a CPU
+def cgran(
+    reference: ad.AnnData,
+    query: ad.AnnData,
+    labels_key: str,
+    seed: int = 0,
+    *,
+    embedding: str = "svd",
+    grouping: str = "uniform",
+    attention: str = "local",
+    max_epochs: int | None = None,
+    n_top_genes: int | None = 1000,
+    progress_bar: bool = False,
+    model_kwargs: dict[str, Any] | None = None,
+) -> MethodResult:
+    """CGRAN (``scvi_ext.model.CGRAN``) on the reference's top-variance genes (paper: 1000).
+
+    Parameters
+    ----------
+    reference, query, labels_key, seed
+        See the module docstring.
+    embedding, grouping, attention
+        CGRAN's setting (paper table 3; default: SVD, uniform groups, local attention).
+    max_epochs
+        Training epochs (``None``: the paper's 75).
+    n_top_genes
+        Genes of largest log-variance in the reference.
+    progress_bar
+        Show Lightning progress bars.
+    model_kwargs
+        Other arguments of CGRAN (``group_size``, ``n_heads``...).
+
+    """
+    from scvi_ext.model import CGRAN
+
+    reference, query = _attention_genes(reference, query, labels_key, n_top_genes)
+    CGRAN.setup_anndata(reference, labels_key=labels_key)
+    setting = {"embedding": embedding, "grouping": grouping, "attention": attention}
+    model = CGRAN(reference, **setting, **(model_kwargs or {}))
+    start = time.perf_counter()
+    model.train(max_epochs=max_epochs, enable_progress_bar=progress_bar)
+    seconds = time.perf_counter() - start
+    result = _attention_model_result("cgran", model, query, seconds, reference.n_vars)
+    result.settings += ", " + "/".join(setting.values())
+    return result

@@ -16,6 +16,7 @@ import pandas as pd
 from scvi_ext.data import log_normalised_anndata
 
 from ._methods import (
+    DEFAULT_METHODS,
     METHODS,
     QUERY_LABEL_CEILING,
     MethodResult,
@@ -286,7 +287,7 @@ def run_benchmark(
 
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; available: {sorted(TASKS)}.")
-    methods = list(METHODS if methods is None else methods)
+    methods = list(DEFAULT_METHODS if methods is None else methods)
     unknown = [name for name in methods if name not in METHODS]
     if unknown:
         raise ValueError(f"Unknown methods {unknown}; available: {sorted(METHODS)}.")
