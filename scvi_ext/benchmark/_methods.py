@@ -742,35 +742,45 @@ def random_forest(
     )
 
 
-def _attention_model_result(
-    name: str, model: Any, query: ad.AnnData, train_seconds: float, n_genes: int
+def _attention_model(
+    name: str,
+    reference: ad.AnnData,
+    query: ad.AnnData,
+    labels_key: str,
+    n_top_genes: int | None,
+    max_epochs: int | None,
+    progress_bar: bool,
+    model_kwargs: dict[str, Any],
 ) -> MethodResult:
-    """Predictions of a trained CAN or CGRAN on ``query`` (genes matched by name)."""
-    proba = model.predict(query, soft=True)
-    n_epochs = _trained_epochs(model, None)
-    return MethodResult(
-        name=name,
-        predictions=proba.idxmax(axis=1).astype(str).to_numpy(),
-        confidence=proba.max(axis=1).to_numpy(),
-        uncalibrated_confidence=model.predict_proba(query, calibrated=False).max(axis=1),
-        train_seconds=train_seconds,
-        cells_per_second=None
-        if n_epochs is None
-        else model.adata.n_obs * n_epochs / train_seconds,
-        settings=f"{n_genes} genes" + (f", {n_epochs} epochs" if n_epochs else ""),
-    )
-
-
-def _attention_genes(
-    reference: ad.AnnData, query: ad.AnnData, labels_key: str, n_top_genes: int | None
-) -> tuple[ad.AnnData, ad.AnnData]:
-    """Reference (a copy) on the paper's top-variance genes, and the query on the same."""
+    """Train CAN or CGRAN (``name``) on the reference's top-variance genes (a copy) and
+    predict the query on the same genes (matched by name)."""
+    import scvi_ext.model
     from scvi_ext.data import select_genes
 
     query = _check_inputs(reference, query, labels_key)
     reference = select_genes(reference, "can", n_top_genes=n_top_genes)
     reference.obs[labels_key] = reference.obs[labels_key].astype(str)
-    return reference, query[:, reference.var_names]
+    model_cls = getattr(scvi_ext.model, name.upper())
+    model_cls.setup_anndata(reference, labels_key=labels_key)
+    model = model_cls(reference, **model_kwargs)
+    start = time.perf_counter()
+    model.train(max_epochs=max_epochs, enable_progress_bar=progress_bar)
+    train_seconds = time.perf_counter() - start
+    proba = model.predict(query[:, reference.var_names], soft=True)
+    n_epochs = _trained_epochs(model, None)
+    return MethodResult(
+        name=name,
+        predictions=proba.idxmax(axis=1).astype(str).to_numpy(),
+        confidence=proba.max(axis=1).to_numpy(),
+        uncalibrated_confidence=model.predict_proba(
+            query[:, reference.var_names], calibrated=False
+        ).max(axis=1),
+        train_seconds=train_seconds,
+        cells_per_second=None
+        if n_epochs is None
+        else model.adata.n_obs * n_epochs / train_seconds,
+        settings=f"{reference.n_vars} genes" + (f", {n_epochs} epochs" if n_epochs else ""),
+    )
 
 
 @register_method("can")
@@ -800,15 +810,16 @@ def can(
     model_kwargs
         Arguments of :class:`~scvi_ext.model.CAN` (sizes).
     """
-    from scvi_ext.model import CAN
-
-    reference, query = _attention_genes(reference, query, labels_key, n_top_genes)
-    CAN.setup_anndata(reference, labels_key=labels_key)
-    model = CAN(reference, **(model_kwargs or {}))
-    start = time.perf_counter()
-    model.train(max_epochs=max_epochs, enable_progress_bar=progress_bar)
-    seconds = time.perf_counter() - start
-    return _attention_model_result("can", model, query, seconds, reference.n_vars)
+    return _attention_model(
+        "can",
+        reference,
+        query,
+        labels_key,
+        n_top_genes,
+        max_epochs,
+        progress_bar,
+        model_kwargs or {},
+    )
 
 
 @register_method("cgran", default=False)  # 75 epochs of attention over every gene: slow on a CPU
@@ -842,17 +853,17 @@ def cgran(
         Show Lightning progress bars.
     model_kwargs
         Other arguments of CGRAN (``group_size``, ``n_heads``...).
-
     """
-    from scvi_ext.model import CGRAN
-
-    reference, query = _attention_genes(reference, query, labels_key, n_top_genes)
-    CGRAN.setup_anndata(reference, labels_key=labels_key)
     setting = {"embedding": embedding, "grouping": grouping, "attention": attention}
-    model = CGRAN(reference, **setting, **(model_kwargs or {}))
-    start = time.perf_counter()
-    model.train(max_epochs=max_epochs, enable_progress_bar=progress_bar)
-    seconds = time.perf_counter() - start
-    result = _attention_model_result("cgran", model, query, seconds, reference.n_vars)
+    result = _attention_model(
+        "cgran",
+        reference,
+        query,
+        labels_key,
+        n_top_genes,
+        max_epochs,
+        progress_bar,
+        {**setting, **(model_kwargs or {})},
+    )
     result.settings += ", " + "/".join(setting.values())
     return result
