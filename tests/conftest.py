@@ -4,6 +4,11 @@ import os
 
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import scvi  # noqa: E402
@@ -34,3 +39,32 @@ def sim_adata():
 def query_mask(adata) -> np.ndarray:
     """Cells of the query condition."""
     return (adata.obs["condition"] == "query").to_numpy()
+
+
+# Each rank writes its own file: the ranks share stdout, so their prints can interleave.
+_WRITE_RESULT = """
+import os
+with open(f"ddp_result_rank{os.environ.get('LOCAL_RANK', '0')}.txt", "w") as handle:
+    handle.write(str(result))
+"""
+
+
+def ddp_rank_results(script: str, tmp_path: Path) -> list[str]:
+    """Run ``script``, whose training uses two CPU DDP processes, in a subprocess.
+
+    The script runs with the tests folder on ``sys.path`` (it can import the test modules)
+    and assigns ``result`` on every rank. Returns ``str(result)`` of rank 0 and rank 1, after
+    checking that the run succeeded and that both ranks got there.
+    """
+    tests = str(Path(__file__).parent)
+    source = f"import sys\nsys.path.insert(0, {tests!r})\n{textwrap.dedent(script)}{_WRITE_RESULT}"
+    path = tmp_path / "ddp_script.py"
+    path.write_text(source)
+    run = subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    files = sorted(tmp_path.glob("ddp_result_rank*.txt"))
+    names = [file.name for file in files]
+    assert names == ["ddp_result_rank0.txt", "ddp_result_rank1.txt"], run.stdout[-2000:]
+    return [file.read_text() for file in files]

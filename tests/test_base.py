@@ -1,14 +1,10 @@
 """Shared base: paired splitter, plan helpers, gradient reversal, CPU DDP training."""
 
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
-from conftest import query_mask
+from conftest import ddp_rank_results, query_mask
 from scvi import REGISTRY_KEYS
 
 from scvi_ext.base import (
@@ -117,43 +113,27 @@ def test_gradient_reversal_scales_and_flips_gradient():
     np.testing.assert_allclose(x.grad.numpy(), [-0.1, -0.2, -0.3], rtol=1e-6)
 
 
-DDP_SCRIPT = textwrap.dedent(
-    """
-    import os
+DDP_SCRIPT = """
+import scvi
+from scvi_ext.data import simulate
+from scvi_ext.model import ScNym
 
-    import numpy as np
-    import scvi
-    from scvi_ext.data import simulate
-    from scvi_ext.model import ScNym
-
-    scvi.settings.seed = 0
-    adata = simulate(n_cells=300, n_genes=60, n_cell_types=3, n_markers=10, seed=2)
-    labels = adata.obs["cell_type"].astype(str).to_numpy().copy()
-    labels[(adata.obs["condition"] == "query").to_numpy()] = "Unknown"
-    adata.obs["labels"] = labels
-    ScNym.setup_anndata(adata, labels_key="labels", unlabeled_category="Unknown")
-    model = ScNym(adata, n_hidden=16)
-    model.train(max_epochs=2, batch_size=32, accelerator="cpu", devices=2, strategy="ddp",
-                enable_progress_bar=False)
-    # one file per rank: the ranks share stdout, so their prints can interleave
-    rank = os.environ.get("LOCAL_RANK", "0")
-    with open(f"ddp_ok_rank{rank}.txt", "w") as handle:
-        handle.write(str(model.predict().shape[0]))
-    """
-)
+scvi.settings.seed = 0
+adata = simulate(n_cells=300, n_genes=60, n_cell_types=3, n_markers=10, seed=2)
+labels = adata.obs["cell_type"].astype(str).to_numpy().copy()
+labels[(adata.obs["condition"] == "query").to_numpy()] = "Unknown"
+adata.obs["labels"] = labels
+ScNym.setup_anndata(adata, labels_key="labels", unlabeled_category="Unknown")
+model = ScNym(adata, n_hidden=16)
+model.train(max_epochs=2, batch_size=32, accelerator="cpu", devices=2, strategy="ddp",
+            enable_progress_bar=False)
+result = model.predict().shape[0]
+"""
 
 
 def test_cpu_ddp_with_two_processes_trains(tmp_path):
-    script = tmp_path / "ddp_train.py"
-    script.write_text(DDP_SCRIPT)
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    outputs = sorted(path.name for path in tmp_path.glob("ddp_ok_rank*.txt"))
-    assert outputs == ["ddp_ok_rank0.txt", "ddp_ok_rank1.txt"], result.stdout[-2000:]
-    for name in outputs:  # both ranks finished and predicted every cell
-        assert (tmp_path / name).read_text() == "300"
+    # both ranks finished and predicted every cell
+    assert ddp_rank_results(DDP_SCRIPT, tmp_path) == ["300"] * 2
 
 
 def test_plan_logs_cell_weighted_epoch_means_and_keeps_the_best_epoch(monkeypatch):

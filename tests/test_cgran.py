@@ -1,16 +1,11 @@
 """CGRAN (issue 13): the contract's tests, local attention, embeddings, transfer, markers."""
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scvi
 import torch
 from anndata import AnnData
-from conftest import requires_shared_data
+from conftest import ddp_rank_results, requires_shared_data
 
 from scvi_ext.base import (
     ClassifierModule,
@@ -127,12 +122,8 @@ def test_seeded_training_is_deterministic(embedding):
 
 
 DDP_SCRIPT = """
-import os
-import sys
-
 import scvi
 
-sys.path.insert(0, {tests!r})
 from test_cgran import FAST, SMALL, _simulated
 from scvi_ext.cgran import CGRAN
 
@@ -140,23 +131,13 @@ scvi.settings.seed = 0
 reference, query = _simulated()
 CGRAN.setup_anndata(reference, labels_key="cell_type")
 model = CGRAN(reference, **SMALL)
-model.train(**{{**FAST, "max_epochs": 2}}, accelerator="cpu", devices=2, strategy="ddp")
-with open(f"ddp_ok_rank{{os.environ.get('LOCAL_RANK', '0')}}.txt", "w") as handle:
-    handle.write(str(model.predict(query).shape[0]))
+model.train(**{**FAST, "max_epochs": 2}, accelerator="cpu", devices=2, strategy="ddp")
+result = model.predict(query).shape[0]
 """
 
 
 def test_cpu_ddp_with_two_processes_trains_and_both_ranks_predict(tmp_path):
-    script = tmp_path / "ddp_cgran.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    outputs = sorted(path.name for path in tmp_path.glob("ddp_ok_rank*.txt"))
-    assert outputs == ["ddp_ok_rank0.txt", "ddp_ok_rank1.txt"], result.stdout[-2000:]
-    for name in outputs:
-        assert (tmp_path / name).read_text() == str(_simulated()[1].n_obs)
+    assert ddp_rank_results(DDP_SCRIPT, tmp_path) == [str(_simulated()[1].n_obs)] * 2
 
 
 # ---- local attention: grouped == dense (eq. 6-7)

@@ -7,11 +7,7 @@ to ``# ---- tests``. A new method copies it into ``scvi_ext/<method>/_module.py`
 registry other tests see is unchanged), then copies the tests below.
 """
 
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +15,7 @@ import scvi
 import torch
 import torch.nn.functional as F
 from anndata import AnnData
+from conftest import ddp_rank_results
 from lightning.pytorch import Callback
 from scvi import REGISTRY_KEYS
 from scvi.data.fields import CategoricalObsField
@@ -280,34 +277,18 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tmp_path):
 
 
 DDP_SCRIPT = """
-import os
-import sys
-
 import scvi
 
-sys.path.insert(0, {tests!r})
 from test_contract import FAST, Toy, _simulated
 
 scvi.settings.seed = 0
 reference, query = _simulated()
 Toy.setup_anndata(reference, labels_key="cell_type", batch_key="batch")
 model = Toy(reference)
-model.train(**{{**FAST, "max_epochs": 2}}, accelerator="cpu", devices=2, strategy="ddp")
-# one file per rank: the ranks share stdout, so their prints can interleave
-with open(f"ddp_ok_rank{{os.environ.get('LOCAL_RANK', '0')}}.txt", "w") as handle:
-    handle.write(str(model.predict(query).shape[0]))
+model.train(**{**FAST, "max_epochs": 2}, accelerator="cpu", devices=2, strategy="ddp")
+result = model.predict(query).shape[0]
 """
 
 
 def test_cpu_ddp_with_two_processes_trains_and_both_ranks_predict(tmp_path):
-    script = tmp_path / "ddp_toy.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    outputs = sorted(path.name for path in tmp_path.glob("ddp_ok_rank*.txt"))
-    assert outputs == ["ddp_ok_rank0.txt", "ddp_ok_rank1.txt"], result.stdout[-2000:]
-    n_query = _simulated()[1].n_obs
-    for name in outputs:
-        assert (tmp_path / name).read_text() == str(n_query)
+    assert ddp_rank_results(DDP_SCRIPT, tmp_path) == [str(_simulated()[1].n_obs)] * 2

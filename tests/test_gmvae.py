@@ -1,10 +1,6 @@
 """GMVAE (issue 14): the model contract's tests for an embedding model, and its own behaviour."""
 
-import subprocess
-import sys
-import textwrap
 import warnings
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -12,7 +8,7 @@ import pytest
 import scvi
 import torch
 from anndata import AnnData
-from conftest import requires_shared_data
+from conftest import ddp_rank_results, requires_shared_data
 
 from scvi_ext.base import ClassifierModule, EmbeddingModule, InferenceModule
 from scvi_ext.data import simulate
@@ -305,12 +301,8 @@ def test_real_data_latent_separates_kang_cell_types_well_above_chance():
 
 
 DDP_SCRIPT = """
-import os
-import sys
-
 import scvi
 
-sys.path.insert(0, {tests!r})
 from test_gmvae import FAST, SMALL, _simulated
 
 from scvi_ext.gmvae import GMVAE
@@ -319,22 +311,10 @@ scvi.settings.seed = 0
 reference, query = _simulated()
 GMVAE.setup_anndata(reference, batch_key="batch")
 model = GMVAE(reference, **SMALL)
-model.train(**{{**FAST, "max_epochs": 2}}, accelerator="cpu", devices=2, strategy="ddp")
-# one file per rank: the ranks share stdout, so their prints can interleave
-with open(f"ddp_ok_rank{{os.environ.get('LOCAL_RANK', '0')}}.txt", "w") as handle:
-    handle.write(str(model.get_latent_representation(query).shape[0]))
+model.train(**{**FAST, "max_epochs": 2}, accelerator="cpu", devices=2, strategy="ddp")
+result = model.get_latent_representation(query).shape[0]
 """
 
 
 def test_cpu_ddp_with_two_processes_trains_and_both_ranks_embed(tmp_path):
-    script = tmp_path / "ddp_gmvae.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    outputs = sorted(path.name for path in tmp_path.glob("ddp_ok_rank*.txt"))
-    assert outputs == ["ddp_ok_rank0.txt", "ddp_ok_rank1.txt"], result.stdout[-2000:]
-    n_query = _simulated()[1].n_obs
-    for name in outputs:
-        assert (tmp_path / name).read_text() == str(n_query)
+    assert ddp_rank_results(DDP_SCRIPT, tmp_path) == [str(_simulated()[1].n_obs)] * 2

@@ -1,17 +1,12 @@
 """CrossAttentionMatcher (issue 15): the contract's tests on paired RNA/ATAC MuData, the
 matching utilities, and the bad inputs with their messages."""
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import scvi
 import torch
-from conftest import requires_shared_data
+from conftest import ddp_rank_results, requires_shared_data
 from mudata import MuData
 from scipy.optimize import linear_sum_assignment
 
@@ -321,14 +316,10 @@ def test_snareseq_genome_order_and_matching_contract_on_real_cells():
 
 
 DDP_SCRIPT = """
-import os
-import sys
-
 import scvi
 import torch
 
 torch.set_num_threads(1)
-sys.path.insert(0, {tests!r})
 from test_matching import SMALL
 from scvi_ext.matching import simulate_paired
 from scvi_ext.matching import CrossAttentionMatcher
@@ -340,19 +331,9 @@ model = CrossAttentionMatcher(mdata, **SMALL)
 model.train(max_epochs=2, batch_size=32, accelerator="cpu", devices=2, strategy="ddp",
             enable_progress_bar=False)
 matrix = model.match(mdata, top_k=10)
-with open(f"ddp_ok_rank{{os.environ.get('LOCAL_RANK', '0')}}.txt", "w") as handle:
-    handle.write(str(matrix.shape[0]))
+result = matrix.shape[0]
 """
 
 
 def test_cpu_ddp_with_two_processes_trains_and_both_ranks_match(tmp_path):
-    script = tmp_path / "ddp_matcher.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT.format(tests=str(Path(__file__).parent))))
-    result = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, cwd=tmp_path
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    outputs = sorted(path.name for path in tmp_path.glob("ddp_ok_rank*.txt"))
-    assert outputs == ["ddp_ok_rank0.txt", "ddp_ok_rank1.txt"], result.stdout[-2000:]
-    for name in outputs:
-        assert (tmp_path / name).read_text() == "200"
+    assert ddp_rank_results(DDP_SCRIPT, tmp_path) == ["200"] * 2
