@@ -439,7 +439,9 @@ def _clustering_rows(split: Split, reps: list[Representation], seed: int) -> lis
             add(f"{label} predict_cluster", own)
         if rep.name in ("scvi", "pca"):
             graph = ad.AnnData(obsm={"X_rep": latent})
-            sc.pp.neighbors(graph, use_rep="X_rep", random_state=seed)
+            # exact neighbours: scanpy 1.11's default (pynndescent) path fails above 8192
+            # cells with current scipy (csr_array has no getnnz)
+            sc.pp.neighbors(graph, use_rep="X_rep", random_state=seed, transformer="sklearn")
             sc.tl.leiden(graph, random_state=seed, flavor="igraph", n_iterations=2)
             add(f"{label} leiden", graph.obs["leiden"].to_numpy())
         kmeans = KMeans(n_types, n_init=10, random_state=seed).fit_predict(latent)
