@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 
+from scvi_ext.base import labelled_cross_entropy
 from scvi_ext.cellular import CELLULAR
 from scvi_ext.classifier import (
     NOVELTY_METHODS,
@@ -18,7 +19,6 @@ from scvi_ext.classifier import (
     LatentClassifierModule,
     NovelTypeReport,
 )
-from scvi_ext.classifier._module import labelled_cross_entropy
 from scvi_ext.data import datasets_available, simulate
 from scvi_ext.metrics import novelty_auroc
 

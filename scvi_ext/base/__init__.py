@@ -24,7 +24,12 @@ from ._classifier import (
 )
 from ._embedding import EmbeddingMixin
 from ._inference import InferenceMixin, valid_plan_kwargs
-from ._module import NonGenerativeModule
+from ._module import (
+    NonGenerativeModule,
+    classification_loss,
+    labelled_cross_entropy,
+    log_scaled_counts,
+)
 from ._novelty import query_neighbour_score, registered_counts
 from ._plan import (
     OPTIMIZERS,
@@ -52,6 +57,9 @@ __all__ = [
     "LABELLED",
     "MIN_GENE_FRACTION",
     "NonGenerativeModule",
+    "classification_loss",
+    "labelled_cross_entropy",
+    "log_scaled_counts",
     "OPTIMIZERS",
     "PROBABILITY_NOVELTY_METHODS",
     "UNLABELED",

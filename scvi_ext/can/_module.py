@@ -10,7 +10,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import LossOutput, auto_move_data
 from torch import nn
 
-from scvi_ext.base import NonGenerativeModule
+from scvi_ext.base import NonGenerativeModule, classification_loss, log_scaled_counts
 
 #: CAN models log1p(counts / total * 1e5) (paper A.2).
 COUNTS_PER_CELL = 1e5
@@ -95,8 +95,7 @@ class CANModule(NonGenerativeModule):
     @staticmethod
     def normalize(counts: torch.Tensor) -> torch.Tensor:
         """log1p(counts / total * 1e5) of each cell (paper A.2)."""
-        library = counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
-        return torch.log1p(counts / library * COUNTS_PER_CELL)
+        return log_scaled_counts(counts, COUNTS_PER_CELL)
 
     def attend(self, x_normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Attended capsules (cells x capsules x attention_dim, L2-normalised) and the
@@ -128,16 +127,8 @@ class CANModule(NonGenerativeModule):
 
     def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
         """Cross-entropy of labelled cells (the unlabeled category is code ``n_labels``)."""
-        labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
-        logits = inference_outputs["logits"]
-        labelled = labels < self.n_labels
-        per_cell = F.cross_entropy(logits, labels.clamp(max=self.n_labels - 1), reduction="none")
-        n_labelled = labelled.sum().clamp_min(1)
-        correct = ((logits.argmax(dim=1) == labels) & labelled).sum()
-        return LossOutput(
-            loss=(per_cell * labelled).sum() / n_labelled,
-            n_obs_minibatch=len(labels),
-            extra_metrics={"accuracy": correct / n_labelled},
+        return classification_loss(
+            inference_outputs["logits"], tensors[REGISTRY_KEYS.LABELS_KEY], self.n_labels
         )
 
     def predict_logits(self, tensors: dict) -> torch.Tensor:

@@ -10,7 +10,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import LossOutput, auto_move_data
 from torch import nn
 
-from scvi_ext.base import NonGenerativeModule
+from scvi_ext.base import NonGenerativeModule, classification_loss, log_scaled_counts
 
 from ._attention import (
     cell_row_attention,
@@ -163,8 +163,7 @@ class CGRANModule(NonGenerativeModule):
     @staticmethod
     def normalize(counts: torch.Tensor) -> torch.Tensor:
         """log(1 + counts / total * 1e5) of each cell."""
-        library = counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
-        return torch.log1p(counts / library * COUNTS_PER_CELL)
+        return log_scaled_counts(counts, COUNTS_PER_CELL)
 
     def cell_vectors(self, x_normalized: torch.Tensor) -> torch.Tensor:
         """Folded-in cell vectors (cells, d) of normalised expression."""
@@ -226,15 +225,8 @@ class CGRANModule(NonGenerativeModule):
 
     def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
         """Cross-entropy of labelled cells (the unlabeled category is code ``n_labels``)."""
-        labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
-        labelled = (labels < self.n_labels).float()
-        logits = inference_outputs["logits"]
-        per_cell = F.cross_entropy(logits, labels.clamp(max=self.n_labels - 1), reduction="none")
-        n_labelled = labelled.sum().clamp_min(1)
-        accuracy = ((logits.argmax(1) == labels) * labelled).sum() / n_labelled
-        loss = (per_cell * labelled).sum() / n_labelled
-        return LossOutput(
-            loss=loss, n_obs_minibatch=len(labels), extra_metrics={"accuracy": accuracy}
+        return classification_loss(
+            inference_outputs["logits"], tensors[REGISTRY_KEYS.LABELS_KEY], self.n_labels
         )
 
     def predict_logits(self, tensors: dict) -> torch.Tensor:

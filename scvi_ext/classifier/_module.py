@@ -8,7 +8,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import LossOutput, auto_move_data
 from torch import nn
 
-from scvi_ext.base import NonGenerativeModule
+from scvi_ext.base import NonGenerativeModule, classification_loss
 
 #: Training cells kept (a seeded subsample) for the nearest-neighbour novelty score.
 N_REFERENCE_CELLS = 2000
@@ -65,14 +65,8 @@ class LatentClassifierModule(NonGenerativeModule):
 
     def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
         """Cross-entropy on labelled cells (the training loss); accuracy as an extra metric."""
-        labels = tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
-        logits = inference_outputs["logits"]
-        loss = labelled_cross_entropy(logits, labels, self.n_labels)
-        labelled = labels < self.n_labels  # tensors and masks only: no host sync in the step
-        correct = ((logits.argmax(dim=1) == labels) & labelled).sum()
-        accuracy = correct / labelled.sum().clamp_min(1)
-        return LossOutput(
-            loss=loss, n_obs_minibatch=len(labels), extra_metrics={"accuracy": accuracy}
+        return classification_loss(
+            inference_outputs["logits"], tensors[REGISTRY_KEYS.LABELS_KEY], self.n_labels
         )
 
     def predict_logits(self, tensors: dict) -> torch.Tensor:
@@ -102,13 +96,3 @@ class LatentClassifierModule(NonGenerativeModule):
         k = min(k, len(reference))
         similarity = (x @ reference.T).topk(k, dim=1).values[:, -1]
         return 1.0 - similarity
-
-
-def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_labels: int):
-    """Mean cross-entropy over cells whose label code is below ``n_labels`` (0 if none).
-
-    Masked rather than indexed, so that a training step never waits for the device.
-    """
-    labelled = labels < n_labels
-    per_cell = F.cross_entropy(logits, labels.clamp(max=n_labels - 1), reduction="none")
-    return (per_cell * labelled).sum() / labelled.sum().clamp_min(1)

@@ -9,7 +9,7 @@ from scvi.module.base import LossOutput, auto_move_data
 from scvi.nn import FCLayers
 from torch import nn
 
-from scvi_ext.base import NonGenerativeModule
+from scvi_ext.base import NonGenerativeModule, log_scaled_counts
 from scvi_ext.nn import grad_reverse
 
 #: ``obs`` field of the domains the adversary tells apart (registered with ``domain_key``).
@@ -85,8 +85,7 @@ class ScNymModule(NonGenerativeModule):
     @staticmethod
     def normalize(counts: torch.Tensor) -> torch.Tensor:
         """log1p(counts per million) of each cell."""
-        library = counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
-        return torch.log1p(counts / library * COUNTS_PER_CELL)
+        return log_scaled_counts(counts, COUNTS_PER_CELL)
 
     def classify_normalized(
         self, x_normalized: torch.Tensor, batch_index: torch.Tensor
