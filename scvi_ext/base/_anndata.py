@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 
-from scvi_ext.data import validate_gene_overlap
+from scvi_ext.data import check_backed_open, is_collection, validate_gene_overlap
 
 logger = logging.getLogger(__name__)
 
@@ -84,40 +84,15 @@ def align_genes(matrix, var_names: pd.Index, genes: pd.Index, name: str = "adata
     return sp.csr_matrix(matrix) @ selection
 
 
-def detached_anndata(
-    adata: AnnData,
-    setup_args: dict,
-    known_labels: list[str] | None = None,
-    genes: pd.Index | None = None,
-) -> AnnData:
-    """A light AnnData that shares (or aligns) the count matrix of ``adata`` and owns its ``obs``.
+def registered_obs(
+    adata: AnnData, setup_args: dict, known_labels: list[str] | None
+) -> pd.DataFrame:
+    """A copy of the ``obs`` columns the setup names, labels the reference never saw unlabeled.
 
-    scvi registration writes ``_scvi_*`` columns and ``uns`` entries into the AnnData it is
-    given; working on this object keeps the user's AnnData untouched. Labels absent from
-    ``known_labels`` (cell types the reference never saw) and a missing labels column
-    become the unlabeled category.
-
-    Parameters
-    ----------
-    adata
-        The user's AnnData.
-    setup_args
-        The model's ``setup_anndata`` arguments (``layer``, ``labels_key``, ...).
-    known_labels
-        Cell types of the reference.
-    genes
-        The model's genes: the matrix is matched to them by name (:func:`align_genes`).
+    Labels absent from ``known_labels`` and a missing labels column become the unlabeled
+    category (with a warning for the former).
     """
-    layer = setup_args.get("layer")
-    if layer is not None and layer not in adata.layers:
-        raise ValueError(
-            f"layer '{layer}' is not in adata.layers (available: {list(adata.layers)}); "
-            "the model was set up with counts in this layer."
-        )
-    matrix = adata.X if layer is None else adata.layers[layer]
-    var_names = adata.var_names
-    if genes is not None and matrix is not None:
-        matrix, var_names = align_genes(matrix, adata.var_names, genes), genes
+    check_backed_open(adata)
     obs_keys = [
         value
         for key, value in setup_args.items()
@@ -142,6 +117,63 @@ def detached_anndata(
                 )
                 labels[unseen] = unlabeled
             obs[labels_key] = pd.Categorical(labels)
+    return obs
+
+
+def _collection_view(adata, obs: pd.DataFrame, genes: pd.Index | None):
+    """A collection over the same files with its own ``obs``; its genes must be the model's."""
+    from scvi_ext.data._collection import CollectionWithObs
+
+    if genes is not None and not pd.Index(adata.var_names.astype(str)).equals(genes):
+        report = validate_gene_overlap(genes, adata.var_names, MIN_GENE_FRACTION)
+        raise ValueError(
+            f"The AnnCollection's genes are not the model's {len(genes)} genes in the model's "
+            f"order (it shares {report['n_shared']}); a collection cannot be reordered in "
+            "place. Pass its files as one AnnData, or write them with the model's genes "
+            "(model.gene_names) in that order."
+        )
+    return CollectionWithObs(adata.collection, obs)
+
+
+def detached_anndata(
+    adata: AnnData,
+    setup_args: dict,
+    known_labels: list[str] | None = None,
+    genes: pd.Index | None = None,
+) -> AnnData:
+    """A light AnnData that shares (or aligns) the count matrix of ``adata`` and owns its ``obs``.
+
+    scvi registration writes ``_scvi_*`` columns and ``uns`` entries into the AnnData it is
+    given; working on this object keeps the user's AnnData untouched. A collection of
+    files (:func:`~scvi_ext.data.read_collection`) gives a collection over the same files
+    with its own ``obs``; its genes must then be the model's, in order. Labels absent from
+    ``known_labels`` (cell types the reference never saw) and a missing labels column
+    become the unlabeled category.
+
+    Parameters
+    ----------
+    adata
+        The user's AnnData.
+    setup_args
+        The model's ``setup_anndata`` arguments (``layer``, ``labels_key``, ...).
+    known_labels
+        Cell types of the reference.
+    genes
+        The model's genes: the matrix is matched to them by name (:func:`align_genes`).
+    """
+    layer = setup_args.get("layer")
+    obs = registered_obs(adata, setup_args, known_labels)
+    if is_collection(adata):
+        return _collection_view(adata, obs, genes)
+    if layer is not None and layer not in adata.layers:
+        raise ValueError(
+            f"layer '{layer}' is not in adata.layers (available: {list(adata.layers)}); "
+            "the model was set up with counts in this layer."
+        )
+    matrix = adata.X if layer is None else adata.layers[layer]
+    var_names = adata.var_names
+    if genes is not None and matrix is not None:
+        matrix, var_names = align_genes(matrix, adata.var_names, genes), genes
     var = pd.DataFrame(index=pd.Index(var_names).copy())
     if layer is None:
         return AnnData(X=matrix, obs=obs, var=var)

@@ -16,7 +16,7 @@ from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainingPlan
 
-from scvi_ext.data import validate_counts, validate_gene_overlap
+from scvi_ext.data import check_backed_open, validate_counts, validate_gene_overlap
 
 from ._anndata import (
     MIN_GENE_FRACTION,
@@ -95,7 +95,9 @@ class InferenceMixin:
         return registry_gene_names(self.registry_)
 
     def _check_registered_genes(self, adata: AnnData) -> None:
-        """The model's own AnnData must still have the genes it was set up with."""
+        """The model's own AnnData must still have the genes it was set up with (and an open
+        file, when backed)."""
+        check_backed_open(adata)
         if not self._counts_input:
             return
         genes = self.gene_names

@@ -30,6 +30,7 @@ from scvi_ext.base import (
     probability_novelty,
     query_neighbour_score,
     register_labelled_anndata,
+    registered_obs,
     registry_gene_names,
     registry_known_labels,
     setup_anndata_method,
@@ -299,8 +300,7 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
             _check_finite(matrix, "the representation of adata")
             return light
         without_obsm = {key: value for key, value in setup_args.items() if key != "obsm_key"}
-        light = detached_anndata(adata, without_obsm, list(self.label_names))
-        light.X = None
+        light = AnnData(obs=registered_obs(adata, without_obsm, list(self.label_names)))
         if self.upstream_model is not None:
             light.obsm[obsm_key] = embed_with(self.upstream_model, adata)
         else:

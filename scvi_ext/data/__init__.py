@@ -1,5 +1,6 @@
 """Datasets, a count simulator, gene selection and input validation."""
 
+from ._collection import Collection, read_collection
 from ._genes import (
     GENE_SELECTION_DEFAULTS,
     log_normalise,
@@ -20,6 +21,8 @@ from ._loaders import (
 from ._paths import DATA_DIR_ENV_VAR, get_data_dir
 from ._simulate import simulate, write_simulated
 from ._validation import (
+    check_backed_open,
+    is_collection,
     validate_counts,
     validate_gene_overlap,
     validate_labels,
@@ -27,11 +30,14 @@ from ._validation import (
 )
 
 __all__ = [
+    "Collection",
     "DATASETS",
     "DATA_DIR_ENV_VAR",
     "GENE_SELECTION_DEFAULTS",
+    "check_backed_open",
     "datasets_available",
     "get_data_dir",
+    "is_collection",
     "load_cellbench_3lines",
     "load_cellbench_5lines",
     "load_dataset",
@@ -41,6 +47,7 @@ __all__ = [
     "load_snareseq_gene_region_map",
     "log_normalise",
     "log_normalised_anndata",
+    "read_collection",
     "select_genes",
     "simulate",
     "write_simulated",

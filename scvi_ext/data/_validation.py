@@ -13,7 +13,43 @@ _VALUE_CHUNK = 10_000_000
 _N_EXAMPLES = 20
 
 
+def is_collection(adata: object) -> bool:
+    """``adata`` is scvi-tools' ``CollectionAdapter`` over an ``AnnCollection`` of files."""
+    from scvi.dataloaders import CollectionAdapter
+
+    return isinstance(adata, CollectionAdapter)
+
+
+def check_backed_open(adata: ad.AnnData, name: str = "adata") -> None:
+    """A backed AnnData (or each file of a collection) must still be open.
+
+    anndata silently reopens a closed file at the next access; the file may have been
+    replaced since, so the models refuse it instead.
+
+    Raises
+    ------
+    ValueError
+        Naming the closed file and how to reopen it.
+    """
+    if is_collection(adata):
+        backed = [part for part in adata.collection.adatas if part.isbacked]
+    else:
+        backed = [adata] if adata.isbacked else []
+    for part in backed:
+        if not part.file.is_open:
+            raise ValueError(
+                f"{name} is backed by {part.filename}, whose file was closed; reopen it with "
+                f"anndata.read_h5ad({str(part.filename)!r}, backed='r') and pass that."
+            )
+
+
 def _count_matrix(adata: ad.AnnData, layer: str | None) -> tuple[object, str]:
+    check_backed_open(adata)
+    if is_collection(adata) and layer is None:
+        raise ValueError(
+            "An AnnCollection is read through a layer (scvi-tools' CollectionAdapter has no "
+            "X); pass the layer holding raw counts via `layer=`."
+        )
     if layer is None:
         if adata.X is None:
             raise ValueError(
@@ -21,8 +57,8 @@ def _count_matrix(adata: ad.AnnData, layer: str | None) -> tuple[object, str]:
                 "them via `layer=`."
             )
         return adata.X, "adata.X"
-    if layer not in adata.layers:
-        available = ", ".join(repr(name) for name in adata.layers) or "none"
+    if layer not in list(adata.layers.keys()):
+        available = ", ".join(repr(name) for name in adata.layers.keys()) or "none"
         raise ValueError(
             f"layer '{layer}' is not in adata.layers; available layers: {available}. "
             "Pass the layer holding raw counts, or layer=None for adata.X."
@@ -30,15 +66,20 @@ def _count_matrix(adata: ad.AnnData, layer: str | None) -> tuple[object, str]:
     return adata.layers[layer], f"adata.layers['{layer}']"
 
 
+def _is_collection_layer(matrix: object) -> bool:
+    """A layer of scvi's ``CollectionAdapter``: sparse in type, read by rows from files."""
+    return type(matrix).__name__ == "ArrayFakerSparse"
+
+
 def _value_blocks(matrix: object) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Yield (stored values, row totals or None) in bounded pieces, never densifying."""
-    if sp.issparse(matrix):
+    if sp.issparse(matrix) and not _is_collection_layer(matrix):
         values = matrix.data
         for start in range(0, values.size, _VALUE_CHUNK):
             yield values[start : start + _VALUE_CHUNK], None
         yield values[:0], np.asarray(matrix.sum(axis=1)).ravel()
         return
-    n_rows = matrix.shape[0]
+    n_rows = len(matrix.collection) if _is_collection_layer(matrix) else matrix.shape[0]
     for start in range(0, n_rows, _ROW_CHUNK):
         block = matrix[start : start + _ROW_CHUNK]
         if sp.issparse(block):
