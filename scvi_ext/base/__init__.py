@@ -23,6 +23,7 @@ from ._classifier import (
     ClassifierMixin,
     probability_novelty,
 )
+from ._distributed import barrier, global_rank, is_main_process, on_main_process
 from ._embedding import EmbeddingMixin
 from ._inference import InferenceMixin, valid_plan_kwargs
 from ._module import (
@@ -78,13 +79,17 @@ __all__ = [
     "TokenAttentionModule",
     "WarmupCosineTrainingPlan",
     "align_genes",
+    "barrier",
     "class_means",
     "class_sums",
     "create_optimizer",
     "detached_anndata",
     "registered_obs",
     "fit_temperature",
+    "global_rank",
+    "is_main_process",
     "labelled_mask",
+    "on_main_process",
     "probability_novelty",
     "query_neighbour_score",
     "register_labelled_anndata",

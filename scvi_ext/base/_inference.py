@@ -25,6 +25,7 @@ from ._anndata import (
     registry_known_labels,
 )
 from ._checkpoint import EpochCheckpoint, latest_checkpoint
+from ._distributed import on_main_process
 from ._plan import validation_early_stopping
 
 logger = logging.getLogger(__name__)
@@ -355,6 +356,16 @@ class InferenceMixin:
         return result
 
     # ------------------------------------------------------------------ save / load
+    def save(self, dir_path: str | os.PathLike, *args, **kwargs) -> None:
+        """scvi's ``save``; under DDP rank 0 alone writes and the other processes wait for it.
+
+        Every process of a DDP run executes the script's ``save``: rank 0 writes, the others
+        return once the folder is complete, or raise rank 0's error (e.g. the folder exists
+        and ``overwrite`` is False). Call it on every process, not under
+        ``if model.trainer.is_global_zero``.
+        """
+        on_main_process(super().save, os.fspath(dir_path), *args, **kwargs)
+
     @classmethod
     def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, **kwargs):
         """Load a saved model; genes of ``adata`` are matched to the model's by name.

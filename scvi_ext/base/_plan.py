@@ -196,15 +196,21 @@ class BaseTrainingPlan(TrainingPlan):
             sums[name] = (total + value * n_cells, count + n_cells)
 
     def _log_epoch_means(self, stage: str) -> dict[str, float]:
-        """Log (and return) the epoch means of ``stage``, averaged over processes."""
+        """Log (and return) the epoch means of ``stage``: totals and cell counts summed over
+        processes, then divided (ranks may hold different numbers of cells)."""
         sums = self._metric_sums.pop(stage, {})
         if self.trainer.sanity_checking:
             return {}
         means = {}
-        for name, (total, count) in sums.items():
-            mean = total / count if count > 0 else math.nan
-            mean = torch.as_tensor(mean, dtype=torch.float32, device=self.device)
-            mean = self.trainer.strategy.reduce(mean, reduce_op="mean")
+        for name, (total, count) in sums.items():  # cell-weighted over every process
+            total, count = (
+                self.trainer.strategy.reduce(
+                    torch.as_tensor(value, dtype=torch.float32, device=self.device),
+                    reduce_op="sum",
+                )
+                for value in (total, count)
+            )
+            mean = total / count if count > 0 else torch.full_like(total, math.nan)
             self.log(name, mean, on_step=False, on_epoch=True, prog_bar=name == f"{stage}_loss")
             means[name] = float(mean)
         return means

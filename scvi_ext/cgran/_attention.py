@@ -28,15 +28,28 @@ class PaddedGroups(NamedTuple):
         (groups, largest group) False on padding.
     position
         (genes,) position of each gene in ``index.ravel()``.
+    padding
+        Whether any group is padded (read on the host: no wait for the device in a step).
     """
 
     index: torch.Tensor
     valid: torch.Tensor
     position: torch.Tensor
+    padding: bool
+
+    def to(self, device: torch.device) -> PaddedGroups:
+        """The same groups on ``device``."""
+        return PaddedGroups(
+            self.index.to(device), self.valid.to(device), self.position.to(device), self.padding
+        )
 
 
 def padded_groups(gene_group: torch.Tensor) -> PaddedGroups:
-    """Pad the genes of each non-empty group of ``gene_group`` (one code per gene)."""
+    """Pad the genes of each non-empty group of ``gene_group`` (one code per gene).
+
+    Reads sizes on the host: build it once per grouping (the module does, when the groups
+    are set or loaded), not in a training step.
+    """
     order = torch.argsort(gene_group, stable=True)
     _, sizes = torch.unique_consecutive(gene_group[order], return_counts=True)
     n_groups, largest = len(sizes), int(sizes.max())
@@ -49,7 +62,10 @@ def padded_groups(gene_group: torch.Tensor) -> PaddedGroups:
     index[flat], valid[flat] = order, True
     position = torch.empty_like(order)
     position[order] = flat
-    return PaddedGroups(index.view(n_groups, largest), valid.view(n_groups, largest), position)
+    padding = bool(len(order) < n_groups * largest)
+    return PaddedGroups(
+        index.view(n_groups, largest), valid.view(n_groups, largest), position, padding
+    )
 
 
 def local_mask(gene_group: torch.Tensor) -> torch.Tensor:
@@ -126,7 +142,7 @@ def grouped_local_attention(
         return torch.cat([cell, by_group(tokens)], dim=3)
 
     keep = None  # padding keys are masked out; uniform groups dividing g have none
-    if not bool(groups.valid.all()):
+    if groups.padding:
         keep = F.pad(groups.valid, (1, 0), value=True)[:, None, :]  # (groups, 1, 1 + largest)
     weights = _l2_normalised_exp(by_group(q * dim**-0.5) @ with_cell(k).transpose(-1, -2), keep)
     gene_output = (weights @ with_cell(v)).view(n_cells, n_heads, n_groups * largest, dim)

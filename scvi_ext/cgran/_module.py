@@ -143,6 +143,8 @@ class CGRANModule(NonGenerativeModule):
         self.register_buffer("fold_in", torch.zeros(n_input, n_embedding))
         self.register_buffer("gene_group", uniform_groups(n_input, group_size))
         self.register_buffer("embedding_fitted", torch.tensor(False))
+        self._padded_groups = padded_groups(self.gene_group)
+        self.register_load_state_dict_post_hook(lambda module, _: module._group_genes())
         widths = [n_embedding] + [n_heads * dim for dim in head_dims]
         self.blocks = nn.ModuleList(
             AttentionBlock(widths[i], n_heads, dim, dropout_rate)
@@ -159,6 +161,18 @@ class CGRANModule(NonGenerativeModule):
         self.fold_in.copy_(fold_in)
         self.gene_group.copy_(gene_group)
         self.embedding_fitted.fill_(True)
+        self._group_genes()
+
+    def _group_genes(self) -> None:
+        """Build the padded gene groups once, when the groups are set or loaded."""
+        device = self.gene_group.device
+        self._padded_groups = padded_groups(self.gene_group.cpu()).to(device)
+
+    def _apply(self, fn, *args, **kwargs):
+        """Move the padded gene groups with the module (``to``, ``cuda``...)."""
+        module = super()._apply(fn, *args, **kwargs)
+        self._padded_groups = self._padded_groups.to(self.gene_group.device)
+        return module
 
     @staticmethod
     def normalize(counts: torch.Tensor) -> torch.Tensor:
@@ -182,7 +196,7 @@ class CGRANModule(NonGenerativeModule):
         if self.local_implementation == "dense":
             mask = local_mask(self.gene_group)
             return lambda q, k, v: dense_local_attention(q, k, v, mask)
-        groups = padded_groups(self.gene_group)
+        groups = self._padded_groups
         return lambda q, k, v: grouped_local_attention(q, k, v, groups)
 
     def encode(

@@ -27,6 +27,7 @@ from scvi_ext.base import (
     class_sums,
     detached_anndata,
     labelled_mask,
+    on_main_process,
     probability_novelty,
     query_neighbour_score,
     register_labelled_anndata,
@@ -508,8 +509,15 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
             Also save the classifier's registered AnnData (the representation).
         **kwargs
             Passed to :meth:`scvi.model.base.BaseModelClass.save`.
+
+        Under DDP, every process runs ``save`` but only rank 0 writes; the others wait for it.
         """
-        super().save(str(dir_path), overwrite=overwrite, save_anndata=save_anndata, **kwargs)
+        on_main_process(self._save_with_upstream, str(dir_path), overwrite, save_anndata, **kwargs)
+
+    def _save_with_upstream(
+        self, dir_path: str, overwrite: bool, save_anndata: bool, **kwargs
+    ) -> None:
+        super().save(dir_path, overwrite=overwrite, save_anndata=save_anndata, **kwargs)
         if self.upstream_model is None:
             return
         upstream_cls = type(self.upstream_model)

@@ -138,14 +138,14 @@ class GMVAEModule(BaseModuleClass):
         """``q(z | x, y)`` for given components ``y`` (any shape broadcasting with cells)."""
         mean = self.z_mean(h) + self.z_mean_offset[y]
         scale = torch.exp(self.z_log_scale(h) + self.z_log_scale_offset[y]) + MIN_SCALE
-        return Normal(mean, scale)
+        return Normal(mean, scale, validate_args=False)
 
     def prior(self, y: torch.Tensor | None = None) -> Normal:
         """``p(z | y)`` (all K components when ``y`` is ``None``)."""
         means, log_scales = self.prior_means, self.prior_log_scales
         if y is not None:
             means, log_scales = means[y], log_scales[y]
-        return Normal(means, torch.exp(log_scales) + MIN_SCALE)
+        return Normal(means, torch.exp(log_scales) + MIN_SCALE, validate_args=False)
 
     def decode(
         self, z: torch.Tensor, batch_index: torch.Tensor, library: torch.Tensor
@@ -181,7 +181,7 @@ class GMVAEModule(BaseModuleClass):
         theta = torch.exp(self.px_log_theta)
         if self.likelihood == "zinb":
             dist = ZeroInflatedNegativeBinomial(
-                mu=rate, theta=theta, zi_logits=decoded["px_dropout"]
+                mu=rate, theta=theta, zi_logits=decoded["px_dropout"], validate_args=False
             )
             return dist.log_prob(x).sum(-1)
         per_cell = (torch.lgamma(x + theta) - torch.lgamma(theta) - torch.lgamma(x + 1)).sum(-1)
@@ -192,7 +192,7 @@ class GMVAEModule(BaseModuleClass):
     def inference(self, x: torch.Tensor, batch_index: torch.Tensor) -> dict:
         """Posterior of y and of z per component, one sample of z per component, library."""
         encoded = self.encode(x, batch_index)
-        qz = Normal(encoded["qz_mean"], encoded["qz_scale"])
+        qz = Normal(encoded["qz_mean"], encoded["qz_scale"], validate_args=False)
         library = x.sum(-1, keepdim=True)
         return {**encoded, "qz": qz, "z": qz.rsample(), "library": library}
 
@@ -213,7 +213,7 @@ class GMVAEModule(BaseModuleClass):
         qy = log_qy.exp().T  # K, cells
         log_px = self.log_likelihood(x, generative_outputs)  # K, cells
         prior = self.prior()
-        prior = Normal(prior.loc[:, None], prior.scale[:, None])  # K, 1, L
+        prior = Normal(prior.loc[:, None], prior.scale[:, None], validate_args=False)  # K, 1, L
         kl_z = kl_divergence(inference_outputs["qz"], prior).sum(-1)  # K, cells
         log_py = F.log_softmax(self.prior_logits, dim=-1)
         return {
@@ -277,7 +277,7 @@ class GMVAEModule(BaseModuleClass):
         if transform_batch is not None:
             batch_index = torch.full_like(batch_index, transform_batch)
         encoded = self.encode(x, batch_index)
-        qz = Normal(encoded["qz_mean"], encoded["qz_scale"])
+        qz = Normal(encoded["qz_mean"], encoded["qz_scale"], validate_args=False)
         z = qz.sample((n_samples,))  # samples, K, cells, L
         ones = torch.ones(*x.shape[:-1], 1, device=x.device)
         scale = self.decode(z, batch_index, ones)["px_scale"].mean(0)  # K, cells, genes

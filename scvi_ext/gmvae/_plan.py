@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from scvi.train._trainingplans import _compute_kl_weight
+
 from scvi_ext.base import BaseTrainingPlan
 
 
@@ -15,5 +17,19 @@ class GMVAETrainingPlan(BaseTrainingPlan):
         super().__init__(module, n_epochs_kl_warmup=n_epochs_kl_warmup, **kwargs)
 
     def step_loss_kwargs(self, stage: str) -> dict:
-        """``kl_weight``: the warm-up's in training, 1 in validation."""
-        return {"kl_weight": float(self.kl_weight) if stage == "train" else 1.0}
+        """``kl_weight``: the warm-up's in training, 1 in validation.
+
+        A float computed on the host: scvi's ``kl_weight`` property is a tensor copied to
+        the device, and reading it back would make every step wait for the device.
+        """
+        if stage != "train":
+            return {"kl_weight": 1.0}
+        weight = _compute_kl_weight(
+            self.current_epoch,
+            self.global_step,
+            self.n_epochs_kl_warmup,
+            self.n_steps_kl_warmup,
+            self.max_kl_weight,
+            self.min_kl_weight,
+        )
+        return {"kl_weight": float(weight)}
