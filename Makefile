@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev,bench]"
+	$(BIN)/python -m pip install -q -e ".[dev,bench,soma]"
 	# CELLULAR's reference package, a peer of the throughput benchmark, pins old versions
 	# of everything it imports; it runs on the versions installed above.
 	$(BIN)/python -m pip install -q --no-deps "CELLULAR-CL==0.0.4"

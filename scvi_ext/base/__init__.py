@@ -51,6 +51,7 @@ from ._protocols import (
     TokenAttentionModule,
 )
 from ._setup import register_labelled_anndata, resolve_unlabeled_category, setup_anndata_method
+from ._soma import SomaDataModule
 from ._splitter import LABELLED, UNLABELED, PairedDataLoader, PairedDataSplitter, labelled_mask
 from ._statistics import class_means, class_sums
 
@@ -76,6 +77,7 @@ __all__ = [
     "OptimizerName",
     "PairedDataLoader",
     "PairedDataSplitter",
+    "SomaDataModule",
     "TokenAttentionModule",
     "WarmupCosineTrainingPlan",
     "align_genes",

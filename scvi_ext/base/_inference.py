@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
+from scvi import settings as scvi_settings
 from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.model.base import BaseModelClass
 from scvi.train import TrainingPlan
@@ -27,6 +28,7 @@ from ._anndata import (
 from ._checkpoint import EpochCheckpoint, latest_checkpoint
 from ._distributed import on_main_process
 from ._plan import validation_early_stopping
+from ._soma import SOMA_SOURCE_ATTRIBUTE, SomaDataModule, soma_source
 
 logger = logging.getLogger(__name__)
 
@@ -138,25 +140,37 @@ class InferenceMixin:
         return manager is not None and manager.adata is adata
 
     @contextmanager
-    def registered_anndata(self, adata: AnnData | None = None) -> Iterator[AnnData]:
+    def registered_anndata(
+        self, adata: AnnData | SomaDataModule | None = None
+    ) -> Iterator[AnnData]:
         """The AnnData that inference reads for ``adata``, registered with this model.
 
         ``None`` is the model's AnnData; an AnnData already registered with this model is
         used as it is (its genes checked); anything else becomes a light copy on the
-        model's genes, forgotten when the block ends.
+        model's genes, forgotten when the block ends. A
+        :class:`~scvi_ext.base.SomaDataModule` gives a light copy of its stand-in AnnData
+        whose counts :meth:`iter_minibatches` streams from the experiment (its genes must
+        be the model's, in order).
         """
         if adata is None:
             adata = self.adata
             if adata is None:
                 raise ValueError(
-                    f"This {type(self).__name__} was loaded without data (adata=False); pass "
-                    "the cells to use as adata=... ."
+                    f"This {type(self).__name__} was loaded without data (adata=False) or "
+                    "trained from a datamodule; pass the cells to use as adata=... ."
                 )
+        source = soma_source(adata)
+        if source is not None:
+            adata = source.adata
+            if self._counts_input:
+                source.check_genes(self.gene_names, type(self).__name__)
         if self._is_registered(adata):
             self._check_registered_genes(adata)
             yield adata
             return
         light = self._light_copy(adata)
+        if source is not None and self._counts_input:  # counts read from the experiment
+            setattr(light, SOMA_SOURCE_ATTRIBUTE, source)
         self._register_light_copy(light)
         try:
             yield light
@@ -173,23 +187,36 @@ class InferenceMixin:
 
     def iter_minibatches(
         self,
-        adata: AnnData | None = None,
+        adata: AnnData | SomaDataModule | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
     ) -> Iterator[dict]:
         """Minibatches of the registered tensors of ``adata`` (default: the model's), in order.
 
-        The data loader reads rows as they are needed (a backed AnnData stays on disk); the
-        tensors are on the CPU.
+        The data loader reads rows as they are needed (a backed AnnData stays on disk, a
+        SOMA experiment's counts are streamed); the tensors are on the CPU.
         """
+        if isinstance(adata, SomaDataModule):
+            with self.registered_anndata(adata) as registered:
+                yield from self.iter_minibatches(registered, indices, batch_size)
+            return
         adata = self.adata if adata is None else adata
-        yield from self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        source = soma_source(adata)
+        if source is None:
+            yield from self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+            return
+        yield from source.loader(
+            indices,
+            adata_manager=self.get_anndata_manager(adata, required=True),
+            batch_size=batch_size or scvi_settings.batch_size,
+            all_in_this_process=True,
+        )
 
     @torch.inference_mode()
     def map_minibatches(
         self,
         fn: Callable[[dict], torch.Tensor],
-        adata: AnnData | None = None,
+        adata: AnnData | SomaDataModule | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
     ) -> np.ndarray:
@@ -209,7 +236,9 @@ class InferenceMixin:
             self.module.train(was_training)
         return torch.cat(outputs).numpy()
 
-    def cell_names(self, adata: AnnData | None, indices: Sequence[int] | None = None) -> pd.Index:
+    def cell_names(
+        self, adata: AnnData | SomaDataModule | None, indices: Sequence[int] | None = None
+    ) -> pd.Index:
         """``obs_names`` of the cells ``adata`` / ``indices`` select (default: the model's)."""
         names = (self.adata if adata is None else adata).obs_names
         return names if indices is None else names[np.asarray(indices)]
@@ -251,6 +280,7 @@ class InferenceMixin:
         plan_kwargs: dict | None = None,
         checkpoint_dir: str | os.PathLike | None = None,
         resume: bool = False,
+        datamodule: SomaDataModule | None = None,
         **trainer_kwargs,
     ):
         """Fit the data statistics, train, then fit what depends on the trained model.
@@ -285,6 +315,11 @@ class InferenceMixin:
         resume
             Resume from the latest checkpoint in ``checkpoint_dir``: training goes on at
             the epoch after it, up to ``max_epochs``, with the same other arguments.
+        datamodule
+            Train on the cells of a :class:`~scvi_ext.base.SomaDataModule` instead of the
+            model's AnnData (build the model with ``registry=datamodule.registry``); its
+            ``batch_size``, ``train_size`` and ``validation_size`` apply. The statistics,
+            calibration and everything that reads training cells stream from it.
         **trainer_kwargs
             Passed to :class:`~scvi.train.Trainer`; classifiers also take
             ``calibrate=False`` (no temperature fitted after training).
@@ -293,8 +328,9 @@ class InferenceMixin:
         ------
         ValueError
             ``max_epochs`` below 1, unknown ``plan_kwargs`` keys, no data (``adata=False``),
-            genes of the model's AnnData edited after setup, or ``resume`` without a
-            checkpoint in ``checkpoint_dir``.
+            genes of the model's AnnData edited after setup, ``resume`` without a
+            checkpoint in ``checkpoint_dir``, or a datamodule whose genes or registered
+            fields are not the model's.
         """
         settings = {
             "max_epochs": max_epochs,
@@ -320,9 +356,24 @@ class InferenceMixin:
             )
         if self.is_query_model:
             plan_kwargs.setdefault("weight_decay", 0.0)
-        if self.adata is None:
+        if datamodule is not None:
+            split = {"batch_size": batch_size, "train_size": train_size}
+            given = sorted(
+                name
+                for name, value in {**split, "validation_size": validation_size}.items()
+                if value is not None
+            )
+            if given:
+                raise ValueError(
+                    f"{given} are the datamodule's with datamodule=...; set them when "
+                    "building it (SomaDataModule(..., batch_size=..., train_size=...))."
+                )
+            settings["train_size"] = datamodule.train_size
+            validation_size = datamodule.validation_size
+        elif self.adata is None:
             raise ValueError(f"This {type(self).__name__} has no data to train on (adata=False).")
-        self._check_registered_genes(self.adata)
+        else:
+            self._check_registered_genes(self.adata)
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir of the interrupted run.")
         if checkpoint_dir is not None:
@@ -330,7 +381,6 @@ class InferenceMixin:
                 trainer_kwargs["ckpt_path"] = str(latest_checkpoint(checkpoint_dir))
             callbacks = list(trainer_kwargs.pop("callbacks", None) or [])
             trainer_kwargs["callbacks"] = [*callbacks, EpochCheckpoint(checkpoint_dir)]
-        self.fit_statistics()
         train_size = settings["train_size"]
         if train_size is None or train_size < 1 or validation_size:  # a validation set exists
             trainer_kwargs.setdefault("check_val_every_n_epoch", 1)
@@ -341,19 +391,50 @@ class InferenceMixin:
             validation_size,
             trainer_kwargs,
         )
-        result = super().train(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            train_size=settings["train_size"],
-            validation_size=validation_size,
-            batch_size=settings["batch_size"],
-            early_stopping=early_stopping,
-            plan_kwargs=plan_kwargs,
-            **trainer_kwargs,
-        )
-        self._after_training()
+        if datamodule is not None:
+            trainer_kwargs["datamodule"] = datamodule
+        with self._reading(datamodule):
+            self.fit_statistics()
+            result = super().train(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                train_size=settings["train_size"],
+                validation_size=validation_size,
+                batch_size=settings["batch_size"],
+                early_stopping=early_stopping,
+                plan_kwargs=plan_kwargs,
+                **trainer_kwargs,
+            )
+            self._after_training()
         return result
+
+    @contextmanager
+    def _reading(self, datamodule: SomaDataModule | None) -> Iterator[None]:
+        """While training from ``datamodule``, its stand-in AnnData is the model's data, so
+        that :meth:`fit_statistics` and :meth:`_after_training` read its cells (counts
+        streamed by :meth:`iter_minibatches`); the model's own data comes back after."""
+        if datamodule is None:
+            yield
+            return
+        if soma_source(datamodule) is not datamodule:
+            raise ValueError(
+                f"datamodule must be a scvi_ext.base.SomaDataModule, not "
+                f"{type(datamodule).__name__}; pass other data as the model's AnnData."
+            )
+        name = type(self).__name__
+        if self._counts_input:
+            datamodule.check_genes(self.gene_names, name)
+        datamodule.check_registry(self.registry_, name)
+        previous = self._adata, self._adata_manager
+        manager = datamodule.adata_manager
+        self._adata, self._adata_manager = manager.adata, manager
+        self._register_manager_for_instance(manager)
+        try:
+            yield
+        finally:
+            self._per_instance_manager_store.get(self.id, {}).pop(manager.adata_uuid, None)
+            self._adata, self._adata_manager = previous
 
     # ------------------------------------------------------------------ save / load
     def save(self, dir_path: str | os.PathLike, *args, **kwargs) -> None:

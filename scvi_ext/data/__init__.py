@@ -20,6 +20,7 @@ from ._loaders import (
 )
 from ._paths import DATA_DIR_ENV_VAR, get_data_dir
 from ._simulate import simulate, write_simulated
+from ._soma import write_soma
 from ._validation import (
     check_backed_open,
     is_collection,
@@ -51,6 +52,7 @@ __all__ = [
     "select_genes",
     "simulate",
     "write_simulated",
+    "write_soma",
     "validate_counts",
     "validate_gene_overlap",
     "validate_labels",

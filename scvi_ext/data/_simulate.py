@@ -12,6 +12,7 @@ million-cell run is a plain call (not part of the test suite)::
 import inspect
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import anndata as ad
 import h5py
@@ -19,6 +20,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata.io import sparse_dataset, write_elem
+
+from ._soma import write_soma_chunks
 
 # Entries with a mean below this are drawn by inverse-CDF sampling (cheap: most of
 # them are zero); larger means are drawn as gamma-Poisson.
@@ -98,20 +101,30 @@ def simulate(
     return ad.AnnData(X=_stack_csr(list(chunks), n_genes), obs=obs, var=var, uns=uns)
 
 
-def write_simulated(path: str | Path, overwrite: bool = False, **simulate_kwargs) -> Path:
-    """Write :func:`simulate`'s cells to an h5ad file chunk by chunk, in bounded memory.
+def write_simulated(
+    path: str | Path,
+    overwrite: bool = False,
+    format: Literal["h5ad", "soma"] = "h5ad",
+    **simulate_kwargs,
+) -> Path:
+    """Write :func:`simulate`'s cells to an h5ad file or a TileDB-SOMA experiment, chunk by
+    chunk, in bounded memory.
 
     The file holds the same cells as ``simulate(**simulate_kwargs)``, but only one chunk
     of counts is in memory at a time (about ``40 * chunk_size * n_genes`` bytes), so a
     million cells x 2000 genes, several GB of counts, is written on a small machine.
-    Read it without loading it: ``anndata.read_h5ad(path, backed="r")``.
+    Read an h5ad without loading it: ``anndata.read_h5ad(path, backed="r")``; train from
+    an experiment with :class:`~scvi_ext.base.SomaDataModule`.
 
     Parameters
     ----------
     path
-        The ``.h5ad`` file to write.
+        The ``.h5ad`` file, or the experiment's folder, to write.
     overwrite
-        Replace an existing file (otherwise :class:`FileExistsError`).
+        Replace an existing file or experiment (otherwise :class:`FileExistsError`).
+    format
+        ``"h5ad"``, or ``"soma"``: an experiment as :func:`~scvi_ext.data.write_soma`
+        writes it (counts, ``obs`` and ``var``; no ``uns``).
     **simulate_kwargs
         Arguments of :func:`simulate` (``n_cells``, ``n_genes``, ``chunk_size``, ...).
 
@@ -120,12 +133,17 @@ def write_simulated(path: str | Path, overwrite: bool = False, **simulate_kwargs
     The path written.
     """
     path = Path(path)
+    if format not in ("h5ad", "soma"):
+        raise ValueError(f"format must be 'h5ad' or 'soma', not {format!r}.")
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
     unknown = sorted(set(simulate_kwargs) - set(inspect.signature(simulate).parameters))
     if unknown:
         raise TypeError(f"write_simulated got unknown simulate() argument(s): {unknown}.")
     obs, var, uns, chunks = _simulation(**{**_SIMULATE_DEFAULTS, **simulate_kwargs})
+    if format == "soma":
+        write_soma_chunks(path, obs, var, chunks, overwrite=overwrite)
+        return path
     first = next(chunks)
     ad.AnnData(X=first, obs=obs.iloc[: first.shape[0]], var=var, uns=uns).write_h5ad(path)
     with h5py.File(path, "r+") as handle:

@@ -1,0 +1,288 @@
+"""Training and prediction from a TileDB-SOMA experiment (SomaDataModule), every model."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+pytest.importorskip("tiledbsoma")
+pytest.importorskip("tiledbsoma_ml")
+
+import tiledbsoma  # noqa: E402
+import tiledbsoma.io  # noqa: E402
+from conftest import ddp_rank_results  # noqa: E402
+
+from scvi_ext.base import SomaDataModule  # noqa: E402
+from scvi_ext.data import simulate, write_simulated, write_soma  # noqa: E402
+from scvi_ext.model import CAN, CELLULAR, CGRAN, GMVAE, LatentClassifier, ScNym  # noqa: E402
+
+TRAIN = {"max_epochs": 3, "enable_progress_bar": False, "enable_model_summary": False}
+#: CAN's capsules need more epochs than the others on these cells (0.47 accuracy after 3).
+EPOCHS = {"can": 8}
+SIMULATION = {"n_cells": 600, "n_genes": 60, "n_cell_types": 3, "n_batches": 2, "n_markers": 10}
+LABELS = {"labels_key": "cell_type", "unlabeled_category": "Unknown"}
+
+#: model class, setup arguments, model arguments, plan arguments (tiny widths, as in
+#: tests/test_model_contract_safety.py).
+MODELS = {
+    "scnym": (ScNym, LABELS, {"n_hidden": 32}, None),
+    "cellular": (
+        CELLULAR,
+        {**LABELS, "batch_key": "batch"},
+        {"n_latent": 8, "n_hidden": (32, 16)},
+        None,
+    ),
+    "can": (
+        CAN,
+        LABELS,
+        {"n_capsules": 6, "capsule_dim": 16, "attention_dim": 8, "kernel_size": 3},
+        {"lr": 1e-2},
+    ),
+    "cgran": (
+        CGRAN,
+        LABELS,
+        {"n_embedding": 16, "n_heads": 4, "head_dims": (8, 4), "group_size": 25},
+        {"lr": 1e-2},
+    ),
+    "gmvae": (
+        GMVAE,
+        {"batch_key": "batch"},
+        {"n_latent": 4, "n_hidden": 32, "n_components": 3},
+        {"lr": 1e-2},
+    ),
+}
+
+
+def _cells() -> tuple[ad.AnnData, np.ndarray]:
+    """Simulated cells whose query cells are unlabeled ("Unknown"), and the true types."""
+    adata = simulate(**SIMULATION, seed=3)
+    truth = adata.obs["cell_type"].astype(str).to_numpy()
+    labels = adata.obs["cell_type"].astype(str)
+    labels[adata.obs["condition"] == "query"] = "Unknown"
+    adata.obs["cell_type"] = labels
+    return adata, truth
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    """Hash of every file under ``folder``."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    adata, truth = _cells()
+    uri = write_soma(adata, tmp_path_factory.mktemp("soma") / "cells")
+    return uri, adata, truth
+
+
+# --- writing --------------------------------------------------------------------------
+
+
+def _read_back(uri: str) -> ad.AnnData:
+    with tiledbsoma.Experiment.open(uri) as exp:
+        return tiledbsoma.io.to_anndata(exp, "RNA", X_layer_name="counts")
+
+
+def _assert_same_cells(read: ad.AnnData, expected: ad.AnnData) -> None:
+    assert read.shape == expected.shape
+    assert (read.X != expected.X).nnz == 0
+    pd.testing.assert_frame_equal(read.obs, expected.obs)
+    pd.testing.assert_index_equal(read.var_names, expected.var_names)
+
+
+def test_write_soma_round_trip_from_memory_and_backed(tmp_path):
+    adata, _ = _cells()
+    uri = write_soma(adata, tmp_path / "memory", chunk_size=70)
+    _assert_same_cells(_read_back(uri), adata)
+    adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    layered = ad.AnnData(obs=adata.obs, var=adata.var, layers={"raw": adata.X})
+    _assert_same_cells(_read_back(write_soma(backed, tmp_path / "backed", chunk_size=70)), adata)
+    _assert_same_cells(_read_back(write_soma(layered, tmp_path / "layer", layer="raw")), adata)
+    backed.file.close()
+    with pytest.raises(FileExistsError, match="pass overwrite=True to replace it"):
+        write_soma(adata, uri)
+    write_soma(adata[:10], uri, overwrite=True)
+    assert _read_back(uri).n_obs == 10
+    with pytest.raises(ValueError, match="layer 'raw' is not in adata.layers"):
+        write_soma(adata, tmp_path / "other", layer="raw")
+
+
+def test_write_simulated_soma_holds_the_cells_of_the_h5ad(tmp_path):
+    settings = {"n_cells": 250, "n_genes": 40, "seed": 5, "chunk_size": 60}
+    h5ad = ad.read_h5ad(write_simulated(tmp_path / "sim.h5ad", **settings))
+    uri = write_simulated(tmp_path / "sim", format="soma", **settings)
+    _assert_same_cells(_read_back(str(uri)), h5ad)
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        write_simulated(uri, format="soma", n_cells=10, n_genes=10)
+    with pytest.raises(ValueError, match="format must be 'h5ad' or 'soma'"):
+        write_simulated(tmp_path / "x", format="zarr")
+
+
+_PEAK_RSS_OF_WRITE = """
+import resource, sys
+from scvi_ext.data import write_simulated
+write_simulated(sys.argv[1], format="soma", n_cells=int(sys.argv[2]), n_genes=200, chunk_size=2500)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def test_write_simulated_soma_memory_does_not_grow_with_the_number_of_cells(tmp_path):
+    """Peak RSS of a fresh process (TileDB's own buffers included)."""
+
+    def peak_bytes(n_cells: int) -> int:
+        command = [sys.executable, "-c", _PEAK_RSS_OF_WRITE, str(tmp_path / f"{n_cells}")]
+        done = subprocess.run([*command, str(n_cells)], capture_output=True, text=True, check=True)
+        return int(done.stdout.split()[-1])
+
+    small, large = peak_bytes(4_000), peak_bytes(40_000)
+    with tiledbsoma.Experiment.open(str(tmp_path / "40000")) as exp:
+        counts_bytes = 8 * exp.ms["RNA"].X["counts"].nnz  # a float32 value and a column index
+    # ten times the cells: only per-cell arrays grow (obs, the per-cell draws: about
+    # 650 bytes a cell measured), far less than the counts
+    assert large - small < 1000 * 36_000 < counts_bytes
+
+
+# --- training and prediction, every model ----------------------------------------------
+
+
+def _train(name: str, uri: str):
+    model_cls, setup, model_kwargs, plan_kwargs = MODELS[name]
+    dm = SomaDataModule(uri, model_cls, batch_size=64, **setup)
+    model = model_cls(registry=dm.registry, **model_kwargs)
+    epochs = EPOCHS.get(name, TRAIN["max_epochs"])
+    model.train(datamodule=dm, plan_kwargs=plan_kwargs, **{**TRAIN, "max_epochs": epochs})
+    return dm, model
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_every_model_trains_and_predicts_from_soma_as_from_memory(name, experiment, tmp_path):
+    uri, adata, truth = experiment
+    before = _digest(Path(uri))
+    dm, model = _train(name, uri)
+    assert model.is_trained_ and model.adata is None
+    latent = model.get_latent_representation(dm)
+    np.testing.assert_allclose(latent, model.get_latent_representation(adata), atol=1e-5)
+    if name == "gmvae":
+        clusters = model.predict_cluster(dm, soft=True)
+        np.testing.assert_allclose(clusters, model.predict_cluster(adata, soft=True), atol=1e-5)
+        assert list(clusters.index) == list(adata.obs_names)
+    else:
+        proba = model.predict_proba(dm)
+        np.testing.assert_allclose(proba, model.predict_proba(adata), atol=1e-5)
+        dm._joinids_are_rows = False  # cells found by searching their joinids
+        np.testing.assert_allclose(model.predict_proba(dm), proba, atol=1e-6)
+        assert (model.predict(dm) == truth).mean() > 0.6  # chance: 1/3
+        soft = model.predict(dm, soft=True, indices=[5, 1])
+        assert list(soft.index) == ["cell_5", "cell_1"]
+        np.testing.assert_allclose(soft.to_numpy(), proba[[5, 1]], atol=1e-6)
+    model.save(tmp_path / "model")
+    loaded = type(model).load(tmp_path / "model", adata=adata)
+    np.testing.assert_allclose(loaded.get_latent_representation(), latent, atol=1e-5)
+    assert _digest(Path(uri)) == before  # the experiment is read, never written
+
+
+def test_latent_classifier_on_a_cellular_trained_from_soma(experiment):
+    uri, adata, truth = experiment
+    dm, cellular = _train("cellular", uri)
+    classifier = LatentClassifier.from_model(
+        cellular, dm, unlabeled_category="Unknown", n_hidden1=16, n_hidden2=16
+    )
+    classifier.train(batch_size=32, plan_kwargs={"lr": 1e-2}, **TRAIN)  # an in-memory model
+    proba = classifier.predict_proba(dm)
+    np.testing.assert_allclose(proba, classifier.predict_proba(adata), atol=1e-5)
+    assert (classifier.predict(dm) == truth).mean() > 0.6
+
+
+def test_statistics_read_from_soma_equal_those_from_memory(experiment):
+    """CELLULAR's fit_statistics reads all cells and the labelled ones (indices)."""
+    uri, adata, _ = experiment
+    dm = SomaDataModule(uri, CELLULAR, **MODELS["cellular"][1])
+    from_soma = CELLULAR(registry=dm.registry, n_latent=8, n_hidden=(32, 16))
+    with from_soma._reading(dm):
+        from_soma.fit_statistics()
+    memory = adata.copy()
+    CELLULAR.setup_anndata(memory, **MODELS["cellular"][1])
+    in_memory = CELLULAR(memory, n_latent=8, n_hidden=(32, 16))
+    in_memory.fit_statistics()
+    for name in ("library_size", "label_weights", "batch_weights", "reference_distances"):
+        np.testing.assert_allclose(
+            getattr(from_soma.module, name), getattr(in_memory.module, name), rtol=1e-5
+        )
+
+
+# --- bad inputs ---------------------------------------------------------------------------
+
+
+def test_a_missing_layer_or_obs_column_is_a_clear_error(experiment):
+    uri, *_ = experiment
+    with pytest.raises(ValueError, match=r"no X layer 'raw' .*\(X layers: \['counts'\]\)"):
+        SomaDataModule(uri, ScNym, layer="raw", **LABELS)
+    with pytest.raises(
+        ValueError, match="batch_key 'donor' is not a column of adata.obs; available columns: "
+    ):
+        SomaDataModule(uri, ScNym, batch_key="donor", **LABELS)
+    with pytest.raises(ValueError, match="labels_key 'type' is not a column of adata.obs"):
+        SomaDataModule(uri, ScNym, labels_key="type")
+
+
+def test_a_datamodule_with_other_genes_is_refused(experiment, tmp_path):
+    uri, adata, _ = experiment
+    dm, model = _train("scnym", uri)
+    message = "has {} of the 60 genes of this ScNym{}. Genes are matched by name"
+    reversed_uri = write_soma(adata[:, ::-1], tmp_path / "reversed")
+    reversed_dm = SomaDataModule(reversed_uri, ScNym, **LABELS)
+    with pytest.raises(ValueError, match=message.format(60, r" \(in another order\)")):
+        model.predict(reversed_dm)
+    with pytest.raises(ValueError, match=r"write the cells on those genes to a new experiment"):
+        model.train(datamodule=reversed_dm, **TRAIN)
+    subset_dm = SomaDataModule(write_soma(adata[:, :40], tmp_path / "subset"), ScNym, **LABELS)
+    with pytest.raises(ValueError, match=message.format(40, "")):
+        model.get_latent_representation(subset_dm)
+    with pytest.raises(ValueError, match=r"\['batch_size'\] are the datamodule's"):
+        model.train(datamodule=dm, batch_size=32, **TRAIN)
+
+
+def test_counts_are_checked_as_they_stream(tmp_path):
+    adata, _ = _cells()
+    adata.X = adata.X * 0.5
+    uri = write_soma(adata, tmp_path / "halves")
+    dm = SomaDataModule(uri, ScNym, **LABELS)
+    model = ScNym(registry=dm.registry, n_hidden=16)
+    with pytest.raises(ValueError, match="the X layer 'counts' of .* contains non-integer values"):
+        model.train(datamodule=dm, **TRAIN)
+
+
+DDP_SCRIPT = """
+import numpy as np
+import scvi
+from scvi_ext.base import SomaDataModule
+from scvi_ext.model import ScNym
+
+scvi.settings.seed = 0
+dm = SomaDataModule({uri!r}, ScNym, batch_size=32, labels_key="cell_type",
+                    unlabeled_category="Unknown")
+model = ScNym(registry=dm.registry, n_hidden=16)
+model.train(datamodule=dm, max_epochs=2, accelerator="cpu", devices=2, strategy="ddp",
+            enable_progress_bar=False)
+proba = model.predict_proba(dm)
+result = (proba.shape, np.round(proba[:3], 4).tolist())
+"""
+
+
+def test_two_ddp_processes_train_from_soma_and_predict_every_cell(experiment, tmp_path):
+    uri, adata, _ = experiment
+    first, second = ddp_rank_results(DDP_SCRIPT.format(uri=uri), tmp_path)
+    assert first == second  # the same weights on both ranks, every cell read by each
+    assert first.startswith(f"(({adata.n_obs}, 3),")
