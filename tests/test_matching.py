@@ -6,6 +6,7 @@ import pytest
 import scipy.sparse as sp
 import scvi
 import torch
+import torch.nn.functional as F
 from conftest import ddp_rank_results, requires_shared_data
 from mudata import MuData
 from scipy.optimize import linear_sum_assignment
@@ -191,6 +192,32 @@ def test_paper_conv_tokenizer_and_infonce_objective_train():
     assert model.module.cross_attention is None  # InfoNCE: no cross unit, no unused weights
     with pytest.raises(ValueError, match="objective='infonce' scores the self-attention"):
         CrossAttentionMatcher(mdata, objective="infonce", alpha=0.5)
+
+
+def test_infonce_warm_start_of_the_triplet_objective(trained):
+    from types import SimpleNamespace
+
+    from scvi_ext.matching import MatcherTrainingPlan
+
+    model, reference, _ = trained
+    module = model.module.eval()
+    tensors = next(model.iter_minibatches(batch_size=32))
+    inference_outputs = module.inference(**module._get_inference_input(tensors))
+    warm = module.loss(tensors, inference_outputs, {}, warm_start=True).loss
+    logits = inference_outputs["e0"] @ inference_outputs["t0"].T / 0.07
+    targets = torch.arange(len(logits))
+    infonce = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    torch.testing.assert_close(warm, infonce)
+    triplet = module.loss(tensors, inference_outputs, {}).loss
+    assert not torch.isclose(triplet, warm)
+
+    plan = MatcherTrainingPlan(module, infonce_warmup_epochs=2)
+    for epoch, expected in ((0, True), (1, True), (2, False)):
+        plan._trainer = SimpleNamespace(current_epoch=epoch)
+        assert plan.step_loss_kwargs("train") == {"warm_start": expected}
+        assert plan.step_loss_kwargs("validation") == {"warm_start": False}  # own objective
+    with pytest.raises(ValueError, match="infonce_warmup_epochs must be 0 or more, not -1"):
+        MatcherTrainingPlan(module, infonce_warmup_epochs=-1)
 
 
 def test_bad_inputs_are_errors_that_say_what_to_change(trained):

@@ -13,9 +13,11 @@ from ._assignment import (
 from ._features import gene_genome_order, genome_order, peak_positions
 from ._model import CrossAttentionMatcher
 from ._module import CrossAttentionModule, LocalTokenizer, RegionTokenizer, TransformerUnit
+from ._plan import MatcherTrainingPlan
 from ._simulate import simulate_paired
 
 __all__ = [
+    "MatcherTrainingPlan",
     "CrossAttentionMatcher",
     "CrossAttentionModule",
     "LocalTokenizer",

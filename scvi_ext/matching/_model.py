@@ -17,12 +17,13 @@ from scvi.data.fields import MuDataCategoricalObsField, MuDataLayerField
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from scvi.utils import setup_anndata_dsp
 
-from scvi_ext.base import MIN_GENE_FRACTION, BaseTrainingPlan, InferenceMixin, align_genes
+from scvi_ext.base import MIN_GENE_FRACTION, InferenceMixin, align_genes
 from scvi_ext.data import validate_counts
 
 from ._assignment import Assignment, assign, fit_temperature, probabilities, top_k_scores
 from ._features import gene_genome_order, genome_order
 from ._module import CrossAttentionModule, Objective, Tokenizer
+from ._plan import MatcherTrainingPlan
 
 #: The modalities the model reads: setup argument -> role in the messages.
 MODALITY_ROLES = {"rna_layer": "RNA", "atac_layer": "ATAC"}
@@ -87,7 +88,9 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
     alpha, margin
         Weight of the cross-attention term and triplet margin.
     objective
-        ``"triplet"`` (the paper) or ``"infonce"`` (CLIP; needs ``alpha=0``).
+        ``"triplet"`` (the paper) or ``"infonce"`` (CLIP; needs ``alpha=0``). The triplet
+        objective can start with InfoNCE epochs: ``train(plan_kwargs={"infonce_warmup_epochs":
+        5})`` (:class:`~scvi_ext.matching.MatcherTrainingPlan`).
     n_hard_candidates
         In-batch negatives per cell whose cross term is scored to find the hardest.
     n_rerank
@@ -106,7 +109,7 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
     """
 
     _module_cls = CrossAttentionModule
-    _training_plan_cls = BaseTrainingPlan
+    _training_plan_cls = MatcherTrainingPlan
     _counts_input = False  # the base's gene checks read one AnnData; this model does its own
     train_defaults = {
         "max_epochs": 30,

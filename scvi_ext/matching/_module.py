@@ -16,6 +16,8 @@ Tokenizer = Literal["conv", "local"]
 
 #: Counts per cell after RNA normalisation and TF-IDF scaling (before log1p).
 SCALE_FACTOR = 1e4
+#: Softmax temperature of the InfoNCE warm start of the triplet objective (CLIP's start).
+WARM_START_TEMPERATURE = 0.07
 
 
 class RegionTokenizer(nn.Module):
@@ -292,11 +294,27 @@ class CrossAttentionModule(BaseModuleClass):
             + F.relu(self.margin - positive + hardest_rna)
         ).mean()
 
-    def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
-        """Triplet ranking or InfoNCE loss on the cells of the minibatch (paired by row)."""
+    def loss(
+        self,
+        tensors: dict,
+        inference_outputs: dict,
+        generative_outputs: dict,
+        warm_start: bool = False,
+    ) -> LossOutput:
+        """Triplet ranking or InfoNCE loss on the cells of the minibatch (paired by row).
+
+        ``warm_start`` (triplet objective): InfoNCE on the self-attention embeddings at
+        CLIP's starting temperature (0.07) instead, for the first epochs
+        (``plan_kwargs={"infonce_warmup_epochs": n}``).
+        """
         self_scores = inference_outputs["e0"] @ inference_outputs["t0"].T
-        if self.objective == "infonce":
-            logits = self_scores * self.log_logit_scale.clamp(max=np.log(100)).exp()
+        if self.objective == "infonce" or warm_start:
+            scale = (
+                self.log_logit_scale.clamp(max=np.log(100)).exp()
+                if self.objective == "infonce"
+                else 1 / WARM_START_TEMPERATURE
+            )
+            logits = self_scores * scale
             targets = torch.arange(len(logits), device=logits.device)
             loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
         else:
