@@ -212,6 +212,14 @@ def test_minibatch_statistics_equal_those_of_the_whole_matrix(trained, adata):
     np.testing.assert_allclose(trained.module.reference_distances.numpy(), expected, atol=1e-4)
 
 
+def test_prediction_centroids_are_the_class_means_of_the_trained_latent(trained, adata):
+    """Summed minibatch by minibatch after training, no latent of every cell held."""
+    z = trained.get_latent_representation()
+    labels = adata.obs["cell_type"].astype("category").cat.codes.to_numpy()
+    expected = np.stack([z[labels == code].mean(axis=0) for code in range(4)])
+    np.testing.assert_allclose(trained.module.centroids.numpy(), expected, atol=1e-5)
+
+
 def test_cell_type_representations(trained, adata):
     for method in ("centroid", "median", "medoid"):
         table = trained.cell_type_representations(method=method)

@@ -326,11 +326,20 @@ class CELLULAR(
         """Store the cell type centroids of a reference model (for :meth:`predict`), then
         calibrate."""
         if not self.is_query_model:
-            labels, _, labelled = self._codes()
-            latent = self.get_latent_representation(indices=np.flatnonzero(labelled))
-            sums, counts = class_sums(
-                torch.as_tensor(latent), torch.as_tensor(labels[labelled]), self.module.n_labels
-            )
+            _, _, labelled = self._codes()
+            n_labels = self.module.n_labels
+
+            def sums_and_counts(tensors: dict) -> torch.Tensor:  # (1, types, latent + 1)
+                latent = self.module.latent(tensors)
+                labels = tensors[REGISTRY_KEYS.LABELS_KEY].to(latent.device)
+                sums, counts = class_sums(latent, labels, n_labels)
+                return torch.cat([sums, counts[:, None]], dim=1)[None]
+
+            # summed minibatch by minibatch: no latent of every cell is held
+            totals = self.map_minibatches(
+                sums_and_counts, indices=np.flatnonzero(labelled), batch_size=4096
+            ).sum(axis=0)
+            sums, counts = torch.as_tensor(totals[:, :-1]), torch.as_tensor(totals[:, -1])
             self.module.centroids.copy_(class_means(sums, counts).float())
         super()._after_training()
 
