@@ -340,7 +340,7 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
                 command=_command_line(argv),
                 options=_key_values(args.task_option, "--task-option"),
             )
-        except (FileNotFoundError, TypeError) as error:
+        except (FileNotFoundError, TypeError, ValueError) as error:
             raise CLIError(str(error)) from error
         print((Path(outdir) / "summary.md").read_text())
         return 0
