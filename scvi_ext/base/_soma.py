@@ -109,7 +109,7 @@ class SomaDataModule(pl.LightningDataModule):
         train_size: float | None = None,
         validation_size: float | None = None,
         seed: int = 0,
-        io_batch_size: int = 16_384,
+        io_batch_size: int = 4096,
         **setup_kwargs,
     ):
         super().__init__()
