@@ -237,6 +237,26 @@ def test_a_missing_layer_or_obs_column_is_a_clear_error(experiment):
         SomaDataModule(uri, ScNym, labels_key="type")
 
 
+def test_bad_inputs_to_write_soma_and_the_datamodule_are_clear_errors(experiment, tmp_path):
+    uri, adata, _ = experiment
+    with pytest.raises(
+        ValueError, match=r"layer 'raw' is not in adata.layers \(available: \[\]\)"
+    ):
+        write_soma(adata, tmp_path / "raw", layer="raw")
+    without_x = ad.AnnData(obs=adata.obs, var=adata.var)
+    with pytest.raises(ValueError, match="adata.X is None; pass the layer holding the counts"):
+        write_soma(without_x, tmp_path / "no_x")
+    with pytest.raises(ValueError, match=r"has no measurement 'ATAC' \(measurements: \['RNA'\]\)"):
+        SomaDataModule(uri, ScNym, measurement="ATAC", **LABELS)
+    dm = SomaDataModule(uri, ScNym, **LABELS)
+    with_batches = SomaDataModule(uri, ScNym, batch_key="batch", **LABELS)
+    model = ScNym(registry=with_batches.registry, n_hidden=8)
+    with pytest.raises(ValueError, match="The datamodule registers 'batch' differently"):
+        model.train(datamodule=dm, **TRAIN)
+    with pytest.raises(ValueError, match="datamodule must be a scvi_ext.base.SomaDataModule"):
+        model.train(datamodule=object(), **TRAIN)
+
+
 def test_a_datamodule_with_other_genes_is_refused(experiment, tmp_path):
     uri, adata, _ = experiment
     dm, model = _train("scnym", uri)

@@ -357,6 +357,11 @@ class InferenceMixin:
         if self.is_query_model:
             plan_kwargs.setdefault("weight_decay", 0.0)
         if datamodule is not None:
+            if soma_source(datamodule) is not datamodule:
+                raise ValueError(
+                    f"datamodule must be a scvi_ext.base.SomaDataModule, not "
+                    f"{type(datamodule).__name__}; pass other data as the model's AnnData."
+                )
             split = {"batch_size": batch_size, "train_size": train_size}
             given = sorted(
                 name
@@ -417,11 +422,6 @@ class InferenceMixin:
         if datamodule is None:
             yield
             return
-        if soma_source(datamodule) is not datamodule:
-            raise ValueError(
-                f"datamodule must be a scvi_ext.base.SomaDataModule, not "
-                f"{type(datamodule).__name__}; pass other data as the model's AnnData."
-            )
         name = type(self).__name__
         if self._counts_input:
             datamodule.check_genes(self.gene_names, name)

@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset
 
 from scvi_ext.data import validate_counts, validate_obs_key
 
-from ._splitter import LABELLED, UNLABELED, PairedDataSplitter
+from ._splitter import LABELLED, UNLABELED, PairedDataSplitter, paired_minibatches
 
 #: Attribute naming, on the stand-in AnnData of a datamodule (and its light copies), the
 #: :class:`SomaDataModule` whose experiment holds the counts.
@@ -423,17 +423,7 @@ class _PairedStream:
         return len(self._longest)
 
     def __iter__(self) -> Iterator[dict]:
-        iterators = {
-            side: None if loader is None else _cycle(loader)
-            for side, loader in self.loaders.items()
-        }
-        for _ in range(len(self)):
-            yield {side: None if it is None else next(it) for side, it in iterators.items()}
-
-
-def _cycle(loader) -> Iterator[dict]:
-    while True:
-        yield from loader
+        yield from paired_minibatches(self.loaders, len(self))
 
 
 __all__ = ["SOMA_SOURCE_ATTRIBUTE", "SomaDataModule", "soma_source"]

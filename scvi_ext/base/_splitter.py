@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import lightning.pytorch as pl
 import numpy as np
@@ -25,6 +25,21 @@ def labelled_mask(adata_manager: AnnDataManager) -> np.ndarray:
     if unlabeled is None or unlabeled not in mapping:
         return np.ones(len(codes), dtype=bool)
     return codes != mapping.index(unlabeled)
+
+
+def paired_minibatches(loaders: dict[str, Iterable | None], n_steps: int) -> Iterator[dict]:
+    """``n_steps`` steps of ``{side: minibatch}``: each side's loader restarts (and reshuffles)
+    whenever it runs out; a side without a loader yields ``None``."""
+
+    def cycle(loader: Iterable) -> Iterator[dict]:
+        while True:
+            yield from loader
+
+    iterators = {
+        side: None if loader is None else cycle(loader) for side, loader in loaders.items()
+    }
+    for _ in range(n_steps):
+        yield {side: None if it is None else next(it) for side, it in iterators.items()}
 
 
 class PairedDataLoader(DataLoader):
@@ -96,22 +111,9 @@ class PairedDataLoader(DataLoader):
                 set_epoch(self._epoch)
         self._epoch += 1
 
-    @staticmethod
-    def _cycle(loader: AnnDataLoader) -> Iterator[dict]:
-        while True:
-            yield from loader
-
     def __iter__(self) -> Iterator[dict]:
         self._set_epoch()
-        iterators = {
-            side: None if loader is None else self._cycle(loader)
-            for side, loader in self.loaders.items()
-        }
-        for _ in range(len(self)):
-            yield {
-                side: None if iterator is None else next(iterator)
-                for side, iterator in iterators.items()
-            }
+        yield from paired_minibatches(self.loaders, len(self))
 
 
 class PairedDataSplitter(pl.LightningDataModule):
