@@ -10,6 +10,7 @@ from conftest import requires_shared_data
 from scvi_ext.benchmark import METHODS, run_benchmark, run_study
 from scvi_ext.benchmark._attention_tasks import (
     CLASSIFICATION_DATASETS,
+    CLASSIFICATION_METHODS,
     pbmc68k_reduced_counts,
     precision_at,
     stratified_split,
@@ -64,15 +65,35 @@ def test_svm_calibration_uses_fewer_folds_when_a_cell_type_is_rare():
     assert "Platt confidence (3-fold)" in result.settings
 
 
-def test_can_method_trains_on_the_top_variance_genes_and_predicts_every_query_cell():
+def test_can_method_trains_on_the_top_variance_genes_and_predicts_every_query_cell(monkeypatch):
+    from scvi_ext.model import CAN
+
+    learning_rates = []
+    train = CAN.train
+
+    def spy(self, *args, **kwargs):
+        output = train(self, *args, **kwargs)
+        learning_rates.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+        return output
+
+    monkeypatch.setattr(CAN, "train", spy)
     adata = _simulated()
     reference, query = stratified_split(adata, "cell_type", seed=0)
     result = METHODS["can"](
-        reference, query, "cell_type", 0, max_epochs=2, n_top_genes=50, model_kwargs=SMALL_CAN
+        reference,
+        query,
+        "cell_type",
+        0,
+        max_epochs=2,
+        n_top_genes=50,
+        model_kwargs=SMALL_CAN,
+        plan_kwargs={"lr": 1e-3},
     )
     assert len(result.predictions) == query.n_obs
     assert set(result.predictions) <= set(reference.obs["cell_type"])
-    assert result.settings.startswith("50 genes, 2 epochs")
+    assert result.settings == "50 genes, 2 epochs, lr 0.001"
+    assert learning_rates == [1e-3]  # the study's can_lr1e-3 row reaches the optimizer
+    assert CLASSIFICATION_METHODS["can_lr1e-3"] == ("can", {"plan_kwargs": {"lr": 1e-3}})
     assert "_scvi_uuid" not in reference.uns  # the benchmark's AnnData untouched
 
 

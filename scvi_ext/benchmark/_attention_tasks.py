@@ -40,6 +40,7 @@ TEST_FRACTION = 0.2
 #: Method rows of the classification study -> (registered method, its options).
 CLASSIFICATION_METHODS: dict[str, tuple[str, dict]] = {
     "can": ("can", {}),
+    "can_lr1e-3": ("can", {"plan_kwargs": {"lr": 1e-3}}),
     "cgran_svd_uniform_local": ("cgran", {}),
     "cgran_mf_uniform_local": ("cgran", {"embedding": "mf"}),
     "cgran_mf_kmeans_local": ("cgran", {"embedding": "mf", "grouping": "kmeans"}),

@@ -751,6 +751,7 @@ def _attention_model(
     max_epochs: int | None,
     progress_bar: bool,
     model_kwargs: dict[str, Any],
+    plan_kwargs: dict[str, Any] | None = None,
 ) -> MethodResult:
     """Train CAN or CGRAN (``name``) on the reference's top-variance genes (a copy) and
     predict the query on the same genes (matched by name)."""
@@ -764,7 +765,7 @@ def _attention_model(
     model_cls.setup_anndata(reference, labels_key=labels_key)
     model = model_cls(reference, **model_kwargs)
     start = time.perf_counter()
-    model.train(max_epochs=max_epochs, enable_progress_bar=progress_bar)
+    model.train(max_epochs=max_epochs, enable_progress_bar=progress_bar, plan_kwargs=plan_kwargs)
     train_seconds = time.perf_counter() - start
     proba = model.predict(query[:, reference.var_names], soft=True)
     n_epochs = _trained_epochs(model, None)
@@ -779,7 +780,9 @@ def _attention_model(
         cells_per_second=None
         if n_epochs is None
         else model.adata.n_obs * n_epochs / train_seconds,
-        settings=f"{reference.n_vars} genes" + (f", {n_epochs} epochs" if n_epochs else ""),
+        settings=f"{reference.n_vars} genes"
+        + (f", {n_epochs} epochs" if n_epochs else "")
+        + "".join(f", {key} {value}" for key, value in (plan_kwargs or {}).items()),
     )
 
 
@@ -794,6 +797,7 @@ def can(
     n_top_genes: int | None = 1000,
     progress_bar: bool = False,
     model_kwargs: dict[str, Any] | None = None,
+    plan_kwargs: dict[str, Any] | None = None,
 ) -> MethodResult:
     """CAN (``scvi_ext.model.CAN``) on the reference's top-variance genes (paper: 1000).
 
@@ -809,6 +813,8 @@ def can(
         Show Lightning progress bars.
     model_kwargs
         Arguments of :class:`~scvi_ext.model.CAN` (sizes).
+    plan_kwargs
+        Training plan arguments (default: the paper's Adam at lr 1e-4).
     """
     return _attention_model(
         "can",
@@ -819,6 +825,7 @@ def can(
         max_epochs,
         progress_bar,
         model_kwargs or {},
+        plan_kwargs,
     )
 
 
