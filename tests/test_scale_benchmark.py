@@ -120,3 +120,11 @@ def test_scaling_exponent_of_known_times():
     assert exponents.loc["q / backed", "x10_cells_time_factor"] == pytest.approx(10**1.5)
     assert exponents.loc["m / backed", "peak_rss_exponent"] == pytest.approx(0.0, abs=1e-9)
     assert exponents.loc["q / backed", "peak_rss_exponent"] == pytest.approx(0.5)
+
+
+def test_a_bad_block_size_is_refused_before_anything_is_written(tmp_path):
+    from scvi_ext.benchmark._scale import scale_study
+
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
+        scale_study(0, tmp_path / "out", sizes=(400,), block_size=0)
+    assert not (tmp_path / "out").exists()

@@ -50,9 +50,17 @@ from ._protocols import (
     InferenceModule,
     TokenAttentionModule,
 )
+from ._sampler import BlockBatchSampler, SliceReadCSR, check_block_size
 from ._setup import register_labelled_anndata, resolve_unlabeled_category, setup_anndata_method
 from ._soma import SomaDataModule
-from ._splitter import LABELLED, UNLABELED, PairedDataLoader, PairedDataSplitter, labelled_mask
+from ._splitter import (
+    LABELLED,
+    UNLABELED,
+    BlockDataSplitter,
+    PairedDataLoader,
+    PairedDataSplitter,
+    labelled_mask,
+)
 from ._statistics import class_means, class_sums
 
 __all__ = [
@@ -67,6 +75,9 @@ __all__ = [
     "PROBABILITY_NOVELTY_METHODS",
     "UNLABELED",
     "BaseTrainingPlan",
+    "BlockBatchSampler",
+    "SliceReadCSR",
+    "check_block_size",
     "ClassifierMixin",
     "ClassifierModule",
     "DifferentiableClassifierModule",
@@ -77,6 +88,7 @@ __all__ = [
     "OptimizerName",
     "PairedDataLoader",
     "PairedDataSplitter",
+    "BlockDataSplitter",
     "SomaDataModule",
     "TokenAttentionModule",
     "WarmupCosineTrainingPlan",

@@ -28,7 +28,9 @@ from ._anndata import (
 from ._checkpoint import EpochCheckpoint, latest_checkpoint
 from ._distributed import on_main_process
 from ._plan import validation_early_stopping
+from ._sampler import read_rows_as_slices
 from ._soma import SOMA_SOURCE_ATTRIBUTE, SomaDataModule, soma_source
+from ._splitter import BlockDataSplitter
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +77,8 @@ class InferenceMixin:
     """
 
     _counts_input: bool = True
+    #: Training minibatches of blocks of consecutive rows for cells on disk.
+    _data_splitter_cls = BlockDataSplitter
     #: Set on models made by :meth:`load_query_data`.
     is_query_model: bool = False
 
@@ -193,8 +197,9 @@ class InferenceMixin:
     ) -> Iterator[dict]:
         """Minibatches of the registered tensors of ``adata`` (default: the model's), in order.
 
-        The data loader reads rows as they are needed (a backed AnnData stays on disk, a
-        SOMA experiment's counts are streamed); the tensors are on the CPU.
+        The data loader reads rows as they are needed (a backed AnnData stays on disk, each
+        minibatch's runs of consecutive rows read with one slice read; a SOMA experiment's
+        counts are streamed); the tensors are on the CPU.
         """
         if isinstance(adata, SomaDataModule):
             with self.registered_anndata(adata) as registered:
@@ -203,7 +208,9 @@ class InferenceMixin:
         adata = self.adata if adata is None else adata
         source = soma_source(adata)
         if source is None:
-            yield from self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+            loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+            read_rows_as_slices(loader)  # rows of a backed matrix read by slices
+            yield from loader
             return
         yield from source.loader(
             indices,

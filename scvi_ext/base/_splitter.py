@@ -8,9 +8,11 @@ import lightning.pytorch as pl
 import numpy as np
 from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager
-from scvi.dataloaders import AnnDataLoader
+from scvi.dataloaders import AnnDataLoader, DataSplitter
 from scvi.dataloaders._data_splitting import validate_data_split
 from torch.utils.data import DataLoader
+
+from ._sampler import BlockAnnDataLoader, is_on_disk, read_rows_as_slices, resolve_block_size
 
 LABELLED = "labelled"
 UNLABELED = "unlabeled"
@@ -47,8 +49,9 @@ class PairedDataLoader(DataLoader):
 
     One epoch runs over the longer side; the shorter side is cycled (restarted, and
     reshuffled, whenever it runs out). An empty side yields ``None``. Under DDP each
-    side is sharded with scvi's ``BatchDistributedSampler``, which pads every rank to
-    the same number of batches, so all ranks take the same number of steps.
+    side is sharded (scvi's ``BatchDistributedSampler``, or :class:`BlockBatchSampler`
+    with blocks), which pads every rank to the same number of batches, so all ranks take
+    the same number of steps.
 
     Parameters
     ----------
@@ -64,6 +67,10 @@ class PairedDataLoader(DataLoader):
         Drop the last incomplete batch of each side.
     distributed_sampler
         Shard both sides across DDP processes.
+    block_size
+        With ``shuffle``, draw minibatches of shuffled blocks of ``block_size`` consecutive
+        rows (:class:`BlockBatchSampler`); ``None``: 32 for cells on disk, else scvi's
+        shuffle of single rows.
     **kwargs
         Passed to :class:`~scvi.dataloaders.AnnDataLoader`.
     """
@@ -77,14 +84,29 @@ class PairedDataLoader(DataLoader):
         shuffle: bool = True,
         drop_last: bool = False,
         distributed_sampler: bool = False,
+        block_size: int | None = None,
         **kwargs,
     ):
         kwargs.pop("sampler", None)
         self._epoch = 0
+        block_size = resolve_block_size(block_size, adata_manager.adata)
         self.loaders: dict[str, AnnDataLoader | None] = {}
-        for side, indices in ((LABELLED, labelled_indices), (UNLABELED, unlabeled_indices)):
+        sides = ((LABELLED, labelled_indices), (UNLABELED, unlabeled_indices))
+        for seed_offset, (side, indices) in enumerate(sides):
             if len(indices) == 0:
                 self.loaders[side] = None
+                continue
+            if shuffle and block_size > 1:
+                self.loaders[side] = BlockAnnDataLoader(
+                    adata_manager,
+                    indices=np.asarray(indices),
+                    batch_size=batch_size,
+                    block_size=block_size,
+                    drop_last=drop_last,
+                    distributed_sampler=distributed_sampler,
+                    seed=(settings.seed or 0) + seed_offset,  # the sides shuffle differently
+                    **kwargs,
+                )
                 continue
             self.loaders[side] = AnnDataLoader(
                 adata_manager,
@@ -96,6 +118,9 @@ class PairedDataLoader(DataLoader):
                 **kwargs,
             )
         present = [loader for loader in self.loaders.values() if loader is not None]
+        if is_on_disk(adata_manager.adata):
+            for loader in present:
+                read_rows_as_slices(loader)
         if not present:
             raise ValueError("PairedDataLoader needs at least one labelled or unlabeled cell.")
         self._longest = max(present, key=len)
@@ -137,6 +162,9 @@ class PairedDataSplitter(pl.LightningDataModule):
         Minibatch size of each side.
     distributed_sampler
         Shard data across DDP processes.
+    block_size
+        Training minibatches are shuffled blocks of ``block_size`` consecutive rows (see
+        :class:`BlockDataSplitter`); ``None``: 32 for cells on disk, 1 in memory.
     **kwargs
         Passed to the data loaders.
     """
@@ -149,9 +177,11 @@ class PairedDataSplitter(pl.LightningDataModule):
         shuffle_set_split: bool = True,
         batch_size: int = 128,
         distributed_sampler: bool = False,
+        block_size: int | None = None,
         **kwargs,
     ):
         super().__init__()
+        self.block_size = resolve_block_size(block_size, adata_manager.adata)
         self.adata_manager = adata_manager
         self.train_size = 0.9 if train_size is None else float(train_size)
         self.validation_size = validation_size
@@ -198,6 +228,7 @@ class PairedDataSplitter(pl.LightningDataModule):
             shuffle=True,
             drop_last=self.drop_last,
             distributed_sampler=self.distributed_sampler,
+            block_size=self.block_size,
             **self.data_loader_kwargs,
         )
 
@@ -205,7 +236,7 @@ class PairedDataSplitter(pl.LightningDataModule):
         """Held-out labelled cells, or nothing when there are none."""
         if len(self.val_labelled_idx) == 0:
             return []
-        return AnnDataLoader(
+        loader = AnnDataLoader(
             self.adata_manager,
             indices=self.val_labelled_idx,
             batch_size=self.batch_size,
@@ -213,3 +244,61 @@ class PairedDataSplitter(pl.LightningDataModule):
             distributed_sampler=self.distributed_sampler,
             **self.data_loader_kwargs,
         )
+        if is_on_disk(self.adata_manager.adata):
+            read_rows_as_slices(loader)
+        return loader
+
+
+class BlockDataSplitter(DataSplitter):
+    """scvi's :class:`~scvi.dataloaders.DataSplitter`, with block-shuffled training
+    minibatches for cells on disk.
+
+    Reading a shuffled minibatch from a backed h5ad costs one read per row; here the
+    training rows (sorted) are cut into blocks of ``block_size`` consecutive rows, the
+    blocks are shuffled every epoch, and a minibatch is ``batch_size / block_size`` blocks,
+    each read with one slice (:class:`BlockBatchSampler`, :class:`SliceReadCSR`). Cells
+    stored in order (of type, batch, sample) then share minibatches with their neighbours
+    in the file more often than under a shuffle of single rows (docs/scale.md). Validation
+    minibatches are scvi's (in the split's random order), read by slices.
+
+    Parameters
+    ----------
+    adata_manager
+        Manager of the registered data.
+    block_size
+        Consecutive rows per block (``train(..., datasplitter_kwargs={"block_size": 8})``);
+        ``None``: 32 for cells on disk (backed AnnData, collection), 1 in memory; 1 is
+        scvi's shuffle of single rows, unchanged.
+    **kwargs
+        Passed to :class:`~scvi.dataloaders.DataSplitter`.
+    """
+
+    def __init__(self, adata_manager: AnnDataManager, block_size: int | None = None, **kwargs):
+        super().__init__(adata_manager, **kwargs)
+        self.block_size = resolve_block_size(block_size, adata_manager.adata)
+        self.on_disk = is_on_disk(adata_manager.adata)
+
+    def train_dataloader(self) -> AnnDataLoader:
+        """Shuffled training minibatches (in blocks when ``block_size`` > 1)."""
+        if self.block_size == 1:
+            loader = super().train_dataloader()
+        else:
+            loader = BlockAnnDataLoader(
+                self.adata_manager,
+                indices=self.train_idx,
+                block_size=self.block_size,
+                drop_last=self.drop_last,
+                load_sparse_tensor=self.load_sparse_tensor,
+                pin_memory=self.pin_memory,
+                **self.data_loader_kwargs,
+            )
+        if self.on_disk:
+            read_rows_as_slices(loader)
+        return loader
+
+    def val_dataloader(self) -> AnnDataLoader | None:
+        """scvi's validation minibatches (read by slices on disk)."""
+        loader = super().val_dataloader()
+        if loader is not None and self.on_disk:
+            read_rows_as_slices(loader)
+        return loader
