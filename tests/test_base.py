@@ -46,7 +46,7 @@ def test_paired_loader_pairs_every_step_and_cycles_the_shorter_side(sim_adata):
 
 def test_paired_loader_empty_side_yields_none(sim_adata):
     manager = manager_of(sim_adata)
-    loader = PairedDataLoader(manager, np.arange(50), np.array([], dtype=int), batch_size=16)
+    loader = PairedDataLoader(manager, np.arange(52), np.array([], dtype=int), batch_size=16)
     steps = list(loader)
     assert len(steps) == 4
     assert all(step[UNLABELED] is None for step in steps)
@@ -236,3 +236,27 @@ def test_fit_temperature_softens_overconfident_and_sharpens_underconfident_logit
     assert fit_temperature(np.log(np.where(one_hot, 0.775, 0.075)), labels) == pytest.approx(
         1.0, abs=0.1
     )  # calibrated already: P(right) = 0.7 + 0.3 / 4
+
+
+def test_a_one_cell_last_minibatch_is_dropped_not_trained_through_batchnorm():
+    from scvi_ext.base import drop_small_last_batch
+    from scvi_ext.data import simulate
+    from scvi_ext.model import GMVAE
+
+    assert drop_small_last_batch(129, 128, False) and drop_small_last_batch(130, 128, False)
+    assert not drop_small_last_batch(131, 128, False)  # 3 cells train
+    assert not drop_small_last_batch(1, 128, False)  # no full minibatch: keep every cell
+    assert drop_small_last_batch(200, 128, True)
+
+    adata = simulate(n_cells=143, n_genes=30, n_cell_types=3, n_batches=1, seed=0)
+    GMVAE.setup_anndata(adata)
+    model = GMVAE(adata, n_latent=4, n_hidden=16, n_components=3)
+    # 143 cells, train_size 0.9: 129 training cells, a one-cell last minibatch of 128
+    model.train(max_epochs=2, batch_size=128, train_size=0.9, enable_progress_bar=False)
+    assert len(model.trainer.train_dataloader) == 1
+    assert len(model.history["train_loss"]) == 2
+
+    ScNym.setup_anndata(adata, labels_key="cell_type", unlabeled_category=None)
+    scnym = ScNym(adata, n_hidden=16)
+    scnym.train(max_epochs=1, batch_size=128, train_size=0.9, enable_progress_bar=False)
+    assert len(scnym.trainer.train_dataloader) == 1

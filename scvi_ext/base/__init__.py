@@ -59,6 +59,7 @@ from ._splitter import (
     BlockDataSplitter,
     PairedDataLoader,
     PairedDataSplitter,
+    drop_small_last_batch,
     labelled_mask,
 )
 from ._statistics import class_means, class_sums
@@ -89,6 +90,7 @@ __all__ = [
     "PairedDataLoader",
     "PairedDataSplitter",
     "BlockDataSplitter",
+    "drop_small_last_batch",
     "SomaDataModule",
     "TokenAttentionModule",
     "WarmupCosineTrainingPlan",

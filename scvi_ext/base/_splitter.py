@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator
 
 import lightning.pytorch as pl
@@ -27,6 +28,17 @@ def labelled_mask(adata_manager: AnnDataManager) -> np.ndarray:
     if unlabeled is None or unlabeled not in mapping:
         return np.ones(len(codes), dtype=bool)
     return codes != mapping.index(unlabeled)
+
+
+#: A last training minibatch smaller than this is dropped (its cells train in the next epochs,
+#: which shuffle): BatchNorm cannot train on one cell, and scvi-tools warns below 3.
+MIN_LAST_BATCH = 3
+
+
+def drop_small_last_batch(n_cells: int, batch_size: int, drop_last: bool) -> bool:
+    """``drop_last``, or ``True`` when ``n_cells`` would end an epoch with a minibatch of
+    fewer than :data:`MIN_LAST_BATCH` cells (and there is at least one full minibatch)."""
+    return bool(drop_last) or (n_cells >= batch_size and 0 < n_cells % batch_size < MIN_LAST_BATCH)
 
 
 def paired_minibatches(loaders: dict[str, Iterable | None], n_steps: int) -> Iterator[dict]:
@@ -102,7 +114,7 @@ class PairedDataLoader(DataLoader):
                     indices=np.asarray(indices),
                     batch_size=batch_size,
                     block_size=block_size,
-                    drop_last=drop_last,
+                    drop_last=drop_small_last_batch(len(indices), batch_size, drop_last),
                     distributed_sampler=distributed_sampler,
                     seed=(settings.seed or 0) + seed_offset,  # the sides shuffle differently
                     **kwargs,
@@ -113,7 +125,9 @@ class PairedDataLoader(DataLoader):
                 indices=np.asarray(indices),
                 batch_size=batch_size,
                 shuffle=shuffle,
-                drop_last=drop_last,
+                drop_last=drop_small_last_batch(len(indices), batch_size, drop_last)
+                if shuffle
+                else drop_last,
                 distributed_sampler=distributed_sampler,
                 **kwargs,
             )
@@ -261,6 +275,10 @@ class BlockDataSplitter(DataSplitter):
     in the file more often than under a shuffle of single rows (docs/scale.md). Validation
     minibatches are scvi's (in the split's random order), read by slices.
 
+    A last training minibatch of fewer than 3 cells is dropped each epoch (a different one
+    every epoch, the cells being shuffled), where scvi-tools only warns: BatchNorm cannot
+    train on one cell.
+
     Parameters
     ----------
     adata_manager
@@ -274,7 +292,11 @@ class BlockDataSplitter(DataSplitter):
     """
 
     def __init__(self, adata_manager: AnnDataManager, block_size: int | None = None, **kwargs):
-        super().__init__(adata_manager, **kwargs)
+        with warnings.catch_warnings():  # scvi's advice on a small last minibatch: see below
+            warnings.filterwarnings("ignore", message="Last batch will have a small size")
+            super().__init__(adata_manager, **kwargs)
+        batch_size = self.data_loader_kwargs.get("batch_size") or settings.batch_size
+        self.drop_last = drop_small_last_batch(self.n_train, batch_size, self.drop_last)
         self.block_size = resolve_block_size(block_size, adata_manager.adata)
         self.on_disk = is_on_disk(adata_manager.adata)
 
