@@ -15,14 +15,22 @@ from scvi_ext.matching import (
     CrossAttentionMatcher,
     bipartite_assignment,
     entropic_ot,
+    fit_temperature,
     gene_genome_order,
     genome_order,
     match_embeddings,
     probabilities,
     simulate_paired,
     top_k_scores,
+    true_pair_log_probabilities,
 )
-from scvi_ext.metrics import matched_label_fraction, matching_score, matching_top_k
+from scvi_ext.matching._assignment import TEMPERATURE_GRID
+from scvi_ext.metrics import (
+    matched_label_fraction,
+    matching_log_likelihood,
+    matching_score,
+    matching_top_k,
+)
 from scvi_ext.model import CrossAttentionMatcher as ExportedMatcher
 
 SMALL = {
@@ -36,7 +44,7 @@ SMALL = {
     "tokenizer": "local",
     "n_rerank": 5,
 }
-FAST = {"max_epochs": 12, "batch_size": 64, "enable_progress_bar": False}
+FAST = {"max_epochs": 20, "batch_size": 64, "enable_progress_bar": False}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,17 +81,26 @@ def test_training_logs_loss_and_in_batch_accuracy_and_fits_idf_and_temperature(t
     cells_with_peak = np.asarray((atac > 0).sum(0)).ravel()
     expected = np.log1p(reference.n_obs / (1.0 + cells_with_peak))
     np.testing.assert_allclose(model.module.peak_idf.numpy(), expected, rtol=1e-5)
-    assert 1e-4 <= model.match_temperature_ <= 1.0
+    assert model.temperature_fit == "likelihood"
+    assert set(model.match_temperatures_) == {"likelihood", "score"}
+    assert model.match_temperature_ == model.match_temperatures_["likelihood"]
+    assert set(model.match_temperatures_.values()) <= set(TEMPERATURE_GRID)
 
 
 def test_held_out_matching_well_above_chance(trained):
     model, _, held_out = trained
     matrix = model.match(held_out.mod["rna"], held_out.mod["atac"], top_k=50)
     n = held_out.n_obs
-    assert matching_score(matrix) > 3 / n  # chance: 1 / n
+    assert matching_score(matrix) > 2 / n  # chance: 1 / n
+    # the likelihood-fitted temperature (default) beats chance (log 1/n) and the sharper
+    # competition-score-fitted one on log-likelihood; the sharper one scores higher
+    log_likelihood = matching_log_likelihood(matrix)
+    sharp = model.match(held_out, top_k=50, temperature=model.match_temperatures_["score"])
+    assert log_likelihood > np.log(1 / n) + 0.3 and log_likelihood > matching_log_likelihood(sharp)
+    assert matching_score(sharp) > 4 / n
     assert matching_top_k(matrix, 5) > 3 * 5 / n
     types = held_out.mod["rna"].obs["cell_type"].to_numpy()
-    assert matched_label_fraction(matrix, types, types) > 0.6  # chance: about 0.25
+    assert matched_label_fraction(matrix, types, types) > 0.5  # chance: about 0.25
 
 
 def test_match_rows_sum_to_one_with_at_most_top_k_per_row_on_queries_of_other_sizes(trained):
@@ -165,6 +182,8 @@ def test_save_load_gives_identical_match_matrices(trained, tmp_path):
     assert without_data.adata is None
     np.testing.assert_array_equal(without_data.match(held_out, top_k=20).toarray(), expected)
     assert without_data.match_temperature_ == model.match_temperature_
+    assert without_data.match_temperatures_ == model.match_temperatures_
+    assert without_data.temperature_fit == model.temperature_fit
     with pytest.raises(ValueError, match="already exists"):
         model.save(folder)
 
@@ -185,10 +204,12 @@ def test_seeded_training_is_deterministic():
 def test_paper_conv_tokenizer_and_infonce_objective_train():
     mdata = simulate_paired(n_cells=160)
     CrossAttentionMatcher.setup_mudata(mdata)
-    for settings in ({"tokenizer": "conv"}, {"objective": "infonce", "alpha": 0.0}):
+    infonce = {"objective": "infonce", "alpha": 0.0, "temperature_fit": "score"}
+    for settings in ({"tokenizer": "conv"}, infonce):
         model = CrossAttentionMatcher(mdata, **{**SMALL, **settings})
         model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
         assert model.match(mdata, top_k=10).shape == (160, 160)
+    assert model.match_temperature_ == model.match_temperatures_["score"]
     assert model.module.cross_attention is None  # InfoNCE: no cross unit, no unused weights
     with pytest.raises(ValueError, match="objective='infonce' scores the self-attention"):
         CrossAttentionMatcher(mdata, objective="infonce", alpha=0.5)
@@ -286,6 +307,67 @@ def test_probabilities_rows_sum_to_one_with_top_k_nonzeros():
         dense / dense.sum(1, keepdims=True),
         rtol=1e-5,
     )
+
+
+def test_probabilities_leave_the_candidate_arrays_untouched():
+    indices = np.array([[2, 0, 1], [1, 2, 0]], dtype=np.int32)
+    scores = np.array([[3.0, 2.0, 1.0], [3.0, 2.0, 1.0]], dtype=np.float32)
+    matrix = probabilities(indices, scores, 3, 1.0)
+    np.testing.assert_array_equal(indices, [[2, 0, 1], [1, 2, 0]])
+    weights = np.exp([3.0, 2.0, 1.0]) / np.exp([3.0, 2.0, 1.0]).sum()
+    np.testing.assert_allclose(matrix.toarray()[0], weights[[1, 2, 0]], rtol=1e-6)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_likelihood_temperature_is_large_for_random_scores_and_small_for_perfect_ones():
+    rng = np.random.default_rng(0)
+    n = 200
+    x, y = _unit(rng.normal(size=(n, 16))), _unit(rng.normal(size=(n, 16)))
+    indices, scores = top_k_scores(x, y, n)
+    temperature = fit_temperature(indices, scores)  # likelihood by default
+    assert temperature >= 5.0
+    assert probabilities(indices, scores, n, temperature).max() < 1.5 / n  # near uniform
+    # the competition score rewards sharp rows even on random scores: confident and wrong
+    sharp = fit_temperature(indices, scores, "score")
+    assert sharp < 0.5 and probabilities(indices, scores, n, sharp).max() > 20 / n
+    assert fit_temperature(*top_k_scores(x, x, n)) == TEMPERATURE_GRID[0]
+
+
+def test_likelihood_fit_trades_competition_score_for_calibration_on_a_weak_model():
+    rng = np.random.default_rng(1)
+    x = _unit(rng.normal(size=(300, 16)))
+    y = _unit(x + rng.normal(scale=1.0, size=x.shape))
+    indices, scores = top_k_scores(x, y, 300)
+    fits = {fit: fit_temperature(indices, scores, fit) for fit in ("likelihood", "score")}
+    assert fits["score"] < fits["likelihood"]
+    log_p = {
+        fit: true_pair_log_probabilities(indices, scores, t).mean() for fit, t in fits.items()
+    }
+    score = {
+        fit: matching_score(probabilities(indices, scores, 300, t)) for fit, t in fits.items()
+    }
+    assert log_p["likelihood"] > log_p["score"] and score["score"] > score["likelihood"]
+
+
+def test_true_pair_outside_the_kept_columns_counts_as_the_rows_last_candidate():
+    indices = np.array([[1, 2], [1, 0]])  # row 0's true pair (column 0) was not kept
+    scores = np.array([[2.0, 1.0], [3.0, 0.0]])
+    expected = np.log([np.exp(1.0) / (np.exp(2.0) + np.exp(1.0)), 1 / (1 + np.exp(-3.0))])
+    np.testing.assert_allclose(true_pair_log_probabilities(indices, scores, 1.0), expected)
+
+
+def test_unknown_temperature_fit_is_an_error():
+    indices, scores = np.array([[0, 1], [1, 0]]), np.array([[1.0, 0.0], [1.0, 0.0]])
+    message = "temperature_fit must be 'likelihood' or 'score', not 'competition'."
+    with pytest.raises(ValueError, match=message):
+        fit_temperature(indices, scores, "competition")
+    mdata = simulate_paired(n_cells=40)
+    CrossAttentionMatcher.setup_mudata(mdata)
+    with pytest.raises(ValueError, match=message):
+        CrossAttentionMatcher(mdata, temperature_fit="competition", **SMALL)
 
 
 def test_sparse_entropic_ot_equals_pot_on_full_support():

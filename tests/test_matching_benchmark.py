@@ -1,5 +1,6 @@
 """The matching studies (issue 15): snareseq_matching on the untrained methods, matching_scale."""
 
+import numpy as np
 from conftest import requires_shared_data
 
 from scvi_ext.benchmark import run_study
@@ -11,17 +12,50 @@ def test_snareseq_matching_study_scores_the_untrained_methods_both_ways(tmp_path
         "snareseq_matching",
         seeds=[0],
         outdir=tmp_path,
-        options={"methods": ("random", "gene_activity_pca")},
+        options={"methods": ("gene_activity_pca",), "plots": False},
     )
     matching = tables["matching"]
-    assert set(matching["method"]) == {"random", "gene_activity_pca"}
+    assert set(matching["method"]) == {"gene_activity_pca"}
     assert set(matching["direction"]) == {"rna_to_atac", "atac_to_rna"}
     assert (matching["max_nonzeros_per_row"] <= 1000).all()
-    by_method = matching[matching["assignment"] == "none"].groupby("method")
-    score = by_method["competition_score"].mean()
     n_held_out = 2062  # 20% of 10,309 cells
-    assert score["random"] < 2 / n_held_out < 5 / n_held_out < score["gene_activity_pca"]
-    assert (tmp_path / "gene_activity_pca_similarity_seed0.png").exists()
+    without_assignment = matching[matching["assignment"] == "none"]
+    assert set(matching["temperature_fit"]) == {"likelihood", "score"}
+    score = without_assignment.set_index(["temperature_fit", "direction"])["competition_score"]
+    assert (score["likelihood"] > 2 / n_held_out).all()  # random: 1 / n
+    assert (score["score"] > 10 / n_held_out).all()  # sharper: higher competition score
+    # on a model better than chance, the likelihood fit has the better log-likelihood
+    log_likelihood = without_assignment.groupby("temperature_fit")["log_likelihood"].mean()
+    assert log_likelihood["likelihood"] > log_likelihood["score"]
+    assert log_likelihood["likelihood"] > np.log(1 / n_held_out)
+    assert not list(tmp_path.glob("*_seed0.png"))  # plots=False
+
+
+def test_random_baseline_scores_one_over_n_with_every_matching():
+    from scvi_ext.benchmark._matching import MATCHING_METHODS, MATCHINGS
+    from scvi_ext.metrics import matching_score
+
+    n = 200
+    output = MATCHING_METHODS["random"](None, None, np.arange(n), None, seed=0)
+    assert len(output.matrices) == 2 * len(MATCHINGS)
+    scores = [matching_score(matrix) for matrix in output.matrices.values()]
+    assert np.mean(scores) < 3 / n
+    for matrix in output.matrices.values():
+        np.testing.assert_allclose(matrix.sum(1).A1, 1.0, rtol=1e-5)
+
+
+def test_similarity_figure_of_the_held_out_cells(tmp_path):
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from scvi_ext.benchmark._matching import MatchingOutput, _plots
+
+    n = 30
+    matrix = sp.csr_matrix(np.eye(n))
+    output = MatchingOutput({("rna_to_atac", None, "likelihood"): matrix}, None, None, 0.0, {})
+    obs = pd.DataFrame({"cell_type": np.repeat(["a", "b", "c"], 10)})
+    _plots("toy", output, obs, seed=0, folder=tmp_path)
+    assert [path.name for path in tmp_path.iterdir()] == ["toy_similarity_seed0.png"]
 
 
 def test_matching_scale_study_memory_and_row_sums():
@@ -31,3 +65,36 @@ def test_matching_scale_study_memory_and_row_sums():
     assert list(table["n_cells"]) == [1500, 3000]
     assert (table["nonzeros"] == table["n_cells"] * 1000).all()
     assert (table["competition_score"] > 1 / 1500).all()
+
+
+def test_warm_started_matcher_method_gives_every_matching_with_both_temperature_fits():
+    import torch
+
+    from scvi_ext.benchmark._matching import DIRECTIONS, MATCHING_METHODS, MATCHINGS
+    from scvi_ext.matching import simulate_paired
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        mdata = simulate_paired(n_cells=200)
+        train, test = np.arange(160), np.arange(160, 200)
+        run = MATCHING_METHODS["cross_attention_triplet_warm_local"]
+        output = run(mdata, train, test, None, seed=0, epochs=4)
+    finally:
+        torch.set_num_threads(threads)
+    model = output.model
+    assert model.trainer.lightning_module.infonce_warmup_epochs == 1  # a quarter of 4 epochs
+    assert set(output.matrices) == {
+        (direction, assignment, fit) for direction in DIRECTIONS for assignment, fit in MATCHINGS
+    }
+    for matrix in output.matrices.values():
+        assert matrix.shape == (40, 40)
+        np.testing.assert_allclose(matrix.sum(1).A1, 1.0, rtol=1e-5)
+    sharp = output.matrices["rna_to_atac", None, "score"]
+    default = output.matrices["rna_to_atac", None, "likelihood"]
+    expected = model.match(
+        mdata[test].copy(), top_k=1000, temperature=model.match_temperatures_["score"]
+    )
+    np.testing.assert_allclose(sharp.toarray(), expected.toarray(), rtol=1e-5)
+    assert model.match_temperatures_["score"] <= model.match_temperatures_["likelihood"]
+    assert default.max() <= sharp.max()

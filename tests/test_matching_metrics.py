@@ -22,6 +22,16 @@ def test_matching_score_is_the_mean_probability_on_the_true_pair():
     assert matching_score(P.toarray()) == pytest.approx((0.5 + 1.0 + 0.8) / 3)
 
 
+def test_log_likelihood_is_the_mean_log_probability_on_the_true_pair_with_a_floor():
+    from scvi_ext.metrics import matching_log_likelihood
+
+    assert matching_log_likelihood(P) == pytest.approx(np.log([0.5, 1.0, 0.8]).mean())
+    wrong = sp.csr_matrix(np.array([[0.0, 1.0], [1.0, 0.0]]))  # sure of the wrong cells
+    assert matching_log_likelihood(wrong) == pytest.approx(np.log(1e-6))
+    assert matching_log_likelihood(wrong, floor=1e-3) == pytest.approx(np.log(1e-3))
+    assert matching_log_likelihood(np.full((4, 4), 0.25)) == pytest.approx(np.log(0.25))
+
+
 def test_uniform_matching_scores_one_over_n():
     n = 50
     assert matching_score(np.full((n, n), 1 / n)) == pytest.approx(1 / n)

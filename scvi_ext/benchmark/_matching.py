@@ -7,7 +7,8 @@ one-to-one assignment. ``matching_scale``: matching simulated embeddings of up t
 100,000 x 100,000 cells in blocks, peak memory and time.
 
 Options (``--task-option KEY=VALUE``) for reduced runs: ``snareseq_matching`` takes
-``epochs`` (of every trained model) and ``methods`` (a subset of :data:`MATCHING_METHODS`);
+``epochs`` (of every trained model), ``methods`` (a subset of :data:`MATCHING_METHODS`) and
+``plots`` (``False``: no figures);
 ``matching_scale`` takes ``sizes`` (cell numbers). Figures (PNG) go to the report folder.
 """
 
@@ -30,7 +31,14 @@ from ._studies import register_study
 logger = logging.getLogger(__name__)
 
 TOP_K = 1000
-ASSIGNMENTS = (None, "bipartite", "ot")
+#: (one-to-one assignment, temperature fit) of each matching: the default likelihood-fitted
+#: temperature with every assignment, and the competition-score-fitted one without.
+MATCHINGS = (
+    (None, "likelihood"),
+    ("bipartite", "likelihood"),
+    ("ot", "likelihood"),
+    (None, "score"),
+)
 DIRECTIONS = ("rna_to_atac", "atac_to_rna")
 #: Settings of the trained models in the study (a CPU-sized version of the paper's).
 MODEL_SETTINGS = {
@@ -45,17 +53,20 @@ MODEL_SETTINGS = {
     "n_rerank": 20,
 }
 DEFAULT_EPOCHS = 30
+#: Share of the epochs of the warm-started triplet models trained with InfoNCE first (the
+#: simulated ablation of docs/matching.md: 5 of 20).
+WARMUP_FRACTION = 0.25
 
 
 @dataclass
 class MatchingOutput:
     """One method's matching of the held-out cells."""
 
-    matrices: dict[tuple[str, str | None], sp.csr_matrix]  # (direction, assignment) -> P
+    matrices: dict[tuple[str, str | None, str], sp.csr_matrix]  # (direction, assignment, fit)
     rna_embedding: np.ndarray | None  # for FOSCTTM and the UMAP (None: random)
     atac_embedding: np.ndarray | None
     train_seconds: float
-    match_seconds: dict[tuple[str, str | None], float]
+    match_seconds: dict[tuple[str, str | None, str], float]
     model: object | None = None
 
 
@@ -72,18 +83,33 @@ def _split(mdata, seed: int, test_fraction: float = 0.2) -> tuple[np.ndarray, np
 
 
 def _timed_matrices(
-    match: Callable[[str, str | None], sp.csr_matrix],
+    candidates: Callable[[str], tuple[np.ndarray, np.ndarray]],
+    n_columns: int,
+    temperatures: dict[str, float],
 ) -> tuple[dict, dict]:
+    """The matrix of every direction and matching (:data:`MATCHINGS`) from
+    ``candidates(direction)``, the kept columns and scores of each row, computed once per
+    direction; the seconds of each matrix include those of its candidates."""
+    from scvi_ext.matching import assign, probabilities
+
     matrices, seconds = {}, {}
     for direction in DIRECTIONS:
-        for assignment in ASSIGNMENTS:
+        start = time.perf_counter()
+        indices, scores = candidates(direction)
+        candidate_seconds = time.perf_counter() - start
+        for assignment, fit in MATCHINGS:
             start = time.perf_counter()
-            matrices[direction, assignment] = match(direction, assignment)
-            seconds[direction, assignment] = time.perf_counter() - start
+            temperature = temperatures[fit]
+            matrix = probabilities(indices, scores, n_columns, temperature)
+            matrices[direction, assignment, fit] = assign(matrix, assignment, temperature)
+            seconds[direction, assignment, fit] = candidate_seconds + time.perf_counter() - start
     return matrices, seconds
 
 
-def _matcher_method(**settings) -> Callable:
+def _matcher_method(warm_start: bool = False, **settings) -> Callable:
+    """A :class:`~scvi_ext.matching.CrossAttentionMatcher` of ``MODEL_SETTINGS`` updated by
+    ``settings``; ``warm_start``: InfoNCE for the first ``WARMUP_FRACTION`` of the epochs."""
+
     def run(mdata, train, test, gene_region_map, seed, epochs=DEFAULT_EPOCHS) -> MatchingOutput:
         import scvi
 
@@ -96,16 +122,21 @@ def _matcher_method(**settings) -> Callable:
             reference, gene_region_map=gene_region_map, **{**MODEL_SETTINGS, **settings}
         )
         start = time.perf_counter()
-        model.train(max_epochs=epochs, enable_progress_bar=False)
+        warmup_epochs = max(1, round(WARMUP_FRACTION * epochs)) if warm_start else 0
+        model.train(
+            max_epochs=epochs,
+            enable_progress_bar=False,
+            plan_kwargs={"infonce_warmup_epochs": warmup_epochs},
+        )
         train_seconds = time.perf_counter() - start
         held_out = mdata[test].copy()
         rna, atac = held_out.mod["rna"], held_out.mod["atac"]
 
-        def match(direction, assignment):
+        def candidates(direction):
             rows = "rna" if direction == "rna_to_atac" else "atac"
-            return model.match(rna, atac, top_k=TOP_K, assignment=assignment, rows=rows)
+            return model.match_candidates(rna, atac, TOP_K, rows=rows)
 
-        matrices, seconds = _timed_matrices(match)
+        matrices, seconds = _timed_matrices(candidates, len(test), model.match_temperatures_)
         return MatchingOutput(
             matrices,
             model.get_latent_representation(rna, modality="rna"),
@@ -125,21 +156,22 @@ def _embedding_output(
     atac_test: np.ndarray,
     train_seconds: float,
 ) -> MatchingOutput:
-    """Cosine matching of linear embeddings, temperature fitted on 2000 training pairs."""
-    from scvi_ext.matching import fit_temperature, l2_normalise, match_embeddings, top_k_scores
+    """Cosine matching of linear embeddings, temperatures fitted on 2000 training pairs."""
+    from scvi_ext.matching import TEMPERATURE_FITS, fit_temperature, l2_normalise, top_k_scores
 
     rna_train, atac_train = l2_normalise(rna_train), l2_normalise(atac_train)
     rna_test, atac_test = l2_normalise(rna_test), l2_normalise(atac_test)
     fit = np.random.default_rng(0).choice(len(rna_train), min(2000, len(rna_train)), False)
-    temperature = fit_temperature(*top_k_scores(rna_train[fit], atac_train[fit], TOP_K))
+    candidates = top_k_scores(rna_train[fit], atac_train[fit], TOP_K)
+    temperatures = {way: fit_temperature(*candidates, way) for way in TEMPERATURE_FITS}
 
-    def match(direction, assignment):
+    def test_candidates(direction):
         rows, columns = (
             (rna_test, atac_test) if direction == "rna_to_atac" else (atac_test, rna_test)
         )
-        return match_embeddings(rows, columns, TOP_K, temperature, assignment)
+        return top_k_scores(rows, columns, TOP_K)
 
-    matrices, seconds = _timed_matrices(match)
+    matrices, seconds = _timed_matrices(test_candidates, len(atac_test), temperatures)
     return MatchingOutput(matrices, rna_test, atac_test, train_seconds, seconds)
 
 
@@ -236,21 +268,17 @@ def _gene_activity_pca(mdata, train, test, gene_region_map, seed, **_untrained) 
 
 def _random(mdata, train, test, gene_region_map, seed, **_untrained) -> MatchingOutput:
     """Uniform probability over ``TOP_K`` random columns per row (expected score 1/n)."""
-    from scvi_ext.matching import assign, probabilities
-
     rng = np.random.default_rng(seed)
     n = len(test)
     k = min(TOP_K, n)
 
-    def match(direction, assignment):
+    def candidates(direction):
         columns = np.argsort(rng.random((n, n)), axis=1)[:, :k].astype(np.int32)
         # scores jittered by 1e-3: P stays uniform to 0.1%, and the one-to-one solvers see
         # no exact ties (scipy's matching breaks ties in a way that favours the diagonal)
-        jitter = rng.random((n, k)).astype(np.float32) * 1e-3
-        matrix = probabilities(columns, jitter, n, 1.0)
-        return assign(matrix, assignment, 1.0)
+        return columns, rng.random((n, k)).astype(np.float32) * 1e-3
 
-    matrices, seconds = _timed_matrices(match)
+    matrices, seconds = _timed_matrices(candidates, n, {"likelihood": 1.0, "score": 1.0})
     return MatchingOutput(matrices, None, None, 0.0, seconds)
 
 
@@ -259,7 +287,13 @@ def _random(mdata, train, test, gene_region_map, seed, **_untrained) -> Matching
 MATCHING_METHODS: dict[str, Callable] = {
     "cross_attention_triplet": _matcher_method(tokenizer="conv", alpha=0.5),
     "cross_attention_triplet_local": _matcher_method(tokenizer="local", alpha=0.5),
+    "cross_attention_triplet_warm_local": _matcher_method(
+        warm_start=True, tokenizer="local", alpha=0.5
+    ),
     "self_attention_triplet_local": _matcher_method(tokenizer="local", alpha=0.0),
+    "self_attention_triplet_warm_local": _matcher_method(
+        warm_start=True, tokenizer="local", alpha=0.0
+    ),
     "clip_infonce_local": _matcher_method(tokenizer="local", alpha=0.0, objective="infonce"),
     "linear_cca": _linear_cca,
     "gene_activity_pca": _gene_activity_pca,
@@ -272,12 +306,13 @@ def _scores(output: MatchingOutput, test_obs: pd.DataFrame, seed: int) -> list[d
         foscttm,
         matched_label_fraction,
         matching_aupr,
+        matching_log_likelihood,
         matching_score,
         matching_top_k,
     )
 
     rows = []
-    for (direction, assignment), matrix in output.matrices.items():
+    for (direction, assignment, fit), matrix in output.matrices.items():
         if output.rna_embedding is None:
             fos = 0.5
         else:
@@ -286,15 +321,17 @@ def _scores(output: MatchingOutput, test_obs: pd.DataFrame, seed: int) -> list[d
             fos = foscttm(x, y, metric="cosine", direction=way)
         row = {
             "assignment": assignment or "none",
+            "temperature_fit": fit,
             "direction": direction,
             "competition_score": matching_score(matrix),
+            "log_likelihood": matching_log_likelihood(matrix),
             "top1": matching_top_k(matrix, 1),
             "top5": matching_top_k(matrix, 5),
             "top50": matching_top_k(matrix, 50),
             "foscttm": fos,
             "aupr": matching_aupr(matrix),
             "train_seconds": output.train_seconds,
-            "match_seconds": output.match_seconds[direction, assignment],
+            "match_seconds": output.match_seconds[direction, assignment, fit],
             "max_nonzeros_per_row": int(np.diff(matrix.indptr).max()),
         }
         for key in ("cell_type", "cell_type_fine"):
@@ -318,7 +355,7 @@ def _plots(
     cell_types = test_obs["cell_type"].astype(str).to_numpy()
     chosen = rng.choice(len(cell_types), min(200, len(cell_types)), replace=False)
     chosen = chosen[np.argsort(cell_types[chosen], kind="stable")]
-    matrix = output.matrices["rna_to_atac", None][chosen][:, chosen].toarray()
+    matrix = output.matrices["rna_to_atac", None, "likelihood"][chosen][:, chosen].toarray()
     fig, ax = plt.subplots(figsize=(6, 5))
     image = ax.imshow(matrix, cmap="viridis", aspect="auto")
     sorted_types = cell_types[chosen]
@@ -380,16 +417,19 @@ def _selected_methods(methods: str | tuple[str, ...] | list[str] | None) -> list
     "SNARE-seq mouse cortex (10,309 paired cells): 20% held out (stratified by library "
     "batch), models trained on the paired 80%, held-out RNA matched against held-out ATAC "
     "without the pairing, both directions, top_k = 1000, with and without one-to-one "
-    "assignment (bipartite, entropic OT). competition_score = mean probability on the true "
-    "pair (random 1/n); FOSCTTM on the embeddings (cosine; lower is better, random 0.5); "
-    "same_cell_type = probability mass on cells of the same type.",
-    {"matching": ("competition_score", "top5", "foscttm")},
+    "assignment (bipartite, entropic OT). Softmax temperature fitted on paired cells by "
+    "likelihood (the default) or, rows 'T by score', by the competition score. "
+    "competition_score = mean probability on the true pair (random 1/n); log_likelihood = "
+    "mean log of it (floor 1e-6; uniform P: log 1/n); FOSCTTM on the embeddings (cosine; lower "
+    "is better, random 0.5); same_cell_type = probability mass on cells of the same type.",
+    {"matching": ("competition_score", "log_likelihood", "top5", "foscttm")},
 )
 def snareseq_matching(
     seed: int,
     outdir: str | Path | None = None,
     epochs: int = DEFAULT_EPOCHS,
     methods: str | tuple[str, ...] | list[str] | None = None,
+    plots: bool = True,
 ) -> dict[str, pd.DataFrame]:
     """Every method of :data:`MATCHING_METHODS`, or those of ``methods``.
 
@@ -403,6 +443,8 @@ def snareseq_matching(
         Epochs of every trained model.
     methods
         Names of :data:`MATCHING_METHODS` (default: all).
+    plots
+        Draw the figures (the UMAP takes minutes per method on a loaded CPU).
     """
     from scvi_ext.data import load_snareseq, load_snareseq_gene_region_map
 
@@ -418,13 +460,15 @@ def snareseq_matching(
         for row in _scores(output, test_obs, seed):
             rows.append(
                 {
-                    "run": f"{name} | {row['assignment']} | {row['direction']}",
+                    "run": f"{name}: {row['assignment']}, T by {row['temperature_fit']}, "
+                    f"{row['direction']}",
                     "method": name,
                     **row,
                 }
             )
         try:
-            _plots(name, output, test_obs, seed, folder)
+            if plots:
+                _plots(name, output, test_obs, seed, folder)
         except Exception as error:  # a figure must not lose the table
             logger.warning("Plots of %s failed: %s", name, error)
         # the rows so far, in case a later method is stopped (hours on a CPU)

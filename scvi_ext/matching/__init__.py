@@ -1,6 +1,7 @@
-"""CrossAttentionMatcher (Fan & Shen): RNA <-> ATAC cell matching with a cross-attention network."""
+"""CrossAttentionMatcher (Fan & Shen): RNA <-> ATAC cell matching by cross-attention."""
 
 from ._assignment import (
+    TEMPERATURE_FITS,
     assign,
     bipartite_assignment,
     entropic_ot,
@@ -9,6 +10,7 @@ from ._assignment import (
     match_embeddings,
     probabilities,
     top_k_scores,
+    true_pair_log_probabilities,
 )
 from ._features import gene_genome_order, genome_order, peak_positions
 from ._model import CrossAttentionMatcher
@@ -17,6 +19,7 @@ from ._plan import MatcherTrainingPlan
 from ._simulate import simulate_paired
 
 __all__ = [
+    "TEMPERATURE_FITS",
     "MatcherTrainingPlan",
     "CrossAttentionMatcher",
     "CrossAttentionModule",
@@ -35,4 +38,5 @@ __all__ = [
     "probabilities",
     "simulate_paired",
     "top_k_scores",
+    "true_pair_log_probabilities",
 ]

@@ -14,11 +14,15 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+from scipy.special import logsumexp
 
 Assignment = Literal["bipartite", "ot"] | None
+TemperatureFit = Literal["likelihood", "score"]
+TEMPERATURE_FITS = ("likelihood", "score")
 
-#: Temperatures tried when a softmax temperature is fitted on paired cells.
-TEMPERATURE_GRID = np.geomspace(1e-4, 1.0, 41)
+#: Temperatures tried when a softmax temperature is fitted on paired cells (scores of
+#: unit-norm embeddings lie in [-1 - alpha, 1 + alpha]: at 10, P is nearly uniform).
+TEMPERATURE_GRID = np.geomspace(1e-4, 10.0, 51)
 
 
 @torch.inference_mode()
@@ -79,26 +83,69 @@ def probabilities(
     index_dtype = np.int32 if n_rows * k < np.iinfo(np.int32).max else np.int64
     indptr = np.arange(0, n_rows * k + 1, k, dtype=index_dtype)
     matrix = sp.csr_matrix(
-        (weights.ravel(), indices.ravel().astype(index_dtype, copy=False), indptr),
+        (weights.ravel(), indices.astype(index_dtype).ravel(), indptr),  # a copy: sorted below
         shape=(n_rows, n_columns),
     )
     matrix.sort_indices()
     return matrix
 
 
+def true_pair_log_probabilities(
+    indices: np.ndarray, scores: np.ndarray, temperature: float
+) -> np.ndarray:
+    """Log-probability of the true pair (row ``i`` with column ``i``) of each row under the
+    softmax of ``scores / temperature`` over the kept columns.
+
+    A true pair outside the kept columns counts as the row's last kept candidate (the
+    row's smallest probability): its score is at most that candidate's, so this is the
+    most it could get, and a temperature that makes such a row confident about wrong
+    cells is still penalised.
+    """
+    logits = scores.astype(np.float64) / temperature
+    log_normaliser = logsumexp(logits, axis=1)
+    is_true = indices == np.arange(len(indices))[:, None]
+    true_logits = np.where(is_true.any(1), np.where(is_true, logits, 0.0).sum(1), logits.min(1))
+    return true_logits - log_normaliser
+
+
 def fit_temperature(
-    indices: np.ndarray, scores: np.ndarray, grid: np.ndarray = TEMPERATURE_GRID
+    indices: np.ndarray,
+    scores: np.ndarray,
+    temperature_fit: TemperatureFit = "likelihood",
+    grid: np.ndarray = TEMPERATURE_GRID,
 ) -> float:
-    """The softmax temperature of the grid that maximises the mean probability of the true
-    pair (row ``i`` with column ``i``: the competition score) on paired cells."""
+    """The softmax temperature of the grid that best predicts the true pairs of paired
+    cells (row ``i`` with column ``i``).
+
+    Parameters
+    ----------
+    indices, scores
+        Kept columns and their scores per row (:func:`top_k_scores`), rows and columns the
+        same cells in the same order.
+    temperature_fit
+        ``"likelihood"``: maximise the mean log-probability of the true pair
+        (:func:`true_pair_log_probabilities`), so P is as confident as the model is right
+        (a weak model gets a large temperature, a near-uniform P). ``"score"``: maximise
+        the mean probability of the true pair (the competition score); it rewards
+        sharpening rows even when most of them are wrong, so a weak model gets nearly
+        one-hot rows on wrong cells.
+    grid
+        Temperatures tried.
+    """
+    if temperature_fit not in TEMPERATURE_FITS:
+        raise ValueError(
+            f"temperature_fit must be 'likelihood' or 'score', not {temperature_fit!r}."
+        )
     rows = np.arange(len(indices))
     is_true = indices == rows[:, None]
-    best, best_score = float(grid[0]), -1.0
-    for temperature in grid:
-        score = float((_row_softmax(scores, float(temperature)) * is_true).sum(1).mean())
-        if score > best_score:
-            best, best_score = float(temperature), score
-    return best
+
+    def objective(temperature: float) -> float:
+        if temperature_fit == "likelihood":
+            return float(true_pair_log_probabilities(indices, scores, temperature).mean())
+        return float((_row_softmax(scores, temperature) * is_true).sum(1).mean())
+
+    values = [objective(float(temperature)) for temperature in grid]
+    return float(grid[int(np.argmax(values))])
 
 
 def entropic_ot(

@@ -20,7 +20,15 @@ from scvi.utils import setup_anndata_dsp
 from scvi_ext.base import MIN_GENE_FRACTION, InferenceMixin, align_genes
 from scvi_ext.data import validate_counts
 
-from ._assignment import Assignment, assign, fit_temperature, probabilities, top_k_scores
+from ._assignment import (
+    TEMPERATURE_FITS,
+    Assignment,
+    TemperatureFit,
+    assign,
+    fit_temperature,
+    probabilities,
+    top_k_scores,
+)
 from ._features import gene_genome_order, genome_order
 from ._module import CrossAttentionModule, Objective, Tokenizer
 from ._plan import MatcherTrainingPlan
@@ -99,6 +107,12 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         ``"conv"`` (the paper: shared filters, max pooled to ``n_tokens_*`` tokens) or
         ``"local"`` (untied weights per genomic stretch; ``n_filters`` and the kernel sizes
         are then unused).
+    temperature_fit
+        How the softmax temperature of :meth:`match` is fitted on paired validation cells
+        after training: ``"likelihood"`` (mean log-probability of the true pair: P is as
+        confident as the model is right) or ``"score"`` (the competition score, which
+        drives a weak model's rows to one-hot on wrong cells). Both fitted temperatures
+        are kept in ``match_temperatures_``.
 
     Examples
     --------
@@ -138,11 +152,18 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         n_hard_candidates: int = 8,
         n_rerank: int = 20,
         tokenizer: Tokenizer = "conv",
+        temperature_fit: TemperatureFit = "likelihood",
     ):
+        if temperature_fit not in TEMPERATURE_FITS:
+            raise ValueError(
+                f"temperature_fit must be 'likelihood' or 'score', not {temperature_fit!r}."
+            )
         super().__init__(mdata, registry=registry)
         genes, peaks = self.feature_names("rna"), self.feature_names("atac")
         self.n_rerank = n_rerank
+        self.temperature_fit = temperature_fit
         self.match_temperature_ = 0.05
+        self.match_temperatures_: dict[str, float] = {}
         self.module = self._module_cls(
             len(genes),
             len(peaks),
@@ -261,8 +282,9 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         self.module.peak_idf.copy_(idf.to(self.module.peak_idf.device))
 
     def _after_training(self) -> None:
-        """Fit the softmax temperature of :meth:`match` on paired validation cells (the
-        competition score on them); without validation cells, on training cells."""
+        """Fit the softmax temperature of :meth:`match` on paired validation cells (at
+        most ``N_TEMPERATURE_CELLS``; without validation cells, training cells), both ways
+        (``match_temperatures_``); ``match_temperature_`` is the one of ``temperature_fit``."""
         validation = getattr(self, "validation_indices", None)
         indices = np.asarray([] if validation is None else validation, dtype=int)
         if len(indices) < 2:
@@ -273,7 +295,10 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         rna = self._encode(self._registered_modality("rna")[indices], "rna")
         atac = self._encode(self._registered_modality("atac")[indices], "atac")
         candidates, scores = self._candidate_scores(rna, atac, top_k=len(indices))
-        self.match_temperature_ = fit_temperature(candidates, scores)
+        self.match_temperatures_ = {
+            fit: fit_temperature(candidates, scores, fit) for fit in TEMPERATURE_FITS
+        }
+        self.match_temperature_ = self.match_temperatures_[self.temperature_fit]
 
     # ------------------------------------------------------------------ data of one modality
     def _modality_name(self, modality: str) -> str:
@@ -463,6 +488,40 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         order = np.argsort(-rescored, axis=1, kind="stable")
         return np.take_along_axis(indices, order, 1), np.take_along_axis(rescored, order, 1)
 
+    def match_candidates(
+        self,
+        rna: AnnData | MuData,
+        atac: AnnData | None = None,
+        top_k: int = 1000,
+        n_rerank: int | None = None,
+        batch_size: int = 256,
+        block_size: int = 1024,
+        rows: Literal["rna", "atac"] = "rna",
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``top_k`` candidates of each cell and their scores ``S``, best first: what
+        :meth:`match` turns into probabilities (parameters as there).
+
+        Returns
+        -------
+        Column indices (int32) and scores (float32), both rows x ``min(top_k, columns)``.
+        """
+        if atac is None:
+            if not isinstance(rna, MuData):
+                raise ValueError(
+                    "Pass the ATAC cells (match(rna_adata, atac_adata)) or one MuData holding "
+                    "both modalities."
+                )
+            atac = rna
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, not {top_k}.")
+        if rows not in ("rna", "atac"):
+            raise ValueError(f"rows must be 'rna' or 'atac', not {rows!r}.")
+        rna_encoded = self._encode(self._modality_anndata(rna, "rna"), "rna", batch_size)
+        atac_encoded = self._encode(self._modality_anndata(atac, "atac"), "atac", batch_size)
+        return self._candidate_scores(
+            rna_encoded, atac_encoded, top_k, n_rerank, block_size, rows=rows
+        )
+
     def match(
         self,
         rna: AnnData | MuData,
@@ -480,7 +539,8 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         Scores ``e0 . t0`` in blocks of ``block_size`` RNA cells (never a dense n x n
         matrix), keeps the ``top_k`` best ATAC cells of each RNA cell, re-ranks the first
         ``n_rerank`` of them with the cross-attention term (the other kept candidates get
-        the row's lowest re-ranked cross term), then takes a softmax at ``temperature``.
+        the row's lowest re-ranked cross term) (:meth:`match_candidates`), then takes a
+        softmax at ``temperature``.
 
         Parameters
         ----------
@@ -495,8 +555,8 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
             0/1 rows), ``"ot"`` (entropic optimal transport between uniform marginals, as
             MatchCLOT) or ``None``.
         temperature
-            Softmax temperature (default: the one fitted after training, maximising the
-            competition score on paired validation cells).
+            Softmax temperature (default: ``match_temperature_``, fitted after training on
+            paired validation cells as ``temperature_fit`` says).
         n_rerank
             Candidates re-ranked with the cross term (default: the model's ``n_rerank``).
         batch_size, block_size
@@ -509,23 +569,12 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         CSR matrix (RNA cells x ATAC cells, or ATAC x RNA with ``rows="atac"``); rows sum
         to 1, at most ``top_k`` non-zeros per row.
         """
-        if atac is None:
-            if not isinstance(rna, MuData):
-                raise ValueError(
-                    "Pass the ATAC cells (match(rna_adata, atac_adata)) or one MuData holding "
-                    "both modalities."
-                )
-            rna, atac = rna, rna
-        if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, not {top_k}.")
-        rna_encoded = self._encode(self._modality_anndata(rna, "rna"), "rna", batch_size)
-        atac_encoded = self._encode(self._modality_anndata(atac, "atac"), "atac", batch_size)
-        if rows not in ("rna", "atac"):
-            raise ValueError(f"rows must be 'rna' or 'atac', not {rows!r}.")
-        indices, scores = self._candidate_scores(
-            rna_encoded, atac_encoded, top_k, n_rerank, block_size, rows=rows
+        indices, scores = self.match_candidates(
+            rna, atac, top_k, n_rerank, batch_size, block_size, rows
         )
         temperature = self.match_temperature_ if temperature is None else temperature
-        n_columns = len((atac_encoded if rows == "rna" else rna_encoded)["embedding"])
+        atac = rna if atac is None else atac  # one MuData holding both
+        columns, modality = (atac, "atac") if rows == "rna" else (rna, "rna")
+        n_columns = self._modality_anndata(columns, modality).n_obs
         matrix = probabilities(indices, scores, n_columns, temperature)
         return assign(matrix, assignment, temperature)

@@ -12,6 +12,7 @@ from ._matching import (
     foscttm,
     matched_label_fraction,
     matching_aupr,
+    matching_log_likelihood,
     matching_score,
     matching_top_k,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "macro_f1",
     "matched_label_fraction",
     "matching_aupr",
+    "matching_log_likelihood",
     "matching_score",
     "matching_top_k",
     "novelty_auroc",

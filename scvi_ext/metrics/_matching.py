@@ -31,6 +31,18 @@ def matching_score(matrix) -> float:
     return float(matrix.diagonal().mean())
 
 
+def matching_log_likelihood(matrix, floor: float = 1e-6) -> float:
+    """Mean log-probability of the true pair, ``mean_i log max(P[i, i], floor)``.
+
+    Rewards probabilities as confident as they are right: random matching scores
+    ``log(1 / n)``, a perfect one 0, and each row sure of a wrong cell ``log(floor)``
+    (a true pair of probability 0, e.g. outside the kept ``top_k``, would otherwise be
+    ``-inf``).
+    """
+    matrix = _square_csr(matrix)
+    return float(np.log(np.maximum(matrix.diagonal(), floor)).mean())
+
+
 def matching_top_k(matrix, k: int) -> float:
     """Fraction of rows whose true pair is among their ``k`` largest entries (a true pair
     of probability 0 is never found; ties count against it)."""
