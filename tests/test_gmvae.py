@@ -279,6 +279,93 @@ def test_training_and_embedding_on_backed_anndata(tmp_path):
     backed_query.file.close()
 
 
+def test_component_balance_penalty_is_zero_for_balanced_use_and_log_k_for_one_component():
+    from scvi_ext.gmvae import GMVAEModule
+
+    module = GMVAEModule(n_input=10, n_components=4)
+    confident = torch.full((8, 4), -30.0)
+    confident[torch.arange(8), torch.arange(8) % 4] = 30.0  # sure of one component each
+    assert float(module.component_balance_penalty(confident)) == pytest.approx(0, abs=1e-5)
+    assert float(module.component_balance_penalty(torch.zeros(8, 4))) == pytest.approx(0)
+    one = torch.full((8, 4), -30.0)
+    one[:, 2] = 30.0  # every cell in component 2
+    assert float(module.component_balance_penalty(one)) == pytest.approx(np.log(4), abs=1e-5)
+    half = torch.full((8, 4), -30.0)
+    half[:, :2] = 30.0  # components 0 and 1 shared by all cells, 2 and 3 empty
+    assert float(module.component_balance_penalty(half)) == pytest.approx(np.log(2), abs=1e-5)
+
+
+def test_component_balance_adds_the_penalty_to_the_loss_not_to_the_elbo(reference_model):
+    model, reference, _ = reference_model
+    tensors = next(iter(model.iter_minibatches(batch_size=64)))
+    model.module.eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        inference, _, plain = model.module(tensors)
+        model.module.component_balance = 2.0
+        try:
+            torch.manual_seed(0)
+            _, _, balanced = model.module(tensors)
+        finally:
+            model.module.component_balance = 0.0
+    penalty = model.module.component_balance_penalty(inference["qy_logits"])
+    assert float(penalty) > 0
+    np.testing.assert_allclose(
+        float(balanced.loss), float(plain.loss) + 2 * float(penalty), rtol=1e-5
+    )
+    assert float(balanced.extra_metrics["elbo"]) == pytest.approx(
+        float(plain.extra_metrics["elbo"]), rel=1e-6
+    )
+
+
+def test_component_balance_trains_saves_loads_and_refuses_bad_values(reference_model, tmp_path):
+    _, reference, query = reference_model
+    scvi.settings.seed = 0
+    model = GMVAE(reference, component_balance=1.0, **SMALL)
+    model.train(**{**FAST, "max_epochs": 2})
+    assert "train_component_balance_penalty" in model.history, sorted(model.history)
+    model.save(tmp_path / "balanced")
+    loaded = GMVAE.load(tmp_path / "balanced", adata=reference)
+    assert loaded.module.component_balance == 1.0
+    np.testing.assert_array_equal(
+        loaded.predict_cluster(query, soft=True), model.predict_cluster(query, soft=True)
+    )
+    for bad in (-1.0, float("nan")):
+        message = rf"component_balance must be a number >= 0 \(0: off\), not {bad}\."
+        with pytest.raises(ValueError, match=message):
+            GMVAE(reference, component_balance=bad, **SMALL)
+    with pytest.raises(ValueError, match="component_balance is a term of the torch loss"):
+        model.train(max_epochs=1, backend="pyro")
+
+
+def test_mixture_lr_factor_gives_the_mixture_parameters_their_own_learning_rate(
+    reference_model,
+):
+    from scvi_ext.gmvae import GMVAETrainingPlan
+    from scvi_ext.gmvae._plan import MIXTURE_PARAMETERS
+
+    _, reference, _ = reference_model
+    module = GMVAE(reference, **SMALL).module
+    plan = GMVAETrainingPlan(module, lr=1e-3, mixture_lr_factor=30)
+    optimizer = plan._create_optimizer(module.parameters())
+    assert [group["lr"] for group in optimizer.param_groups] == [1e-3, pytest.approx(3e-2)]
+    mixture = {id(getattr(module, name)) for name in MIXTURE_PARAMETERS}
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == mixture
+    assert len(optimizer.param_groups[0]["params"]) == len(list(module.parameters())) - 4
+    moved = {}
+    for factor in (1, 30):
+        scvi.settings.seed = 0
+        model = GMVAE(reference, **SMALL)
+        before = model.module.prior_means.detach().clone()
+        train = {**FAST, "max_epochs": 2, "plan_kwargs": {"lr": 1e-4, "mixture_lr_factor": factor}}
+        model.train(**train)
+        moved[factor] = float((model.module.prior_means.detach() - before).abs().max())
+    # Adam moves each by about lr per step: 10 steps (2 epochs of 5 minibatches)
+    assert moved[1] < 1.2e-3 and 25 * moved[1] < moved[30] < 35 * moved[1], moved
+    with pytest.raises(ValueError, match=r"mixture_lr_factor must be a number > 0 \(1: the"):
+        GMVAETrainingPlan(module, mixture_lr_factor=0)
+
+
 @requires_shared_data
 def test_real_data_latent_separates_kang_cell_types_well_above_chance():
     from sklearn.model_selection import cross_val_score

@@ -58,3 +58,40 @@ def test_tiny_run_writes_every_table_and_figure(tmp_path):
     per_seed = pd.read_csv(tmp_path / "classification_per_seed.csv")
     assert len(per_seed) == len(classification)
     assert "latent_inputs" in STUDIES
+
+
+def test_gmvae_components_options_name_unknown_variants():
+    from scvi_ext.benchmark._gmvae_components import study_options as components_options
+
+    assert components_options(variants="default").variants == ("default",)
+    with pytest.raises(ValueError, match=r"gmvae_components variants: unknown \['free_bits'\]"):
+        components_options(variants=("default", "free_bits"))
+
+
+@requires_shared_data
+def test_tiny_gmvae_components_run_counts_components_for_every_variant(tmp_path):
+    options = dict(
+        datasets="kang_ifnb",
+        epochs=3,
+        n_components=4,
+        n_latent=4,
+        n_hidden=16,
+        lr=1e-3,
+        kmeans_init_epoch=2,
+        classifier_epochs=2,
+        max_cells=200,
+        record_every=1,
+    )
+    tables = run_study("gmvae_components", seeds=[0], outdir=tmp_path, options=options)
+    runs = tables["components"].set_index("run")
+    variants = ["default", "kl_warmup", "kmeans_init", "balance", "mixture_lr"]
+    assert list(runs.index) == [f"kang_ifnb / GMVAE {v}" for v in variants] + [
+        "kang_ifnb / Leiden on scVI"
+    ]
+    gmvae = runs.iloc[:5]
+    assert gmvae["components_used"].between(1, 4).all()
+    assert (gmvae["components_over_1pct"] <= gmvae["components_used"]).all()
+    assert gmvae["classifier_accuracy"].between(0, 1).all() and (gmvae["elbo"] < 0).all()
+    curves = tables["components_vs_epoch"]
+    assert sorted(set(curves["epoch"])) == [1, 2, 3] and len(curves) == 3 * 5
+    assert (tmp_path / "components_vs_epoch_kang_ifnb_seed0.png").exists()

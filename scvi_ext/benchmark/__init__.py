@@ -12,7 +12,14 @@ Examples
 """
 
 # Each imported for its @register_method / @register_task / @register_study side effects.
-from . import _attention_tasks, _cgran_scaling, _latent_inputs, _matching, _scale  # noqa: F401
+from . import (  # noqa: F401
+    _attention_tasks,
+    _cgran_scaling,
+    _gmvae_components,
+    _latent_inputs,
+    _matching,
+    _scale,
+)
 from ._cellular_tasks import cellular_method, embedding_quality, novel_type_detection
 from ._methods import (
     BATCH_COLUMN,

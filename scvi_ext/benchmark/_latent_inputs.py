@@ -93,33 +93,40 @@ class LatentInputsOptions:
     umap: bool = True
 
 
-def study_options(**given) -> LatentInputsOptions:
-    """The study's sizes: the defaults (the issue's full run) updated with ``given``.
+def parse_options(options_cls: type, study: str, choices: dict[str, tuple], given: dict):
+    """``options_cls`` (a dataclass of a study's sizes) with its defaults updated by ``given``.
 
     A single value is taken for a one-element tuple (``ks=10`` is ``ks=(10,)``).
 
     Raises
     ------
     ValueError
-        An unknown option, dataset, representation or classifier.
+        An unknown option, or a value outside ``choices[option]``.
     """
-    defaults = vars(LatentInputsOptions())
+    defaults = vars(options_cls())
     unknown = sorted(set(given) - set(defaults))
     if unknown:
-        raise ValueError(f"Unknown latent_inputs option(s) {unknown}; options: {list(defaults)}.")
-    choices = {
-        "datasets": DATASETS,
-        "representations": REPRESENTATIONS,
-        "classifiers": CLASSIFIERS,
-    }
+        raise ValueError(f"Unknown {study} option(s) {unknown}; options: {list(defaults)}.")
+    given = dict(given)
     for name, value in given.items():
         if isinstance(defaults[name], tuple):
             value = tuple(value) if isinstance(value, list | tuple) else (value,)
             given[name] = value
         bad = sorted(set(value) - set(choices[name])) if name in choices else []
         if bad:
-            raise ValueError(f"latent_inputs {name}: unknown {bad}; choose from {choices[name]}.")
-    return LatentInputsOptions(**given)
+            raise ValueError(f"{study} {name}: unknown {bad}; choose from {choices[name]}.")
+    return options_cls(**given)
+
+
+def study_options(**given) -> LatentInputsOptions:
+    """The study's sizes: the defaults (the issue's full run) updated with ``given``
+    (see :func:`parse_options`)."""
+    choices = {
+        "datasets": DATASETS,
+        "representations": REPRESENTATIONS,
+        "classifiers": CLASSIFIERS,
+    }
+    return parse_options(LatentInputsOptions, "latent_inputs", choices, given)
 
 
 # ---------------------------------------------------------------------- data
@@ -353,8 +360,10 @@ def _classify(
     query: np.ndarray,
     query_labels: np.ndarray,
     epochs: int,
+    **train_kwargs,
 ) -> dict[str, float]:
-    """Train one classifier on a representation and score the query."""
+    """Train one classifier on a representation and score the query (``train_kwargs``:
+    more arguments of its ``train``)."""
     obsm_key = "X_representation"
     train = ad.AnnData(
         obs=pd.DataFrame(
@@ -371,7 +380,7 @@ def _classify(
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.train(max_epochs=epochs, **QUIET)
+        model.train(max_epochs=epochs, **QUIET, **train_kwargs)
     seconds = time.perf_counter() - start
     proba = model.predict_proba(test)
     result = MethodResult(

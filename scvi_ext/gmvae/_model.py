@@ -68,6 +68,10 @@ class GMVAE(
         Encoder dropout.
     encode_covariates
         Also give the batch to the encoder (scVI's default: no).
+    component_balance
+        Weight of a penalty on unused components added to the training loss:
+        ``KL(mean over the minibatch of q(y | x) || p(y))`` (0: off, the plain ELBO;
+        docs/gmvae.md measures its effect on component collapse). Torch backend only.
 
     Examples
     --------
@@ -102,6 +106,7 @@ class GMVAE(
         likelihood: Likelihood = "nb",
         dropout_rate: float = 0.1,
         encode_covariates: bool = False,
+        component_balance: float = 0.0,
     ):
         super().__init__(adata, registry=registry)
         stats = self.summary_stats
@@ -115,10 +120,12 @@ class GMVAE(
             likelihood=likelihood,
             dropout_rate=dropout_rate,
             encode_covariates=encode_covariates,
+            component_balance=component_balance,
         )
         self._model_summary_string = (
             f"GMVAE with n_latent={n_latent}, n_hidden={n_hidden}, n_layers={n_layers}, "
-            f"n_components={n_components}, likelihood={likelihood!r}"
+            f"n_components={n_components}, likelihood={likelihood!r}, "
+            f"component_balance={component_balance}"
         )
         #: Components no cell was assigned to by the last :meth:`predict_cluster` call.
         self.collapsed_components: list[int] = []
@@ -247,6 +254,11 @@ class GMVAE(
         if unknown:
             raise ValueError(
                 f"Unknown plan_kwargs {unknown} for backend='pyro'; valid: ['eps', 'lr']."
+            )
+        if self.module.component_balance > 0:
+            raise ValueError(
+                "component_balance is a term of the torch loss: train with backend='torch', "
+                "or build the GMVAE with component_balance=0 to train with Pyro."
             )
         if max_epochs is None:
             max_epochs = self.train_defaults["max_epochs"]

@@ -66,6 +66,9 @@ class GMVAEModule(BaseModuleClass):
         Dropout of the encoder.
     encode_covariates
         Give the batch to the encoder too (scVI's default: no).
+    component_balance
+        Weight of :meth:`component_balance_penalty` added to the training loss (0: the
+        plain negative ELBO, scVAE's objective).
     """
 
     def __init__(
@@ -79,10 +82,16 @@ class GMVAEModule(BaseModuleClass):
         likelihood: Likelihood = "nb",
         dropout_rate: float = 0.1,
         encode_covariates: bool = False,
+        component_balance: float = 0.0,
     ):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {likelihood!r}.")
+        if not component_balance >= 0:
+            raise ValueError(
+                f"component_balance must be a number >= 0 (0: off), not {component_balance!r}."
+            )
+        self.component_balance = float(component_balance)
         self.n_components, self.n_latent, self.likelihood = n_components, n_latent, likelihood
         self.encode_covariates = encode_covariates
         self.encoder = FCLayers(
@@ -222,6 +231,18 @@ class GMVAEModule(BaseModuleClass):
             "kl_y": (log_qy.exp() * (log_qy - log_py)).sum(-1),
         }
 
+    def component_balance_penalty(self, qy_logits: torch.Tensor) -> torch.Tensor:
+        """``KL(mean over cells of q(y | x) || p(y))``: 0 when the cells use the components
+        as ``p(y)`` says (uniform), up to ``log K`` when they all use one.
+
+        The ELBO's ``KL(q(y|x) || p(y))`` averaged over cells is this term plus the mutual
+        information of x and y (Hoffman & Johnson, 2016); weighting this term more
+        penalises empty components without penalising confident assignments.
+        """
+        mean_qy = F.softmax(qy_logits, dim=-1).mean(0)
+        log_py = F.log_softmax(self.prior_logits, dim=-1)
+        return (mean_qy * (torch.log(mean_qy.clamp_min(1e-12)) - log_py)).sum()
+
     def loss(
         self,
         tensors: dict,
@@ -229,17 +250,23 @@ class GMVAEModule(BaseModuleClass):
         generative_outputs: dict,
         kl_weight: float = 1.0,
     ) -> LossOutput:
-        """Mean negative ELBO of the minibatch (KL terms times ``kl_weight``, for warm-up)."""
+        """Mean negative ELBO of the minibatch (KL terms times ``kl_weight``, for warm-up),
+        plus ``component_balance`` times :meth:`component_balance_penalty` when set."""
         terms = self.elbo_terms(
             tensors[REGISTRY_KEYS.X_KEY], inference_outputs, generative_outputs
         )
         kl = terms["kl_z"] + terms["kl_y"]
         loss = (terms["reconstruction"] + kl_weight * kl).mean()
+        extra_metrics = {"elbo": -(terms["reconstruction"] + kl).mean()}
+        if self.component_balance > 0:
+            penalty = self.component_balance_penalty(inference_outputs["qy_logits"])
+            loss = loss + self.component_balance * penalty
+            extra_metrics["component_balance_penalty"] = penalty
         return LossOutput(
             loss=loss,
             reconstruction_loss=terms["reconstruction"],
             kl_local={"kl_z": terms["kl_z"], "kl_y": terms["kl_y"]},
-            extra_metrics={"elbo": -(terms["reconstruction"] + kl).mean()},
+            extra_metrics=extra_metrics,
         )
 
     # ------------------------------------------------------------------ cell summaries
