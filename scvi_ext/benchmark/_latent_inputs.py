@@ -360,10 +360,8 @@ def _classify(
     query: np.ndarray,
     query_labels: np.ndarray,
     epochs: int,
-    **train_kwargs,
 ) -> dict[str, float]:
-    """Train one classifier on a representation and score the query (``train_kwargs``:
-    more arguments of its ``train``)."""
+    """Train one classifier on a representation and score the query."""
     obsm_key = "X_representation"
     train = ad.AnnData(
         obs=pd.DataFrame(
@@ -380,7 +378,7 @@ def _classify(
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.train(max_epochs=epochs, **QUIET, **train_kwargs)
+        model.train(max_epochs=epochs, **QUIET)
     seconds = time.perf_counter() - start
     proba = model.predict_proba(test)
     result = MethodResult(
