@@ -330,8 +330,8 @@ def test_component_balance_trains_saves_loads_and_refuses_bad_values(reference_m
     np.testing.assert_array_equal(
         loaded.predict_cluster(query, soft=True), model.predict_cluster(query, soft=True)
     )
-    for bad in (-1.0, float("nan")):
-        message = rf"component_balance must be a number >= 0 \(0: off\), not {bad}\."
+    for bad in (-1.0, float("nan"), "10"):
+        message = rf"component_balance must be a number >= 0 \(0: off\), not {bad!r}\."
         with pytest.raises(ValueError, match=message):
             GMVAE(reference, component_balance=bad, **SMALL)
     with pytest.raises(ValueError, match="component_balance is a term of the torch loss"):
@@ -362,8 +362,9 @@ def test_mixture_lr_factor_gives_the_mixture_parameters_their_own_learning_rate(
         moved[factor] = float((model.module.prior_means.detach() - before).abs().max())
     # Adam moves each by about lr per step: 10 steps (2 epochs of 5 minibatches)
     assert moved[1] < 1.2e-3 and 25 * moved[1] < moved[30] < 35 * moved[1], moved
-    with pytest.raises(ValueError, match=r"mixture_lr_factor must be a number > 0 \(1: the"):
-        GMVAETrainingPlan(module, mixture_lr_factor=0)
+    for bad in (0, "30"):
+        with pytest.raises(ValueError, match=r"mixture_lr_factor must be a number > 0 \(1: the"):
+            GMVAETrainingPlan(module, mixture_lr_factor=bad)
 
 
 @requires_shared_data

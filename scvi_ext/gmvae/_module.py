@@ -87,7 +87,7 @@ class GMVAEModule(BaseModuleClass):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {likelihood!r}.")
-        if not component_balance >= 0:
+        if not isinstance(component_balance, int | float) or not component_balance >= 0:
             raise ValueError(
                 f"component_balance must be a number >= 0 (0: off), not {component_balance!r}."
             )

@@ -42,7 +42,7 @@ class GMVAETrainingPlan(BaseTrainingPlan):
         mixture_lr_factor: float = 1.0,
         **kwargs,
     ):
-        if not mixture_lr_factor > 0:
+        if not isinstance(mixture_lr_factor, int | float) or not mixture_lr_factor > 0:
             raise ValueError(
                 f"mixture_lr_factor must be a number > 0 (1: the plan's lr), "
                 f"not {mixture_lr_factor!r}."
