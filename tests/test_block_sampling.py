@@ -12,8 +12,9 @@ import scvi
 from scvi.dataloaders import DataSplitter
 
 from scvi_ext.base import BlockBatchSampler, SliceReadCSR, check_block_size
-from scvi_ext.base._sampler import BlockAnnDataLoader, row_runs
+from scvi_ext.base._sampler import BlockAnnDataLoader
 from scvi_ext.data import simulate
+from scvi_ext.data._slice_read import row_runs
 from scvi_ext.model import CELLULAR, ScNym
 
 BAD_BLOCK_SIZE = (

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import tracemalloc
 
 import anndata as ad
 import numpy as np
 import pytest
+import scipy.sparse as sp
 from test_gmvae import FAST, SMALL
 from test_model_contract_safety import BUILDERS, _data, _train_settings
 
@@ -79,21 +81,108 @@ def test_gmvae_trains_and_embeds_from_a_collection_of_files(tmp_path):
     np.testing.assert_allclose(latent, model.get_latent_representation(query), atol=1e-5)
 
 
-def test_collections_without_the_layer_or_with_other_genes_are_refused(tmp_path):
-    reference, query, parts, query_path = _files(tmp_path)
+def test_collections_without_the_layer_or_as_csc_are_refused(tmp_path):
+    reference, _, parts, _ = _files(tmp_path)
     with pytest.raises(
         ValueError, match=r"part1.h5ad has no layer 'raw' \(its layers: 'counts'\)"
     ):
         read_collection(parts, layer="raw")
-    collection = read_collection(parts)
-    with pytest.raises(ValueError, match="An AnnCollection is read through a layer"):
-        ScNym.setup_anndata(collection, labels_key="cell_type", unlabeled_category=None)
+    csc = reference.copy()
+    csc.layers["counts"] = sp.csc_matrix(csc.layers["counts"])
+    csc.write_h5ad(tmp_path / "csc.h5ad")
+    with pytest.raises(
+        ValueError, match=r"csc.h5ad stores layer 'counts' as csc_matrix; a collection reads"
+    ):
+        read_collection([parts[0], tmp_path / "csc.h5ad"])
+
+
+def _scnym_on(reference):
     ScNym.setup_anndata(reference, labels_key="cell_type", unlabeled_category=None)
     model = ScNym(reference, n_hidden=16)
     model.train(max_epochs=1, enable_progress_bar=False)
+    return model
+
+
+def test_a_collection_with_other_genes_is_read_with_the_models_genes_by_name(tmp_path):
+    """Reordered genes give the in-memory prediction; missing genes read as zero counts,
+    as for an AnnData (same warning, same prediction); a query of other genes is refused."""
+    reference, query, _, _ = _files(tmp_path)
+    model = _scnym_on(reference)
     query[:, ::-1].write_h5ad(tmp_path / "reversed.h5ad")
-    with pytest.raises(ValueError, match="not the model's 60 genes in the model's order"):
-        model.predict(read_collection([tmp_path / "reversed.h5ad"]))
+    reversed_collection = read_collection([tmp_path / "reversed.h5ad"])
+    np.testing.assert_allclose(
+        model.predict_proba(reversed_collection), model.predict_proba(query), atol=1e-6
+    )
+    assert list(reversed_collection.var_names) == list(query.var_names[::-1])  # untouched
+    from_x = read_collection([tmp_path / "reversed.h5ad"], layer=None)  # the files' X
+    np.testing.assert_allclose(model.predict_proba(from_x), model.predict_proba(query), atol=1e-6)
+    fewer = query[:, 5:]
+    fewer.write_h5ad(tmp_path / "fewer.h5ad")
+    with pytest.warns(UserWarning, match="lacks 5 of the model's 60 genes"):
+        expected = model.predict_proba(fewer)
+    with pytest.warns(UserWarning, match="lacks 5 of the model's 60 genes"):
+        observed = model.predict_proba(read_collection([tmp_path / "fewer.h5ad"]))
+    np.testing.assert_allclose(observed, expected, atol=1e-6)
+    query[:, :10].write_h5ad(tmp_path / "ten.h5ad")
+    with pytest.raises(
+        ValueError, match=r"The query shares only 10 of 60 reference genes \(16.7%"
+    ):
+        model.predict(read_collection([tmp_path / "ten.h5ad"]))
+
+
+def test_collection_counts_match_the_files_for_any_row_order(tmp_path):
+    """The collection's counts equal the concatenated files' counts (genes matched by name),
+    whatever rows are asked and in whatever order."""
+    reference, _, parts, _ = _files(tmp_path)
+    counts = read_collection(parts).layers["counts"]
+    expected = sp.csr_matrix(reference.layers["counts"])
+    rows = np.random.default_rng(0).permutation(reference.n_obs)[:50]
+    assert counts.shape == expected.shape
+    assert (counts[rows] != expected[rows]).nnz == 0
+    assert (counts[10:200] != expected[10:200]).nnz == 0
+    assert (counts[7] != expected[7]).nnz == 0
+    assert (counts.to_memory() != expected).nnz == 0
+
+
+def test_read_collection_leaves_the_counts_on_disk(tmp_path):
+    """Opening files holds their obs, var and row offsets in memory, not their counts
+    (anndata's backed mode would load every layer)."""
+    rng = np.random.default_rng(0)
+    counts = sp.random(4000, 500, density=0.5, format="csr", dtype=np.float32, random_state=rng)
+    counts.data = np.ceil(counts.data * 10)
+    adata = ad.AnnData(X=None, layers={"counts": counts}, shape=counts.shape)
+    adata.write_h5ad(tmp_path / "big.h5ad")
+    stored = counts.data.nbytes + counts.indices.nbytes  # 8 MB
+    tracemalloc.start()
+    collection = read_collection([tmp_path / "big.h5ad"])
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < stored / 8
+    assert (collection.layers["counts"][:100] != counts[:100]).nnz == 0
+
+
+def test_closed_collections_are_refused_at_every_entry(tmp_path):
+    reference, _, parts, query_path = _files(tmp_path)
+    message = r"part1.h5ad was closed; open them again with scvi_ext.data.read_collection\("
+    collection = read_collection(parts)
+    ScNym.setup_anndata(
+        collection, labels_key="cell_type", unlabeled_category=None, layer="counts"
+    )
+    model = ScNym(collection, n_hidden=16)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    collection.close()
+    with pytest.raises(ValueError, match=message):
+        model.predict()
+    with pytest.raises(ValueError, match=message):
+        model.train(max_epochs=1, enable_progress_bar=False)
+    closed = read_collection(parts)
+    closed.close()
+    with pytest.raises(ValueError, match=message):
+        ScNym.setup_anndata(closed, labels_key="cell_type", layer="counts")
+    query = read_collection([query_path])
+    query.close()
+    with pytest.raises(ValueError, match=r"query.h5ad was closed"):
+        _scnym_on(reference).predict(query)
 
 
 def test_closed_backed_files_are_refused_at_every_entry(tmp_path):

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 
-from scvi_ext.data import check_backed_open, is_collection, validate_gene_overlap
+from scvi_ext.data import CollectionCounts, check_backed_open, is_collection, validate_gene_overlap
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +68,18 @@ def align_genes(matrix, var_names: pd.Index, genes: pd.Index, name: str = "adata
     report = validate_gene_overlap(genes, var_names, MIN_GENE_FRACTION)
     columns = var_names.get_indexer(genes)
     present = columns >= 0
+    on_files = isinstance(matrix, CollectionCounts)
     if present.all():
         logger.info("Genes of %s matched to the model's by name (reordered or subset).", name)
-        return matrix[:, columns]
+        return matrix.with_genes(columns) if on_files else matrix[:, columns]
     warnings.warn(
         f"{name} lacks {len(genes) - report['n_shared']} of the model's {len(genes)} genes "
         f"(e.g. {report['missing_genes'][:3]}); they are read as zero counts.",
         UserWarning,
         stacklevel=3,
     )
+    if on_files:
+        return matrix.with_genes(columns)
     selection = sp.csr_matrix(
         (np.ones(int(present.sum())), (columns[present], np.flatnonzero(present))),
         shape=(len(var_names), len(genes)),
@@ -120,19 +123,13 @@ def registered_obs(
     return obs
 
 
-def _collection_view(adata, obs: pd.DataFrame, genes: pd.Index | None):
-    """A collection over the same files with its own ``obs``; its genes must be the model's."""
-    from scvi_ext.data._collection import CollectionWithObs
-
-    if genes is not None and not pd.Index(adata.var_names.astype(str)).equals(genes):
-        report = validate_gene_overlap(genes, adata.var_names, MIN_GENE_FRACTION)
-        raise ValueError(
-            f"The AnnCollection's genes are not the model's {len(genes)} genes in the model's "
-            f"order (it shares {report['n_shared']}); a collection cannot be reordered in "
-            "place. Pass its files as one AnnData, or write them with the model's genes "
-            "(model.gene_names) in that order."
-        )
-    return CollectionWithObs(adata.collection, obs)
+def _collection_view(adata, obs: pd.DataFrame, layer: str | None, genes: pd.Index | None):
+    """A collection over the same files with its own ``obs``, its counts in the model's
+    ``layer`` and read with the model's genes."""
+    if genes is None:
+        return adata.with_obs(obs, layer)
+    counts = align_genes(adata.counts, adata.var_names, genes)
+    return adata.with_obs(obs, layer, counts, genes)
 
 
 def detached_anndata(
@@ -146,7 +143,7 @@ def detached_anndata(
     scvi registration writes ``_scvi_*`` columns and ``uns`` entries into the AnnData it is
     given; working on this object keeps the user's AnnData untouched. A collection of
     files (:func:`~scvi_ext.data.read_collection`) gives a collection over the same files
-    with its own ``obs``; its genes must then be the model's, in order. Labels absent from
+    with its own ``obs``, read with the model's genes by name. Labels absent from
     ``known_labels`` (cell types the reference never saw) and a missing labels column
     become the unlabeled category.
 
@@ -164,7 +161,7 @@ def detached_anndata(
     layer = setup_args.get("layer")
     obs = registered_obs(adata, setup_args, known_labels)
     if is_collection(adata):
-        return _collection_view(adata, obs, genes)
+        return _collection_view(adata, obs, layer, genes)
     if layer is not None and layer not in adata.layers:
         raise ValueError(
             f"layer '{layer}' is not in adata.layers (available: {list(adata.layers)}); "

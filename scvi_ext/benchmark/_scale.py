@@ -2,7 +2,8 @@
 
 Simulated counts (:func:`scvi_ext.data.write_simulated`: ``n_genes`` genes, 20 cell types,
 8 batches, the last 30% of cells in a shifted ``"query"`` condition, unlabeled) are read
-in memory (``anndata.read_h5ad(path)``), backed (``read_h5ad(path, backed="r")``) or from
+in memory (``anndata.read_h5ad(path)``), backed (``read_h5ad(path, backed="r")``), as a
+collection of files (:func:`scvi_ext.data.read_collection`, here of the one file) or from
 a TileDB-SOMA experiment (:class:`scvi_ext.base.SomaDataModule`). Each method x storage x
 size is measured in a fresh process, so that its peak resident memory is its own: seconds
 and the process's CPU seconds inside the training epochs (validation included; CPU
@@ -36,7 +37,7 @@ logger = logging.getLogger(__name__)
 #: Methods of the study: our models and scANVI, the peer (CGRAN is too slow on a CPU).
 SCALE_METHODS = ("scnym", "cellular", "can", "gmvae", "scanvi")
 #: Where the counts are read from.
-SCALE_STORAGES = ("memory", "backed", "soma")
+SCALE_STORAGES = ("memory", "backed", "collection", "soma")
 #: ``obs`` column written into the simulated files: cell types, ``"Unknown"`` on query cells.
 LABELS_COLUMN = "reference_cell_type"
 UNLABELED = "Unknown"
@@ -242,7 +243,12 @@ def measure(spec: dict) -> dict:
         model = model_cls(registry=data.registry)
         data_kwargs = {"datamodule": data}
     else:
-        data = ad.read_h5ad(spec["path"], backed="r" if storage == "backed" else None)
+        if storage == "collection":
+            from scvi_ext.data import read_collection
+
+            data = read_collection([spec["path"]], layer=None)
+        else:
+            data = ad.read_h5ad(spec["path"], backed="r" if storage == "backed" else None)
         model_cls.setup_anndata(data, **setup_kwargs)
         model = model_cls(data)
         data_kwargs = settings
@@ -465,7 +471,7 @@ def plot_scaling(table: pd.DataFrame, path: str | Path) -> None:
         ("peak_rss_train_gb", "peak RSS of training (GB)"),
     ]
     figure = _new_figure(15, 4.5)
-    styles = {"memory": "-", "backed": "--", "soma": ":"}
+    styles = {"memory": "-", "backed": "--", "collection": "-.", "soma": ":"}
     colours = {method: f"C{number}" for number, method in enumerate(SCALE_METHODS)}
     sizes = np.sort(single["n_cells"].unique()).astype(float)
     for axes, (column, label) in zip(figure.subplots(1, len(panels)), panels, strict=True):

@@ -1,6 +1,6 @@
 """Datasets, a count simulator, gene selection and input validation."""
 
-from ._collection import Collection, read_collection
+from ._collection import Collection, CollectionCounts, read_collection
 from ._genes import (
     GENE_SELECTION_DEFAULTS,
     log_normalise,
@@ -32,6 +32,7 @@ from ._validation import (
 
 __all__ = [
     "Collection",
+    "CollectionCounts",
     "DATASETS",
     "DATA_DIR_ENV_VAR",
     "GENE_SELECTION_DEFAULTS",

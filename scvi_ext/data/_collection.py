@@ -1,72 +1,275 @@
-"""Several h5ad files read as one AnnData-like object, through scvi-tools' AnnCollection support."""
+"""Several h5ad files read as one AnnData-like object, their counts left on disk."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import anndata as ad
+import h5py
+import numpy as np
 import pandas as pd
+import scipy.sparse as sp
+from anndata.abc import CSRDataset
 from anndata.experimental import AnnCollection
+from anndata.io import read_elem, sparse_dataset
 from scvi.dataloaders import CollectionAdapter
+
+from ._slice_read import SliceReadCSR
+
+
+class CollectionCounts(CSRDataset):
+    """The counts of several files as one cells x genes matrix, read from disk by slices.
+
+    Rows are read from each file with :class:`SliceReadCSR` (one slice read per run of
+    consecutive rows) and their genes taken in the collection's order, by name; genes a
+    file lacks read as zero counts. Nothing but each file's ``indptr`` is held in memory.
+
+    Parameters
+    ----------
+    readers
+        One reader per file, in the collection's order of cells.
+    columns
+        Per file, the file's column of each of the collection's genes (-1: absent), or
+        ``None`` when the file's genes are the collection's, in order.
+    """
+
+    def __init__(self, readers: Sequence[SliceReadCSR], columns: Sequence[np.ndarray | None]):
+        self.readers = list(readers)
+        self.columns = list(columns)
+        self.starts = np.cumsum([0] + [reader.shape[0] for reader in self.readers])
+        widths = {len(c) for c in self.columns if c is not None}
+        widths |= {
+            r.shape[1] for r, c in zip(self.readers, self.columns, strict=True) if c is None
+        }
+        if len(widths) != 1:
+            raise ValueError(f"the files' gene columns disagree in number: {sorted(widths)}")
+        self._n_genes = widths.pop()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Cells x genes."""
+        return int(self.starts[-1]), self._n_genes
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The values' type (the first file's)."""
+        return self.readers[0].matrix.dtype
+
+    def with_genes(self, positions: np.ndarray) -> CollectionCounts:
+        """The same files read with the collection's genes ``positions`` (-1: a zero column)."""
+        columns = []
+        for reader, file_columns in zip(self.readers, self.columns, strict=True):
+            own = np.arange(reader.shape[1]) if file_columns is None else file_columns
+            columns.append(np.where(positions >= 0, own[np.maximum(positions, 0)], -1))
+        return CollectionCounts(self.readers, columns)
+
+    def to_memory(self) -> sp.csr_matrix:
+        """The whole matrix in memory."""
+        return self[np.arange(self.shape[0])]
+
+    def _genes_of(self, part: int, block: sp.csr_matrix) -> sp.csr_matrix:
+        columns = self.columns[part]
+        if columns is None:
+            return block
+        present = columns >= 0
+        if present.all():
+            return block[:, columns]
+        selection = sp.csr_matrix(
+            (
+                np.ones(int(present.sum()), block.dtype),
+                (columns[present], np.flatnonzero(present)),
+            ),
+            shape=(block.shape[1], len(columns)),
+        )
+        return sp.csr_matrix(block @ selection)
+
+    def __getitem__(self, index) -> sp.csr_matrix:
+        """Rows ``index`` (integer, slice, integer or boolean array) as a CSR matrix."""
+        if isinstance(index, tuple):
+            raise IndexError("a collection's counts are indexed by cells only")
+        rows = np.arange(self.shape[0])[index]
+        rows = np.atleast_1d(rows).astype(np.int64)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        parts = np.searchsorted(self.starts, sorted_rows, side="right") - 1
+        blocks = []
+        for part in np.unique(parts).tolist():
+            local = sorted_rows[parts == part] - self.starts[part]
+            blocks.append(self._genes_of(part, self.readers[part][local]))
+        if not blocks:
+            return sp.csr_matrix((0, self.shape[1]), dtype=self.dtype)
+        result = sp.vstack(blocks, format="csr")
+        if np.any(np.diff(order) < 0):
+            result = result[np.argsort(order)]
+        return result
+
+
+class _Layers(Mapping):
+    """The layer a collection was read through (none when read from the files' ``X``)."""
+
+    def __init__(self, name: str | None, counts: CollectionCounts):
+        self.names = [] if name is None else [name]
+        self.counts = counts
+
+    def __getitem__(self, key: str) -> CollectionCounts:
+        if key not in self.names:
+            raise KeyError(key)
+        return self.counts
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 class Collection(CollectionAdapter):
-    """scvi-tools' :class:`~scvi.dataloaders.CollectionAdapter` with an ``uns`` of its own.
+    """Several h5ad files as one AnnData-like object (scvi-tools' ``CollectionAdapter``).
 
-    scvi-tools' adapter keeps ``uns`` (where registration stores the AnnData's id) in one
-    dictionary shared by every adapter, so two registered collections would overwrite
-    each other's id; this one keeps its own.
+    ``obs`` (the columns all files share) is in memory; the counts stay on disk and are
+    read through ``X`` or ``layers[layer]`` (the same :class:`CollectionCounts`). The files
+    are opened read-only. scvi-tools' adapter keeps ``uns`` (where registration stores the AnnData's
+    id) in one dictionary shared by every adapter, so two registered collections would
+    overwrite each other's id; this one keeps its own.
     """
 
-    def __init__(self, collection: AnnCollection):
+    def __init__(
+        self,
+        collection: AnnCollection,
+        files: Sequence[h5py.File],
+        layer: str | None,
+        counts: CollectionCounts,
+        var_names: pd.Index | None = None,
+    ):
         super().__init__(collection)
         self.uns = {}
+        self.files = list(files)
+        self.paths = [os.fspath(file.filename) for file in self.files]
+        self.layer = layer
+        self.counts = counts
+        self.var_names = pd.Index(collection.var_names if var_names is None else var_names)
+
+    @property
+    def layers(self) -> Mapping[str, CollectionCounts]:
+        """The counts, as the layer the files were read through."""
+        return _Layers(self.layer, self.counts)
+
+    @property
+    def X(self) -> CollectionCounts:  # noqa: N802 (AnnData's name)
+        """The counts (the same as ``layers[layer]``)."""
+        return self.counts
+
+    @property
+    def var(self) -> pd.DataFrame:
+        """The genes (names only)."""
+        return pd.DataFrame(index=self.var_names)
+
+    @property
+    def n_vars(self) -> int:
+        """Number of genes."""
+        return self.counts.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Cells x genes."""
+        return self.counts.shape
+
+    def close(self) -> None:
+        """Close the files (a closed collection is refused by every model)."""
+        for file in self.files:
+            file.close()
+
+    def with_obs(
+        self,
+        obs: pd.DataFrame,
+        layer: str | None,
+        counts: CollectionCounts | None = None,
+        var_names: pd.Index | None = None,
+    ) -> Collection:
+        """The same files with their own ``obs`` (a light copy), their counts in ``layer``
+        (``None``: ``X`` only), and optionally read with other genes
+        (:meth:`CollectionCounts.with_genes`) named ``var_names``."""
+        view = Collection(
+            self.collection,
+            self.files,
+            layer,
+            self.counts if counts is None else counts,
+            self.var_names if var_names is None else var_names,
+        )
+        view.obs = obs
+        return view
 
 
-class CollectionWithObs(Collection):
-    """A :class:`Collection` over the same files with its own ``obs`` (a light copy)."""
-
-    def __init__(self, collection: AnnCollection, obs: pd.DataFrame):
-        super().__init__(collection)
-        self.obs = obs
+def _open(path: str | os.PathLike, layer: str | None) -> tuple[h5py.File, ad.AnnData, CSRDataset]:
+    file = h5py.File(path, "r")
+    where = "X" if layer is None else f"layer '{layer}'"
+    layers = file.get("layers", {})
+    if layer is not None and layer not in layers:
+        available = ", ".join(repr(name) for name in layers) or "none"
+        file.close()
+        raise ValueError(
+            f"{os.fspath(path)} has no layer '{layer}' (its layers: {available}); pass the "
+            "layer holding raw counts, or layer=None for X."
+        )
+    group = file["X"] if layer is None else layers[layer]
+    encoding = group.attrs.get("encoding-type", "array")
+    if encoding != "csr_matrix":
+        file.close()
+        raise ValueError(
+            f"{os.fspath(path)} stores {where} as {encoding}; a collection reads cells by "
+            "rows from a CSR matrix. Store the counts as scipy.sparse.csr_matrix and write "
+            "the file again."
+        )
+    part = ad.AnnData(
+        # The counts as X are never read whole: AnnCollection reads one row when built.
+        X=sparse_dataset(group),
+        obs=read_elem(file["obs"]),
+        var=read_elem(file["var"]),
+    )
+    return file, part, part.X
 
 
 def read_collection(
-    paths: Sequence[str | os.PathLike], label: str | None = None, layer: str = "counts"
+    paths: Sequence[str | os.PathLike], label: str | None = None, layer: str | None = "counts"
 ) -> Collection:
-    """Open several h5ad files read-only (backed) as one collection that every model takes.
+    """Open several h5ad files read-only as one collection that every model takes.
 
     Genes are matched by name across files (the genes all files share, in the first file's
     order); ``obs`` holds the columns all files share. Register it with a model's
-    ``setup_anndata(collection, layer=layer, ...)``: scvi-tools reads an AnnCollection
-    through a layer. Nothing is loaded into memory but ``obs``.
+    ``setup_anndata(collection, ...)``: its counts are both ``X`` and ``layers[layer]``. Only ``obs``, ``var`` and each file's
+    row offsets are loaded into memory; the counts are read from disk, a minibatch at a
+    time, by slices of consecutive rows. ``collection.close()`` closes the files.
 
     Parameters
     ----------
     paths
-        The h5ad files; each needs the counts in ``layers[layer]``.
+        The h5ad files; each needs the counts as CSR in ``layers[layer]`` (or ``X``).
     label
         Optional ``obs`` column naming, for each cell, the file it came from (its index in
         ``paths``).
     layer
-        The layer holding raw counts (checked in every file).
+        The layer holding raw counts in every file; ``None``: the files' ``X``.
 
     Raises
     ------
     ValueError
-        When a file lacks ``layer``.
+        When a file lacks ``layer`` or stores the counts other than as CSR.
     """
-    parts = [ad.read_h5ad(path, backed="r") for path in paths]
-    for path, part in zip(paths, parts, strict=True):
-        if layer not in part.layers:
-            available = ", ".join(repr(name) for name in part.layers) or "none"
-            for opened in parts:
-                opened.file.close()
-            raise ValueError(
-                f"{os.fspath(path)} has no layer '{layer}' (its layers: {available}); "
-                "AnnCollections are read through a layer holding raw counts: write the "
-                "counts to that layer, or pass layer=."
-            )
-    collection = AnnCollection(parts, join_obs="inner", join_vars="inner", label=label)
-    return Collection(collection)
+    opened = []
+    try:
+        for path in paths:
+            opened.append(_open(path, layer))
+    except ValueError:
+        for file, _, _ in opened:
+            file.close()
+        raise
+    files, parts, matrices = zip(*opened, strict=True)
+    collection = AnnCollection(list(parts), join_obs="inner", join_vars="inner", label=label)
+    genes = pd.Index(collection.var_names)
+    columns = []
+    for part in parts:
+        own = pd.Index(part.var_names)
+        columns.append(None if own.equals(genes) else own.get_indexer(genes))
+    counts = CollectionCounts([SliceReadCSR(matrix) for matrix in matrices], columns)
+    return Collection(collection, files, layer, counts)

@@ -14,10 +14,10 @@ _N_EXAMPLES = 20
 
 
 def is_collection(adata: object) -> bool:
-    """``adata`` is scvi-tools' ``CollectionAdapter`` over an ``AnnCollection`` of files."""
-    from scvi.dataloaders import CollectionAdapter
+    """``adata`` is a collection of files (:func:`~scvi_ext.data.read_collection`)."""
+    from ._collection import Collection
 
-    return isinstance(adata, CollectionAdapter)
+    return isinstance(adata, Collection)
 
 
 def check_backed_open(adata: ad.AnnData, name: str = "adata") -> None:
@@ -32,24 +32,22 @@ def check_backed_open(adata: ad.AnnData, name: str = "adata") -> None:
         Naming the closed file and how to reopen it.
     """
     if is_collection(adata):
-        backed = [part for part in adata.collection.adatas if part.isbacked]
-    else:
-        backed = [adata] if adata.isbacked else []
-    for part in backed:
-        if not part.file.is_open:
-            raise ValueError(
-                f"{name} is backed by {part.filename}, whose file was closed; reopen it with "
-                f"anndata.read_h5ad({str(part.filename)!r}, backed='r') and pass that."
-            )
+        for path, file in zip(adata.paths, adata.files, strict=True):
+            if not file.id.valid:
+                raise ValueError(
+                    f"{name} reads files of which {path} was closed; open them again with "
+                    f"scvi_ext.data.read_collection({adata.paths!r}) and pass that."
+                )
+        return
+    if adata.isbacked and not adata.file.is_open:
+        raise ValueError(
+            f"{name} is backed by {adata.filename}, whose file was closed; reopen it with "
+            f"anndata.read_h5ad({str(adata.filename)!r}, backed='r') and pass that."
+        )
 
 
 def _count_matrix(adata: ad.AnnData, layer: str | None) -> tuple[object, str]:
     check_backed_open(adata)
-    if is_collection(adata) and layer is None:
-        raise ValueError(
-            "An AnnCollection is read through a layer (scvi-tools' CollectionAdapter has no "
-            "X); pass the layer holding raw counts via `layer=`."
-        )
     if layer is None:
         if adata.X is None:
             raise ValueError(
@@ -66,20 +64,15 @@ def _count_matrix(adata: ad.AnnData, layer: str | None) -> tuple[object, str]:
     return adata.layers[layer], f"adata.layers['{layer}']"
 
 
-def _is_collection_layer(matrix: object) -> bool:
-    """A layer of scvi's ``CollectionAdapter``: sparse in type, read by rows from files."""
-    return type(matrix).__name__ == "ArrayFakerSparse"
-
-
 def _value_blocks(matrix: object) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """Yield (stored values, row totals or None) in bounded pieces, never densifying."""
-    if sp.issparse(matrix) and not _is_collection_layer(matrix):
+    if sp.issparse(matrix):
         values = matrix.data
         for start in range(0, values.size, _VALUE_CHUNK):
             yield values[start : start + _VALUE_CHUNK], None
         yield values[:0], np.asarray(matrix.sum(axis=1)).ravel()
         return
-    n_rows = len(matrix.collection) if _is_collection_layer(matrix) else matrix.shape[0]
+    n_rows = matrix.shape[0]
     for start in range(0, n_rows, _ROW_CHUNK):
         block = matrix[start : start + _ROW_CHUNK]
         if sp.issparse(block):
