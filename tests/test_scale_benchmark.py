@@ -11,7 +11,7 @@ TINY = {
     "sizes": (400, 800),
     "n_genes": 50,
     "methods": ("scnym", "gmvae"),
-    "storages": ("memory", "backed"),
+    "storages": ("memory", "backed", "collection"),
     "ddp": False,
     "epochs": 1,
     "torch_threads": 1,
@@ -33,9 +33,9 @@ def test_scale_tables(tiny_run):
     assert set(tables) == {"scale", "scaling", "disk_vs_memory"}  # no scANVI, no DDP rows
     scale = tables["scale"]
     assert scale.columns[0] == "measurement"
-    assert len(scale) == 2 * 2 * 2  # sizes x methods x storages
+    assert len(scale) == 2 * 2 * 3  # sizes x methods x storages
     assert (scale["error"] == "").all(), scale["error"].tolist()
-    assert set(scale["storage"]) == {"memory", "backed"}
+    assert set(scale["storage"]) == {"memory", "backed", "collection"}
     assert (scale["torch_threads"] == 1).all()
     for column in (
         "seconds_per_epoch",
@@ -57,13 +57,15 @@ def test_scale_tables(tiny_run):
         "gmvae / memory",
         "scnym / backed",
         "gmvae / backed",
+        "scnym / collection",
+        "gmvae / collection",
     ]
     assert np.isfinite(scaling[["time_exponent", "cpu_time_exponent"]]).all().all()
     assert np.allclose(scaling["x10_cells_time_factor"], 10 ** scaling["time_exponent"])
     assert (scaling["n_sizes"] == 2).all() and (scaling["largest_n"] == 800).all()
 
     disk = tables["disk_vs_memory"]
-    assert len(disk) == 2 * 2  # methods x sizes, backed vs memory
+    assert len(disk) == 2 * 2 * 2  # methods x sizes x (backed, collection) vs memory
     for column in ("train", "train_cpu", "predict", "predict_cpu"):
         assert (disk[f"{column}_throughput_pct"] > 0).all(), column
 
@@ -83,7 +85,7 @@ def test_scale_reuses_files_and_measurements(tiny_run):
     first = tables["scale"].set_index("measurement").loc[reused.index]
     assert np.allclose(reused["seconds_per_epoch"], first["seconds_per_epoch"])
     missing = again[again["n_cells"] == 1600]
-    assert len(missing) == 4 and (missing["error"] == "not measured (reuse_only)").all()
+    assert len(missing) == 6 and (missing["error"] == "not measured (reuse_only)").all()
     assert missing["seconds_per_epoch"].isna().all()
     assert not list((outdir / "data").glob("simulated_1600x*"))  # nothing written
 
