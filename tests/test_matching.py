@@ -1,16 +1,21 @@
 """CrossAttentionMatcher (issue 15): the contract's tests on paired RNA/ATAC MuData, the
 matching utilities, and the bad inputs with their messages."""
 
+import hashlib
+
+import mudata
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import scvi
 import torch
 import torch.nn.functional as F
+from anndata.abc import CSRDataset
 from conftest import ddp_rank_results, requires_shared_data
 from mudata import MuData
 from scipy.optimize import linear_sum_assignment
 
+from scvi_ext.base._sampler import is_on_disk
 from scvi_ext.matching import (
     CrossAttentionMatcher,
     bipartite_assignment,
@@ -186,6 +191,34 @@ def test_save_load_gives_identical_match_matrices(trained, tmp_path):
     assert without_data.temperature_fit == model.temperature_fit
     with pytest.raises(ValueError, match="already exists"):
         model.save(folder)
+
+
+def test_trains_and_matches_from_a_backed_mudata_read_only(trained, tmp_path):
+    """A backed h5mu: matching equals the in-memory matching; training reads the counts
+    from disk (the registered matrix is the file's, minibatches in blocks of rows) and
+    matches well above chance; the file is unchanged; a closed one is refused."""
+    model, _, held_out = trained
+    held_out.write(tmp_path / "held_out.h5mu")
+    backed_held_out = mudata.read_h5mu(tmp_path / "held_out.h5mu", backed=True)
+    expected = model.match(held_out, top_k=20).toarray()
+    np.testing.assert_allclose(
+        model.match(backed_held_out, top_k=20).toarray(), expected, atol=1e-6
+    )
+
+    simulate_paired()[:320].copy().write(tmp_path / "reference.h5mu")  # the fixture's cells
+    digest = hashlib.sha256((tmp_path / "reference.h5mu").read_bytes()).hexdigest()
+    reference = mudata.read_h5mu(tmp_path / "reference.h5mu", backed=True)
+    assert isinstance(reference.mod["rna"].X, CSRDataset) and is_on_disk(reference)
+    scvi.settings.seed = 0
+    CrossAttentionMatcher.setup_mudata(reference, batch_key="rna:batch")
+    on_disk = CrossAttentionMatcher(reference, **SMALL)
+    on_disk.train(**FAST)
+    assert isinstance(on_disk.adata_manager.get_from_registry("X"), CSRDataset)
+    assert matching_score(on_disk.match(held_out, top_k=50)) > 2 / held_out.n_obs
+    reference.file.close()
+    assert hashlib.sha256((tmp_path / "reference.h5mu").read_bytes()).hexdigest() == digest
+    with pytest.raises(ValueError, match=r"reopen it with mudata.read_h5mu\("):
+        on_disk.match(reference)
 
 
 def test_seeded_training_is_deterministic():

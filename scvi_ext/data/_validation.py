@@ -40,9 +40,15 @@ def check_backed_open(adata: ad.AnnData, name: str = "adata") -> None:
                 )
         return
     if adata.isbacked and not adata.file.is_open:
+        path = str(adata.filename)
+        reopen = (
+            f"mudata.read_h5mu({path!r}, backed=True)"
+            if path.endswith(".h5mu")
+            else f"anndata.read_h5ad({path!r}, backed='r')"
+        )
         raise ValueError(
-            f"{name} is backed by {adata.filename}, whose file was closed; reopen it with "
-            f"anndata.read_h5ad({str(adata.filename)!r}, backed='r') and pass that."
+            f"{name} is backed by {path}, whose file was closed; reopen it with {reopen} "
+            "and pass that."
         )
 
 
