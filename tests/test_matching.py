@@ -248,6 +248,46 @@ def test_paper_conv_tokenizer_and_infonce_objective_train():
         CrossAttentionMatcher(mdata, objective="infonce", alpha=0.5)
 
 
+def _random_links(n_genes: int, n_peaks: int, seed: int = 0) -> sp.csr_matrix:
+    """Each peak linked to one random gene (genes x peaks)."""
+    genes = np.random.default_rng(seed).integers(n_genes, size=n_peaks)
+    return sp.csr_matrix((np.ones(n_peaks), (genes, np.arange(n_peaks))), (n_genes, n_peaks))
+
+
+def test_atac_read_as_gene_activity(tmp_path):
+    """``atac_input="gene_activity"``: the ATAC encoder reads each gene's summed linked
+    peaks, normalised as the RNA and in the RNA's gene order; it trains, matches above
+    chance, saves and loads, and names its ATAC tokens by genes."""
+    scvi.settings.seed = 0
+    mdata = simulate_paired()
+    reference, held_out = mdata[:320].copy(), mdata[320:].copy()
+    CrossAttentionMatcher.setup_mudata(reference)
+    links = _random_links(reference.mod["rna"].n_vars, reference.mod["atac"].n_vars)
+    clip = {"objective": "infonce", "alpha": 0.0, "tokenizer": "local"}
+    model = CrossAttentionMatcher(
+        reference, gene_region_map=links, atac_input="gene_activity", **{**SMALL, **clip}
+    )
+    counts = torch.as_tensor(held_out.mod["atac"].X.toarray())
+    activity = counts @ torch.as_tensor(links.toarray(), dtype=torch.float32).T
+    expected = model.module.normalise_rna(activity)
+    torch.testing.assert_close(model.module.normalise_atac(counts), expected)
+    n_tokens = SMALL["n_tokens_atac"]
+    assert model.module.atac_tokenizer.width == -(-120 // n_tokens)  # 120 genes, not 600 peaks
+    model.train(**FAST)
+    matrix = model.match(held_out, top_k=50)
+    assert matching_score(matrix) > 2 / held_out.n_obs  # chance: 1 / n
+    labels = model.get_attention(held_out, modality="atac").index
+    assert all(label.startswith("gene") for label in labels)
+    model.save(tmp_path / "model")
+    loaded = CrossAttentionMatcher.load(tmp_path / "model", adata=False)
+    assert loaded.module.atac_input == "gene_activity"
+    np.testing.assert_array_equal(loaded.match(held_out, top_k=50).toarray(), matrix.toarray())
+    with pytest.raises(ValueError, match=r"atac_input='gene_activity' sums the peaks linked"):
+        CrossAttentionMatcher(reference, atac_input="gene_activity")
+    with pytest.raises(ValueError, match="atac_input must be 'peaks' or 'gene_activity'"):
+        CrossAttentionMatcher(reference, gene_region_map=links, atac_input="genes")
+
+
 def test_infonce_warm_start_of_the_triplet_objective(trained):
     from types import SimpleNamespace
 

@@ -1,6 +1,7 @@
 """The matching studies (issue 15): snareseq_matching on the untrained methods, matching_scale."""
 
 import numpy as np
+import pytest
 from conftest import requires_shared_data
 
 from scvi_ext.benchmark import run_study
@@ -98,3 +99,21 @@ def test_warm_started_matcher_method_gives_every_matching_with_both_temperature_
     np.testing.assert_allclose(sharp.toarray(), expected.toarray(), rtol=1e-5)
     assert model.match_temperatures_["score"] <= model.match_temperatures_["likelihood"]
     assert default.max() <= sharp.max()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["clip_infonce_local_gene_activity", "cross_attention_triplet_warm_local_gene_activity"],
+)
+def test_gene_activity_methods_read_atac_as_gene_activity(name):
+    import scipy.sparse as sp
+
+    from scvi_ext.benchmark._matching import MATCHING_METHODS
+    from scvi_ext.matching import simulate_paired
+
+    mdata = simulate_paired(n_cells=120)
+    peaks_gene = np.random.default_rng(0).integers(120, size=600)
+    links = sp.csr_matrix((np.ones(600), (peaks_gene, np.arange(600))), shape=(120, 600))
+    output = MATCHING_METHODS[name](mdata, np.arange(100), np.arange(100, 120), links, 0, epochs=1)
+    assert output.model.module.atac_input == "gene_activity"
+    assert output.matrices["rna_to_atac", None, "likelihood"].shape == (20, 20)

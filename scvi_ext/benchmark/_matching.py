@@ -295,6 +295,12 @@ MATCHING_METHODS: dict[str, Callable] = {
         warm_start=True, tokenizer="local", alpha=0.0
     ),
     "clip_infonce_local": _matcher_method(tokenizer="local", alpha=0.0, objective="infonce"),
+    "clip_infonce_local_gene_activity": _matcher_method(
+        tokenizer="local", alpha=0.0, objective="infonce", atac_input="gene_activity"
+    ),
+    "cross_attention_triplet_warm_local_gene_activity": _matcher_method(
+        warm_start=True, tokenizer="local", alpha=0.5, atac_input="gene_activity"
+    ),
     "linear_cca": _linear_cca,
     "gene_activity_pca": _gene_activity_pca,
     "random": _random,

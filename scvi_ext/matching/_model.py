@@ -30,7 +30,7 @@ from ._assignment import (
     top_k_scores,
 )
 from ._features import gene_genome_order, genome_order
-from ._module import CrossAttentionModule, Objective, Tokenizer
+from ._module import AtacInput, CrossAttentionModule, Objective, Tokenizer
 from ._plan import MatcherTrainingPlan
 
 #: The modalities the model reads: setup argument -> role in the messages.
@@ -113,6 +113,10 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         confident as the model is right) or ``"score"`` (the competition score, which
         drives a weak model's rows to one-hot on wrong cells). Both fitted temperatures
         are kept in ``match_temperatures_``.
+    atac_input
+        What the ATAC encoder reads: ``"peaks"`` (TF-IDF peaks in genome order, the paper)
+        or ``"gene_activity"`` (each gene's summed linked peaks of ``gene_region_map``,
+        normalised as the RNA: both encoders then read genes in the same order).
 
     Examples
     --------
@@ -153,6 +157,7 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         n_rerank: int = 20,
         tokenizer: Tokenizer = "conv",
         temperature_fit: TemperatureFit = "likelihood",
+        atac_input: AtacInput = "peaks",
     ):
         if temperature_fit not in TEMPERATURE_FITS:
             raise ValueError(
@@ -164,6 +169,15 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         self.temperature_fit = temperature_fit
         self.match_temperature_ = 0.05
         self.match_temperatures_: dict[str, float] = {}
+        if atac_input == "gene_activity" and gene_region_map is None:
+            raise ValueError(
+                "atac_input='gene_activity' sums the peaks linked to each gene: pass "
+                "gene_region_map= (genes x peaks, in the registered order)."
+            )
+        links = None
+        if gene_region_map is not None:
+            coo = sp.coo_matrix(gene_region_map)
+            links = np.stack([coo.row, coo.col], 1)[coo.data != 0]
         self.module = self._module_cls(
             len(genes),
             len(peaks),
@@ -182,10 +196,12 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
             objective=objective,
             n_hard_candidates=n_hard_candidates,
             tokenizer=tokenizer,
+            atac_input=atac_input,
+            links=links,
         )
         self._model_summary_string = (
             f"CrossAttentionMatcher ({objective}, alpha={alpha}) on {len(genes)} genes and "
-            f"{len(peaks)} peaks"
+            f"{len(peaks)} peaks (ATAC read as {atac_input})"
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -435,8 +451,11 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         attention = encoded["attention_sum"] / data.n_obs
         module = self.module
         tokenizer = module.rna_tokenizer if modality == "rna" else module.atac_tokenizer
-        order = (module.gene_order if modality == "rna" else module.peak_order).cpu().numpy()
-        ordered = self.feature_names(modality)[order]
+        if modality == "rna" or module.atac_input == "gene_activity":
+            order, names = module.gene_order.cpu().numpy(), self.feature_names("rna")
+        else:
+            order, names = module.peak_order.cpu().numpy(), self.feature_names("atac")
+        ordered = names[order]
         spans = tokenizer.token_spans(len(ordered))
         labels = [f"{ordered[first]}..{ordered[last]}" for first, last in spans]
         return pd.DataFrame(attention, index=labels, columns=labels)

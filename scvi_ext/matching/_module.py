@@ -13,6 +13,7 @@ from torch import nn
 
 Objective = Literal["triplet", "infonce"]
 Tokenizer = Literal["conv", "local"]
+AtacInput = Literal["peaks", "gene_activity"]
 
 #: Counts per cell after RNA normalisation and TF-IDF scaling (before log1p).
 SCALE_FACTOR = 1e4
@@ -146,6 +147,12 @@ class CrossAttentionModule(BaseModuleClass):
     tokenizer
         ``"conv"``: the paper's shared 1-D convolution + pooling (:class:`RegionTokenizer`);
         ``"local"``: untied weights per genomic stretch (:class:`LocalTokenizer`).
+    atac_input
+        ``"peaks"``: the ATAC encoder reads TF-IDF peaks (the paper); ``"gene_activity"``:
+        it reads each gene's summed linked peaks (``links``), per-cell normalised + log1p
+        as the RNA, genes in ``gene_order``.
+    links
+        (gene, peak) index pairs of the gene-region map; needed for ``"gene_activity"``.
     """
 
     def __init__(
@@ -167,8 +174,20 @@ class CrossAttentionModule(BaseModuleClass):
         objective: Objective = "triplet",
         n_hard_candidates: int = 8,
         tokenizer: Tokenizer = "conv",
+        atac_input: AtacInput = "peaks",
+        links: np.ndarray | None = None,
     ):
         super().__init__()
+        if atac_input not in ("peaks", "gene_activity"):
+            raise ValueError(f"atac_input must be 'peaks' or 'gene_activity', not {atac_input!r}.")
+        if atac_input == "gene_activity" and links is None:
+            raise ValueError("atac_input='gene_activity' needs the (gene, peak) links.")
+        self.atac_input = atac_input
+        links = np.zeros((0, 2), dtype=np.int64) if links is None else np.asarray(links)
+        self.register_buffer("link_genes", torch.as_tensor(links[:, 0], dtype=torch.long))
+        self.register_buffer("link_peaks", torch.as_tensor(links[:, 1], dtype=torch.long))
+        self.n_genes = n_genes
+        n_atac_features = n_genes if atac_input == "gene_activity" else n_peaks
         if objective not in ("triplet", "infonce"):
             raise ValueError(f"objective must be 'triplet' or 'infonce', not {objective!r}.")
         if objective == "infonce" and alpha != 0:
@@ -190,7 +209,7 @@ class CrossAttentionModule(BaseModuleClass):
             )
         elif tokenizer == "local":
             self.rna_tokenizer = LocalTokenizer(n_genes, n_tokens_rna, embed_dim)
-            self.atac_tokenizer = LocalTokenizer(n_peaks, n_tokens_atac, embed_dim)
+            self.atac_tokenizer = LocalTokenizer(n_atac_features, n_tokens_atac, embed_dim)
         else:
             raise ValueError(f"tokenizer must be 'conv' or 'local', not {tokenizer!r}.")
         self.rna_self_attention = TransformerUnit(embed_dim, n_heads, dropout)
@@ -207,7 +226,12 @@ class CrossAttentionModule(BaseModuleClass):
         return torch.log1p(counts / library * SCALE_FACTOR)
 
     def normalise_atac(self, counts: torch.Tensor) -> torch.Tensor:
-        """TF-IDF (IDF of the training cells) + log1p, peaks in genome order."""
+        """TF-IDF (IDF of the training cells) + log1p, peaks in genome order; with
+        ``atac_input="gene_activity"``, the genes' summed linked peaks normalised as RNA."""
+        if self.atac_input == "gene_activity":
+            activity = counts.new_zeros(len(counts), self.n_genes)
+            activity.index_add_(1, self.link_genes, counts[:, self.link_peaks])
+            return self.normalise_rna(activity)
         term_frequency = counts / counts.sum(1, keepdim=True).clamp_min(1.0)
         tf_idf = torch.log1p(term_frequency * self.peak_idf * SCALE_FACTOR)
         return tf_idf[:, self.peak_order]
