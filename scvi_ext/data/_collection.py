@@ -38,13 +38,8 @@ class CollectionCounts(CSRDataset):
         self.readers = list(readers)
         self.columns = list(columns)
         self.starts = np.cumsum([0] + [reader.shape[0] for reader in self.readers])
-        widths = {len(c) for c in self.columns if c is not None}
-        widths |= {
-            r.shape[1] for r, c in zip(self.readers, self.columns, strict=True) if c is None
-        }
-        if len(widths) != 1:
-            raise ValueError(f"the files' gene columns disagree in number: {sorted(widths)}")
-        self._n_genes = widths.pop()
+        first = self.columns[0]
+        self._n_genes = self.readers[0].shape[1] if first is None else len(first)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -86,10 +81,7 @@ class CollectionCounts(CSRDataset):
 
     def __getitem__(self, index) -> sp.csr_matrix:
         """Rows ``index`` (integer, slice, integer or boolean array) as a CSR matrix."""
-        if isinstance(index, tuple):
-            raise IndexError("a collection's counts are indexed by cells only")
-        rows = np.arange(self.shape[0])[index]
-        rows = np.atleast_1d(rows).astype(np.int64)
+        rows = _row_indices(index, self.shape[0])
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         parts = np.searchsorted(self.starts, sorted_rows, side="right") - 1
@@ -103,6 +95,19 @@ class CollectionCounts(CSRDataset):
         if np.any(np.diff(order) < 0):
             result = result[np.argsort(order)]
         return result
+
+
+def _row_indices(index, n_rows: int) -> np.ndarray:
+    """Row numbers of an integer, slice, integer array or boolean mask."""
+    if isinstance(index, tuple):
+        raise IndexError("a collection's counts are indexed by cells only")
+    if isinstance(index, slice):
+        return np.arange(*index.indices(n_rows), dtype=np.int64)
+    rows = np.atleast_1d(np.asarray(index))
+    if rows.dtype == bool:
+        return np.flatnonzero(rows)
+    rows = rows.astype(np.int64)
+    return np.where(rows < 0, rows + n_rows, rows)
 
 
 class _Layers(Mapping):
