@@ -367,6 +367,188 @@ def test_mixture_lr_factor_gives_the_mixture_parameters_their_own_learning_rate(
             GMVAETrainingPlan(module, mixture_lr_factor=bad)
 
 
+#: The default (mixture) module's state, as before ``posterior`` was added.
+MIXTURE_STATE = [
+    "z_mean_offset",
+    "z_log_scale_offset",
+    "prior_means",
+    "prior_log_scales",
+    "px_log_theta",
+    "prior_logits",
+    "encoder.fc_layers.Layer 0.0.weight",
+    "encoder.fc_layers.Layer 0.0.bias",
+    "encoder.fc_layers.Layer 0.1.weight",
+    "encoder.fc_layers.Layer 0.1.bias",
+    "encoder.fc_layers.Layer 0.1.running_mean",
+    "encoder.fc_layers.Layer 0.1.running_var",
+    "encoder.fc_layers.Layer 0.1.num_batches_tracked",
+    "y_logits.weight",
+    "y_logits.bias",
+    "z_mean.weight",
+    "z_mean.bias",
+    "z_log_scale.weight",
+    "z_log_scale.bias",
+    "decoder.fc_layers.Layer 0.0.weight",
+    "decoder.fc_layers.Layer 0.0.bias",
+    "decoder.fc_layers.Layer 0.1.weight",
+    "decoder.fc_layers.Layer 0.1.bias",
+    "decoder.fc_layers.Layer 0.1.running_mean",
+    "decoder.fc_layers.Layer 0.1.running_var",
+    "decoder.fc_layers.Layer 0.1.num_batches_tracked",
+    "px_scale.weight",
+    "px_scale.bias",
+]
+
+
+@pytest.fixture(scope="module")
+def gaussian_model(reference_model):
+    """(GMVAE with ``posterior="gaussian"`` trained as ``reference_model``, reference, query)."""
+    _, reference, query = reference_model
+    scvi.settings.seed = 0
+    model = GMVAE(reference, posterior="gaussian", **SMALL)
+    model.train(**FAST)
+    return model, reference, query
+
+
+def test_default_posterior_is_the_mixture_with_unchanged_parameters(reference_model):
+    model, reference, _ = reference_model
+    assert model.module.posterior == "mixture"
+    assert list(model.module.state_dict()) == MIXTURE_STATE
+    assert "posterior='mixture'" in model._model_summary_string
+    states = []
+    for kwargs in ({}, {"posterior": "mixture"}):
+        scvi.settings.seed = 5
+        states.append(GMVAE(reference, **SMALL, **kwargs).module.state_dict())
+    for name in MIXTURE_STATE:
+        assert torch.equal(states[0][name], states[1][name]), name
+
+
+def test_gaussian_posterior_uses_scvi_mog_prior_trains_and_separates_the_query(gaussian_model):
+    from scvi.module.base import MogPrior
+    from sklearn.neighbors import KNeighborsClassifier
+
+    model, reference, query = gaussian_model
+    module = model.module
+    assert isinstance(module.mog_prior, MogPrior)
+    names = {name for name, _ in module.named_parameters()}
+    assert {"mog_prior.prior_means", "mog_prior.prior_logits"} <= names
+    assert not {"y_logits.weight", "z_mean_offset", "prior_means"} & names
+    assert "posterior='gaussian'" in model._model_summary_string
+    first, last = model.history["train_elbo"].iloc[[0, -1], 0]
+    assert last > first + 10  # the ELBO rose
+    latent = model.get_latent_representation(query)
+    assert latent.shape == (query.n_obs, SMALL["n_latent"])
+    knn = KNeighborsClassifier(15).fit(model.get_latent_representation(), reference.obs.cell_type)
+    assert knn.score(latent, query.obs["cell_type"]) > 0.8  # chance: 0.25
+
+
+def test_gaussian_posterior_elbo_terms_one_decode_per_cell_and_kl_y_zero(gaussian_model):
+    from scvi import REGISTRY_KEYS
+
+    model, _, query = gaussian_model
+    tensors = next(iter(model.iter_minibatches(batch_size=64)))
+    model.module.eval()
+    with torch.no_grad():
+        inference, generative, output = model.module(tensors)
+    counts = tensors[REGISTRY_KEYS.X_KEY]
+    cells = counts.shape[0]
+    assert inference["z"].shape == (cells, SMALL["n_latent"])
+    assert generative["px_rate"].shape == counts.shape  # one decode per cell, not K
+    assert torch.equal(output.kl_local["kl_y"], torch.zeros(cells))
+    assert (output.kl_local["kl_z"] > 0).float().mean() > 0.9  # a Monte Carlo KL
+    np.testing.assert_allclose(float(output.extra_metrics["elbo"]), -float(output.loss), rtol=1e-6)
+    elbo = model.get_elbo(query)
+    reconstruction = model.get_reconstruction_error(query)["reconstruction_loss"]
+    assert np.isfinite(elbo) and elbo < 0 < reconstruction and elbo < -reconstruction + 5
+    expression = model.get_normalized_expression(query, n_samples=2)
+    assert expression.shape == (query.n_obs, query.n_vars)
+    np.testing.assert_allclose(expression.sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_gaussian_posterior_clusters_are_the_prior_responsibilities_at_the_mean(gaussian_model):
+    model, _, query = gaussian_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        soft = model.predict_cluster(query, soft=True)
+        clusters = model.predict_cluster(query)
+    assert soft.shape == (query.n_obs, SMALL["n_components"])
+    np.testing.assert_allclose(soft.sum(axis=1), 1.0, atol=1e-5)
+    np.testing.assert_array_equal(clusters, soft.to_numpy().argmax(axis=1))
+    # p(y | z) from MogPrior's own mixture: log pi_k + log N(z; mu_k, sigma_k), normalised
+    mog = model.module.mog_prior
+    z = torch.as_tensor(model.get_latent_representation(query))
+    with torch.no_grad():
+        mixture = mog.get_prior(z)
+        log_joint = mixture.mixture_distribution.logits + mixture.component_distribution.log_prob(
+            z[:, None]
+        )
+        expected = torch.softmax(log_joint, dim=-1).numpy()
+    np.testing.assert_allclose(soft.to_numpy(), expected, atol=1e-5)
+
+
+def test_gaussian_posterior_reports_collapsed_components(gaussian_model):
+    model, _, query = gaussian_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        most_used = int(np.bincount(model.predict_cluster(query)).argmax())
+    logits = model.module.mog_prior.prior_logits
+    saved = logits.detach().clone()
+    try:
+        with torch.no_grad():
+            logits[most_used] = -1e4  # the prior gives it no weight: no cell is assigned
+        with pytest.warns(UserWarning, match="components have no cell assigned") as caught:
+            clusters = model.predict_cluster(query)
+        empty = np.flatnonzero(np.bincount(clusters, minlength=SMALL["n_components"]) == 0)
+        assert most_used in empty.tolist()
+        assert model.collapsed_components == empty.tolist()
+        assert f"no cell assigned: {empty.tolist()}" in str(caught[0].message)
+    finally:
+        with torch.no_grad():
+            logits.copy_(saved)
+
+
+def test_gaussian_posterior_save_load_gives_identical_outputs(gaussian_model, tmp_path):
+    model, reference, query = gaussian_model
+    model.save(tmp_path / "gaussian")
+    loaded = GMVAE.load(tmp_path / "gaussian", adata=reference)
+    assert loaded.module.posterior == "gaussian" and loaded.init_params_ == model.init_params_
+    np.testing.assert_array_equal(
+        loaded.get_latent_representation(query), model.get_latent_representation(query)
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # collapsed components: tested above
+        np.testing.assert_array_equal(
+            loaded.predict_cluster(query, soft=True), model.predict_cluster(query, soft=True)
+        )
+
+
+def test_gaussian_posterior_refuses_pyro_balance_mixture_lr_and_bad_values(gaussian_model):
+    model, reference, _ = gaussian_model
+    pyro_message = (
+        "backend='pyro' trains the mixture posterior only (MogPrior's KL is a torch loss): "
+        "train with backend='torch', or build the GMVAE with posterior='mixture'."
+    )
+    with pytest.raises(ValueError) as caught:
+        model.train(max_epochs=1, backend="pyro")
+    assert str(caught.value) == pyro_message
+    with pytest.raises(ValueError) as caught:
+        GMVAE(reference, posterior="gaussian", component_balance=1.0, **SMALL)
+    assert str(caught.value) == (
+        "component_balance acts on q(y | x), which posterior='gaussian' does not have: "
+        "pass component_balance=0, or posterior='mixture'."
+    )
+    with pytest.raises(ValueError) as caught:
+        GMVAE(reference, posterior="mog", **SMALL)
+    assert str(caught.value) == "posterior must be one of ('mixture', 'gaussian'), not 'mog'."
+    with pytest.raises(ValueError) as caught:
+        model.train(max_epochs=1, plan_kwargs={"mixture_lr_factor": 30})
+    assert str(caught.value) == (
+        "mixture_lr_factor sets the learning rate of the mixture posterior's parameters "
+        "(GMVAETrainingPlan's MIXTURE_PARAMETERS), which posterior='gaussian' does not "
+        "have: drop it from plan_kwargs, or use posterior='mixture'."
+    )
+
+
 @requires_shared_data
 def test_real_data_latent_separates_kang_cell_types_well_above_chance():
     from sklearn.model_selection import cross_val_score

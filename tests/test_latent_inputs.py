@@ -64,6 +64,7 @@ def test_gmvae_components_options_name_unknown_variants():
     from scvi_ext.benchmark._gmvae_components import study_options as components_options
 
     assert components_options(variants="default").variants == ("default",)
+    assert components_options().variants[-1] == "mog_prior"
     with pytest.raises(ValueError, match=r"gmvae_components variants: unknown \['free_bits'\]"):
         components_options(variants=("default", "free_bits"))
 
@@ -84,14 +85,16 @@ def test_tiny_gmvae_components_run_counts_components_for_every_variant(tmp_path)
     )
     tables = run_study("gmvae_components", seeds=[0], outdir=tmp_path, options=options)
     runs = tables["components"].set_index("run")
-    variants = ["default", "kl_warmup", "kmeans_init", "balance", "mixture_lr"]
+    variants = ["default", "kl_warmup", "kmeans_init", "balance", "mixture_lr", "mog_prior"]
     assert list(runs.index) == [f"kang_ifnb / GMVAE {v}" for v in variants] + [
         "kang_ifnb / Leiden on scVI"
     ]
-    gmvae = runs.iloc[:5]
+    gmvae = runs.iloc[:6]
     assert gmvae["components_used"].between(1, 4).all()
     assert (gmvae["components_over_1pct"] <= gmvae["components_used"]).all()
     assert gmvae["classifier_accuracy"].between(0, 1).all() and (gmvae["elbo"] < 0).all()
     curves = tables["components_vs_epoch"]
-    assert sorted(set(curves["epoch"])) == [1, 2, 3] and len(curves) == 3 * 5
+    assert sorted(set(curves["epoch"])) == [1, 2, 3] and len(curves) == 3 * 6
+    mog = curves[curves["curve"].str.startswith("kang_ifnb / mog_prior / ")]
+    assert mog["used"].between(1, 4).all()  # counted from MogPrior's p(y | z)
     assert (tmp_path / "components_vs_epoch_kang_ifnb_seed0.png").exists()

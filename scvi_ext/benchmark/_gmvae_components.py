@@ -2,7 +2,8 @@
 keeps, and what that does to its clusters, ELBO and latent (the ``gmvae_components`` study).
 
 Per dataset, seed and variant: the GMVAE trained on the reference cells, then the
-components used (those that are the argmax of ``q(y | x)`` for at least one cell), ARI and
+components used (those that are the argmax of the model's cluster probabilities,
+``q(y | x)`` or, for ``mog_prior``, ``p(y | E[z | x])``, for at least one cell), ARI and
 NMI of ``predict_cluster`` against the cell types (all cells), the ELBO of the reference
 and query cells, the seconds of training, and the accuracy of a
 :class:`~scvi_ext.model.LatentClassifier` on the latent (reference -> query). Reference
@@ -39,8 +40,10 @@ DATASETS = ("kang_ifnb", "snareseq_cell_type")
 #: epochs; ``kmeans_init``: the prior means set to K-means centroids of the latent after
 #: ``kmeans_init_epoch`` epochs; ``balance``: the GMVAE's ``component_balance`` (a
 #: penalty on the components' mean use); ``mixture_lr``: the plan's ``mixture_lr_factor``
-#: (the prior means and component offsets learn faster than the networks).
-VARIANTS = ("default", "kl_warmup", "kmeans_init", "balance", "mixture_lr")
+#: (the prior means and component offsets learn faster than the networks); ``mog_prior``:
+#: ``posterior="gaussian"``, one Gaussian ``q(z | x)`` under scvi-tools' ``MogPrior``
+#: (clusters: the prior's responsibilities at ``E[z | x]``).
+VARIANTS = ("default", "kl_warmup", "kmeans_init", "balance", "mixture_lr", "mog_prior")
 #: scVI's splitter (scvi-tools') keeps a last minibatch of one cell, which fails in BatchNorm
 #: (e.g. 769 training cells, batch 128); ours drop a last minibatch under 3 cells.
 NO_SINGLE_CELL_BATCH = {"drop_last": True}
@@ -111,7 +114,8 @@ def _map_while_training(model, fn) -> np.ndarray:
 
 
 class _ComponentsUsed(Callback):
-    """Components that are the argmax of ``q(y | x)`` for at least one training-data cell,
+    """Components that are the argmax of the module's ``cluster_probabilities`` (``q(y|x)``,
+    or ``p(y | E[z|x])`` with the Gaussian posterior) for at least one training-data cell,
     counted every ``every`` epochs (and after the last)."""
 
     def __init__(self, model, every: int):
@@ -162,6 +166,7 @@ def _fit_variant(split: Split, variant: str, options: GMVAEComponentsOptions, se
         n_hidden=options.n_hidden,
         n_components=options.n_components,
         component_balance=balance,
+        posterior="gaussian" if variant == "mog_prior" else "mixture",
     )
     plan_kwargs = {"lr": options.lr}
     if variant == "kl_warmup":
@@ -330,7 +335,8 @@ def gmvae_components(
 register_study(
     "gmvae_components",
     "GMVAE component collapse (issue 14): per training variant (default, KL warm-up, "
-    "K-means re-set prior means, component_balance, mixture_lr_factor), the components used, ARI/NMI of "
+    "K-means re-set prior means, component_balance, mixture_lr_factor, scvi-tools' MogPrior "
+    "with a Gaussian posterior), the components used, ARI/NMI of "
     "predict_cluster and of K-means on the latent, ELBO, seconds and a classifier's "
     "accuracy on the latent, next to Leiden on the scVI latent. Sizes: --task-option "
     "FIELD=VALUE (GMVAEComponentsOptions; docs/gmvae.md).",

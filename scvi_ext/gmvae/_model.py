@@ -26,7 +26,7 @@ from scvi.train import PyroTrainingPlan
 from scvi_ext.base import EmbeddingMixin, register_labelled_anndata, setup_anndata_method
 from scvi_ext.data import validate_counts, validate_obs_key
 
-from ._module import GMVAEModule, GMVAEPyroModule, Likelihood
+from ._module import PYRO_NEEDS_MIXTURE, GMVAEModule, GMVAEPyroModule, Likelihood, Posterior
 from ._plan import GMVAETrainingPlan
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,11 @@ class GMVAE(
     or the Pyro model/guide with ``TraceEnum_ELBO`` (scvi-tools' ``PyroSviTrainMixin``).
     docs/gmvae.md compares them (ELBO, time per epoch).
 
+    ``posterior="gaussian"`` swaps scVAE's structured posterior for one Gaussian
+    ``q(z | x)`` under scvi-tools' ``MogPrior`` (same marginal prior family; KL by Monte
+    Carlo; one decode per cell); its clusters are the prior's responsibilities at
+    ``E[z | x]`` (torch backend only; docs/gmvae.md measures the two).
+
     Parameters
     ----------
     adata
@@ -71,7 +76,13 @@ class GMVAE(
     component_balance
         Weight of a penalty on unused components added to the training loss:
         ``KL(mean over the minibatch of q(y | x) || p(y))`` (0: off, the plain ELBO;
-        docs/gmvae.md measures its effect on component collapse). Torch backend only.
+        docs/gmvae.md measures its effect on component collapse). Torch backend and
+        mixture posterior only.
+    posterior
+        ``"mixture"`` (default, scVAE's ``q(y | x) q(z | x, y)``, y summed out exactly) or
+        ``"gaussian"``: one Gaussian ``q(z | x)`` with scvi-tools'
+        ``scvi.module.base.MogPrior`` as the prior (see
+        :class:`~scvi_ext.gmvae.GMVAEModule`).
 
     Examples
     --------
@@ -107,6 +118,7 @@ class GMVAE(
         dropout_rate: float = 0.1,
         encode_covariates: bool = False,
         component_balance: float = 0.0,
+        posterior: Posterior = "mixture",
     ):
         super().__init__(adata, registry=registry)
         stats = self.summary_stats
@@ -121,11 +133,12 @@ class GMVAE(
             dropout_rate=dropout_rate,
             encode_covariates=encode_covariates,
             component_balance=component_balance,
+            posterior=posterior,
         )
         self._model_summary_string = (
             f"GMVAE with n_latent={n_latent}, n_hidden={n_hidden}, n_layers={n_layers}, "
             f"n_components={n_components}, likelihood={likelihood!r}, "
-            f"component_balance={component_balance}"
+            f"component_balance={component_balance}, posterior={posterior!r}"
         )
         #: Components no cell was assigned to by the last :meth:`predict_cluster` call.
         self.collapsed_components: list[int] = []
@@ -199,14 +212,24 @@ class GMVAE(
             Torch: :class:`~scvi_ext.gmvae.GMVAETrainingPlan` arguments (``lr``,
             ``eps``, ``weight_decay``, ``n_epochs_kl_warmup``...). Pyro: ``lr`` and ``eps``.
             Adam's ``eps`` defaults to 1e-8 (scVAE's and Pyro's) in both.
+            ``mixture_lr_factor`` (other than 1) needs the mixture posterior.
         backend
             ``"torch"`` (default): the loss with analytic Gaussian KL. ``"pyro"``: the Pyro
             model and guide with ``TraceEnum_ELBO`` through scvi-tools'
-            ``PyroSviTrainMixin`` (no early stopping or best-epoch restore; one process).
+            ``PyroSviTrainMixin`` (no early stopping or best-epoch restore; one process;
+            mixture posterior only).
         **trainer_kwargs
             Passed to the Lightning trainer.
         """
         if backend == "torch":
+            factor = (plan_kwargs or {}).get("mixture_lr_factor", 1)
+            if self.module.posterior == "gaussian" and factor != 1:
+                raise ValueError(
+                    "mixture_lr_factor sets the learning rate of the mixture posterior's "
+                    "parameters (GMVAETrainingPlan's MIXTURE_PARAMETERS), which "
+                    "posterior='gaussian' does not have: drop it from plan_kwargs, or use "
+                    "posterior='mixture'."
+                )
             return super().train(
                 max_epochs=max_epochs,
                 accelerator=accelerator,
@@ -255,6 +278,8 @@ class GMVAE(
             raise ValueError(
                 f"Unknown plan_kwargs {unknown} for backend='pyro'; valid: ['eps', 'lr']."
             )
+        if self.module.posterior != "mixture":
+            raise ValueError(PYRO_NEEDS_MIXTURE)
         if self.module.component_balance > 0:
             raise ValueError(
                 "component_balance is a term of the torch loss: train with backend='torch', "
@@ -301,7 +326,8 @@ class GMVAE(
         soft: bool = False,
         batch_size: int | None = None,
     ) -> np.ndarray | pd.DataFrame:
-        """Mixture component of each cell: argmax of ``q(y | x)``.
+        """Mixture component of each cell: argmax of ``q(y | x)`` (``posterior="gaussian"``:
+        of the prior's responsibilities ``p(y | z)`` at ``z = E[z | x]``).
 
         Components to which no cell is assigned (collapsed, or unused by these cells) are
         reported, not hidden: a ``UserWarning`` names them and
@@ -314,7 +340,8 @@ class GMVAE(
         indices
             Cells of ``adata`` (default: all).
         soft
-            Return ``q(y | x)``: a cells x components DataFrame (columns 0..K-1).
+            Return ``q(y | x)`` (or ``p(y | E[z | x])``): a cells x components DataFrame
+            (columns 0..K-1).
         batch_size
             Minibatch size.
 
@@ -355,7 +382,8 @@ class GMVAE(
         """Denoised expression, as scVI's: the decoder's frequencies times ``library_size``.
 
         The frequencies are averaged over ``q(y | x)`` (each component's decoding weighted
-        by its probability) and ``n_samples`` draws of ``z``.
+        by its probability; not with ``posterior="gaussian"``) and ``n_samples`` draws of
+        ``z``.
 
         Parameters
         ----------
@@ -415,7 +443,8 @@ class GMVAE(
         return_mean: bool = True,
     ) -> float | np.ndarray:
         """Evidence lower bound (higher is better), as scVI's ``get_elbo``: y summed out
-        exactly, z one posterior sample per component, Gaussian KL analytic.
+        exactly, z one posterior sample per component, Gaussian KL analytic
+        (``posterior="gaussian"``: one sample of z, ``MogPrior``'s Monte Carlo KL).
 
         Returns the mean over cells, or one value per cell (``return_mean=False``).
         """

@@ -11,6 +11,11 @@ objective, the component ``y`` summed out exactly (never sampled):
 Both are vectorised over the K components: the encoder runs once, the K posteriors
 ``q(z | x, y=k)`` differ by a per-component offset, and the K samples are decoded in one
 batch of ``K x cells`` rows.
+
+With ``posterior="gaussian"`` the module is instead a VAE with one Gaussian posterior
+``q(z | x)`` and scvi-tools' own mixture prior, ``scvi.module.base.MogPrior`` (its KL a
+Monte Carlo estimate), decoding one sample per cell; clusters are the prior's
+responsibilities ``p(y | z)`` at ``E[z | x]``. Torch loss only.
 """
 
 from __future__ import annotations
@@ -24,15 +29,28 @@ import torch.nn.functional as F
 from pyro.infer import config_enumerate
 from scvi import REGISTRY_KEYS
 from scvi.distributions import ZeroInflatedNegativeBinomial
-from scvi.module.base import BaseModuleClass, LossOutput, PyroBaseModuleClass, auto_move_data
+from scvi.module.base import (
+    BaseModuleClass,
+    LossOutput,
+    MogPrior,
+    PyroBaseModuleClass,
+    auto_move_data,
+)
 from scvi.nn import FCLayers
 from torch import nn
 from torch.distributions import Normal, kl_divergence
 
 Likelihood = Literal["nb", "zinb", "poisson"]
 LIKELIHOODS: tuple[str, ...] = ("nb", "zinb", "poisson")
+Posterior = Literal["mixture", "gaussian"]
+POSTERIORS: tuple[str, ...] = ("mixture", "gaussian")
 #: Lower bound of the Gaussian scales (numerical safety).
 MIN_SCALE = 1e-4
+#: Why the Pyro backend refuses the Gaussian posterior.
+PYRO_NEEDS_MIXTURE = (
+    "backend='pyro' trains the mixture posterior only (MogPrior's KL is a torch loss): "
+    "train with backend='torch', or build the GMVAE with posterior='mixture'."
+)
 
 
 class GMVAEModule(BaseModuleClass):
@@ -68,7 +86,13 @@ class GMVAEModule(BaseModuleClass):
         Give the batch to the encoder too (scVI's default: no).
     component_balance
         Weight of :meth:`component_balance_penalty` added to the training loss (0: the
-        plain negative ELBO, scVAE's objective).
+        plain negative ELBO, scVAE's objective). Mixture posterior only.
+    posterior
+        ``"mixture"`` (scVAE's ``q(y | x) q(z | x, y)``, above) or ``"gaussian"``: one
+        Gaussian ``q(z | x)`` (the same encoder and ``z_mean``/``z_log_scale`` heads, no
+        component offsets, no ``q(y | x)``) with scvi-tools' ``MogPrior(n_components,
+        n_latent)`` as ``p(z)`` (attribute ``mog_prior``; learned weights, means and
+        scales; KL by 30 posterior samples) and one decode per cell.
     """
 
     def __init__(
@@ -83,14 +107,23 @@ class GMVAEModule(BaseModuleClass):
         dropout_rate: float = 0.1,
         encode_covariates: bool = False,
         component_balance: float = 0.0,
+        posterior: Posterior = "mixture",
     ):
         super().__init__()
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, not {likelihood!r}.")
+        if posterior not in POSTERIORS:
+            raise ValueError(f"posterior must be one of {POSTERIORS}, not {posterior!r}.")
         if not isinstance(component_balance, int | float) or not component_balance >= 0:
             raise ValueError(
                 f"component_balance must be a number >= 0 (0: off), not {component_balance!r}."
             )
+        if posterior == "gaussian" and component_balance > 0:
+            raise ValueError(
+                "component_balance acts on q(y | x), which posterior='gaussian' does not have: "
+                "pass component_balance=0, or posterior='mixture'."
+            )
+        self.posterior = posterior
         self.component_balance = float(component_balance)
         self.n_components, self.n_latent, self.likelihood = n_components, n_latent, likelihood
         self.encode_covariates = encode_covariates
@@ -102,16 +135,20 @@ class GMVAEModule(BaseModuleClass):
             n_hidden=n_hidden,
             dropout_rate=dropout_rate,
         )
-        self.y_logits = nn.Linear(n_hidden, n_components)
+        if posterior == "mixture":
+            self.y_logits = nn.Linear(n_hidden, n_components)
         # q(z | x, y=k): linear in (h, onehot(k)), i.e. a shared map of h plus a k offset
         self.z_mean = nn.Linear(n_hidden, n_latent)
         self.z_log_scale = nn.Linear(n_hidden, n_latent)
-        self.z_mean_offset = nn.Parameter(torch.zeros(n_components, n_latent))
-        self.z_log_scale_offset = nn.Parameter(torch.zeros(n_components, n_latent))
-        # p(z | y=k)
-        self.prior_means = nn.Parameter(torch.randn(n_components, n_latent))
-        self.prior_log_scales = nn.Parameter(torch.zeros(n_components, n_latent))
-        self.register_buffer("prior_logits", torch.zeros(n_components))  # uniform p(y)
+        if posterior == "mixture":
+            self.z_mean_offset = nn.Parameter(torch.zeros(n_components, n_latent))
+            self.z_log_scale_offset = nn.Parameter(torch.zeros(n_components, n_latent))
+            # p(z | y=k)
+            self.prior_means = nn.Parameter(torch.randn(n_components, n_latent))
+            self.prior_log_scales = nn.Parameter(torch.zeros(n_components, n_latent))
+            self.register_buffer("prior_logits", torch.zeros(n_components))  # uniform p(y)
+        else:
+            self.mog_prior = MogPrior(n_components, n_latent)
         self.decoder = FCLayers(
             n_latent, n_hidden, [n_batch], n_layers=n_layers, n_hidden=n_hidden, dropout_rate=0
         )
@@ -131,9 +168,13 @@ class GMVAEModule(BaseModuleClass):
         }
 
     def encode(self, x: torch.Tensor, batch_index: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``q(y | x)`` logits (cells, K) and ``q(z | x, y)`` for every component (K, cells, L)."""
+        """``q(y | x)`` logits (cells, K) and ``q(z | x, y)`` for every component (K, cells, L);
+        with the Gaussian posterior, ``q(z | x)`` (cells, L) and no ``qy_logits``."""
         covariates = (batch_index,) if self.encode_covariates else ()
         h = self.encoder(torch.log1p(x), *covariates)
+        if self.posterior == "gaussian":
+            z_scale = torch.exp(self.z_log_scale(h)) + MIN_SCALE
+            return {"qz_mean": self.z_mean(h), "qz_scale": z_scale, "h": h}
         z_mean = self.z_mean(h)[None] + self.z_mean_offset[:, None]
         z_scale = torch.exp(self.z_log_scale(h)[None] + self.z_log_scale_offset[:, None])
         return {
@@ -151,6 +192,12 @@ class GMVAEModule(BaseModuleClass):
 
     def prior(self, y: torch.Tensor | None = None) -> Normal:
         """``p(z | y)`` (all K components when ``y`` is ``None``)."""
+        if self.posterior == "gaussian":
+            mog = self.mog_prior  # MogPrior's own scales: exp(log_scale) + 1e-4
+            means, scales = mog.prior_means, torch.exp(mog.prior_log_scales) + 1e-4
+            if y is not None:
+                means, scales = means[y], scales[y]
+            return Normal(means, scales, validate_args=False)
         means, log_scales = self.prior_means, self.prior_log_scales
         if y is not None:
             means, log_scales = means[y], log_scales[y]
@@ -199,7 +246,8 @@ class GMVAEModule(BaseModuleClass):
 
     @auto_move_data
     def inference(self, x: torch.Tensor, batch_index: torch.Tensor) -> dict:
-        """Posterior of y and of z per component, one sample of z per component, library."""
+        """Posterior of y and of z per component, one sample of z per component, library
+        (Gaussian posterior: ``q(z | x)`` and one sample of z per cell)."""
         encoded = self.encode(x, batch_index)
         qz = Normal(encoded["qz_mean"], encoded["qz_scale"], validate_args=False)
         library = x.sum(-1, keepdim=True)
@@ -216,8 +264,16 @@ class GMVAEModule(BaseModuleClass):
         """Per-cell terms of the negative ELBO, y summed out exactly.
 
         ``reconstruction = -sum_k q(k|x) log p(x | z_k)``, ``kl_z = sum_k q(k|x)
-        KL(q(z|x,k) || p(z|k))`` (analytic) and ``kl_y = KL(q(y|x) || p(y))``.
+        KL(q(z|x,k) || p(z|k))`` (analytic) and ``kl_y = KL(q(y|x) || p(y))``. Gaussian
+        posterior: ``-log p(x | z)``, ``MogPrior.kl(q(z|x))`` (Monte Carlo) and ``kl_y = 0``.
         """
+        if self.posterior == "gaussian":
+            reconstruction = -self.log_likelihood(x, generative_outputs)  # cells
+            return {
+                "reconstruction": reconstruction,
+                "kl_z": self.mog_prior.kl(inference_outputs["qz"]),
+                "kl_y": torch.zeros_like(reconstruction),
+            }
         log_qy = F.log_softmax(inference_outputs["qy_logits"], dim=-1)  # cells, K
         qy = log_qy.exp().T  # K, cells
         log_px = self.log_likelihood(x, generative_outputs)  # K, cells
@@ -271,15 +327,28 @@ class GMVAEModule(BaseModuleClass):
 
     # ------------------------------------------------------------------ cell summaries
     def latent(self, tensors: dict) -> torch.Tensor:
-        """``E[z | x]`` under q: the component means mixed by ``q(y | x)``."""
+        """``E[z | x]`` under q: the component means mixed by ``q(y | x)`` (Gaussian
+        posterior: its mean)."""
         encoded = self.encode(**self._get_inference_input(tensors))
+        if self.posterior == "gaussian":
+            return encoded["qz_mean"]
         qy = F.softmax(encoded["qy_logits"], dim=-1).T[..., None]  # K, cells, 1
         return (qy * encoded["qz_mean"]).sum(0)
 
     def cluster_probabilities(self, tensors: dict) -> torch.Tensor:
-        """``q(y | x)`` (cells, K)."""
+        """``q(y | x)`` (cells, K); Gaussian posterior: the prior's responsibilities
+        ``p(y | z) ∝ pi_k N(z; mu_k, sigma_k)`` at ``z = E[z | x]``."""
         encoded = self.encode(**self._get_inference_input(tensors))
+        if self.posterior == "gaussian":
+            return self.prior_responsibilities(encoded["qz_mean"])
         return F.softmax(encoded["qy_logits"], dim=-1)
+
+    def prior_responsibilities(self, z: torch.Tensor) -> torch.Tensor:
+        """``p(y | z)`` of the ``MogPrior`` (cells, K) at latent points ``z`` (cells, L)."""
+        prior = self.prior()
+        log_pz = prior.log_prob(z[:, None]).sum(-1)  # cells, K
+        log_pi = F.log_softmax(self.mog_prior.prior_logits, dim=-1)
+        return F.softmax(log_pi + log_pz, dim=-1)
 
     def negative_elbo(self, tensors: dict) -> torch.Tensor:
         """Per-cell negative ELBO (one sample of z per component)."""
@@ -308,6 +377,8 @@ class GMVAEModule(BaseModuleClass):
         z = qz.sample((n_samples,))  # samples, K, cells, L
         ones = torch.ones(*x.shape[:-1], 1, device=x.device)
         scale = self.decode(z, batch_index, ones)["px_scale"].mean(0)  # K, cells, genes
+        if self.posterior == "gaussian":
+            return scale  # cells, genes: one posterior, no components
         qy = F.softmax(encoded["qy_logits"], dim=-1).T[..., None]
         return (qy * scale).sum(0)
 
@@ -323,6 +394,8 @@ class GMVAEPyroModule(PyroBaseModuleClass):
 
     def __init__(self, gmvae: GMVAEModule):
         super().__init__()
+        if gmvae.posterior != "mixture":
+            raise ValueError(PYRO_NEEDS_MIXTURE)
         self.gmvae = gmvae
 
     @staticmethod
@@ -374,4 +447,4 @@ def pyro_enumerated_elbo(module: GMVAEModule, tensors: dict, num_particles: int 
     return -loss / args[0].shape[0]
 
 
-__all__ = ["LIKELIHOODS", "GMVAEModule", "GMVAEPyroModule", "pyro_enumerated_elbo"]
+__all__ = ["LIKELIHOODS", "POSTERIORS", "GMVAEModule", "GMVAEPyroModule", "pyro_enumerated_elbo"]
