@@ -288,6 +288,48 @@ def test_atac_read_as_gene_activity(tmp_path):
         CrossAttentionMatcher(reference, gene_region_map=links, atac_input="genes")
 
 
+def test_shared_encoder_reads_both_modalities_as_standardised_genes(tmp_path):
+    """``shared_encoder``: one tokenizer and self-attention unit for both modalities (one
+    set of parameters), each modality's genes standardised with its training statistics;
+    it trains, matches above chance, and saves and loads with its statistics."""
+    scvi.settings.seed = 0
+    mdata = simulate_paired()
+    reference, held_out = mdata[:320].copy(), mdata[320:].copy()
+    CrossAttentionMatcher.setup_mudata(reference)
+    links = _random_links(reference.mod["rna"].n_vars, reference.mod["atac"].n_vars)
+    settings = {"objective": "infonce", "alpha": 0.0, "tokenizer": "local"}
+    model = CrossAttentionMatcher(
+        reference,
+        gene_region_map=links,
+        atac_input="gene_activity",
+        shared_encoder=True,
+        **{**SMALL, **settings},
+    )
+    module = model.module
+    assert module.atac_tokenizer is module.rna_tokenizer
+    assert module.atac_self_attention is module.rna_self_attention
+    separate = CrossAttentionMatcher(
+        reference, gene_region_map=links, atac_input="gene_activity", **{**SMALL, **settings}
+    )
+    n_parameters = sum(p.numel() for p in module.parameters())
+    assert n_parameters < sum(p.numel() for p in separate.module.parameters())
+    model.train(**FAST)
+    rna = module.normalise_rna(torch.as_tensor(reference.mod["rna"].X.toarray()))
+    atac = module.normalise_atac(torch.as_tensor(reference.mod["atac"].X.toarray()))
+    for side, features in enumerate((rna, atac)):
+        torch.testing.assert_close(module.feature_means[side], features.mean(0))
+        expected_scales = features.std(0, unbiased=False).clamp_min(0.01)
+        torch.testing.assert_close(module.feature_scales[side], expected_scales)
+    matrix = model.match(held_out, top_k=50)
+    assert matching_score(matrix) > 2 / held_out.n_obs  # chance: 1 / n
+    model.save(tmp_path / "model")
+    loaded = CrossAttentionMatcher.load(tmp_path / "model", adata=False)
+    assert loaded.module.atac_tokenizer is loaded.module.rna_tokenizer
+    np.testing.assert_array_equal(loaded.match(held_out, top_k=50).toarray(), matrix.toarray())
+    with pytest.raises(ValueError, match="shared_encoder=True encodes both modalities as genes"):
+        CrossAttentionMatcher(reference, shared_encoder=True)
+
+
 def test_infonce_warm_start_of_the_triplet_objective(trained):
     from types import SimpleNamespace
 

@@ -33,6 +33,9 @@ from ._features import gene_genome_order, genome_order
 from ._module import AtacInput, CrossAttentionModule, Objective, Tokenizer
 from ._plan import MatcherTrainingPlan
 
+#: Smallest standard deviation a standardised gene is divided by (``shared_encoder``).
+MIN_FEATURE_SCALE = 0.01
+
 #: The modalities the model reads: setup argument -> role in the messages.
 MODALITY_ROLES = {"rna_layer": "RNA", "atac_layer": "ATAC"}
 #: Default ``modalities`` of :meth:`CrossAttentionMatcher.setup_mudata`.
@@ -117,6 +120,10 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         What the ATAC encoder reads: ``"peaks"`` (TF-IDF peaks in genome order, the paper)
         or ``"gene_activity"`` (each gene's summed linked peaks of ``gene_region_map``,
         normalised as the RNA: both encoders then read genes in the same order).
+    shared_encoder
+        With ``atac_input="gene_activity"``: one encoder (the RNA's tokenizer and
+        self-attention unit) for both modalities, each modality's genes standardised with
+        its training cells' statistics first (as the gene-activity PCA baseline does).
 
     Examples
     --------
@@ -158,6 +165,7 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         tokenizer: Tokenizer = "conv",
         temperature_fit: TemperatureFit = "likelihood",
         atac_input: AtacInput = "peaks",
+        shared_encoder: bool = False,
     ):
         if temperature_fit not in TEMPERATURE_FITS:
             raise ValueError(
@@ -198,6 +206,7 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
             tokenizer=tokenizer,
             atac_input=atac_input,
             links=links,
+            shared_encoder=shared_encoder,
         )
         self._model_summary_string = (
             f"CrossAttentionMatcher ({objective}, alpha={alpha}) on {len(genes)} genes and "
@@ -288,14 +297,30 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
     # ------------------------------------------------------------------ training
     def fit_statistics(self) -> None:
         """IDF of each peak, log(1 + n_cells / (1 + cells with the peak)), on the
-        registered (training) cells, read in minibatches."""
-        n_cells, cells_with_peak = 0, torch.zeros(self.module.peak_idf.shape[0])
+        registered (training) cells, read in minibatches; with ``shared_encoder``, the
+        mean and standard deviation of each modality's normalised genes too."""
+        module = self.module
+        n_cells, cells_with_peak = 0, torch.zeros(module.peak_idf.shape[0])
+        sums = torch.zeros(2, 2, module.n_genes, dtype=torch.float64)  # side, (x, x^2), gene
         for tensors in self.iter_minibatches(batch_size=1024):
             atac = tensors[REGISTRY_KEYS.ATAC_X_KEY]
             cells_with_peak += (atac > 0).sum(0).float().cpu()
             n_cells += len(atac)
+            if module.shared_encoder:
+                device = module.feature_means.device
+                rna = module.normalise_rna(tensors[REGISTRY_KEYS.X_KEY].to(device))
+                for side, features in enumerate((rna, module.normalise_atac(atac.to(device)))):
+                    features = features.double().cpu()
+                    sums[side, 0] += features.sum(0)
+                    sums[side, 1] += (features**2).sum(0)
         idf = torch.log1p(n_cells / (1.0 + cells_with_peak))
-        self.module.peak_idf.copy_(idf.to(self.module.peak_idf.device))
+        module.peak_idf.copy_(idf.to(module.peak_idf.device))
+        if module.shared_encoder:
+            means = sums[:, 0] / n_cells
+            std = (sums[:, 1] / n_cells - means**2).clamp_min(0).sqrt()
+            module.feature_means.copy_(means.float())
+            # genes (nearly) constant in training would blow up: at least MIN_FEATURE_SCALE
+            module.feature_scales.copy_(std.clamp_min(MIN_FEATURE_SCALE).float())
 
     def _after_training(self) -> None:
         """Fit the softmax temperature of :meth:`match` on paired validation cells (at

@@ -153,6 +153,10 @@ class CrossAttentionModule(BaseModuleClass):
         as the RNA, genes in ``gene_order``.
     links
         (gene, peak) index pairs of the gene-region map; needed for ``"gene_activity"``.
+    shared_encoder
+        With ``"gene_activity"``: one tokenizer and self-attention unit (the RNA's) encode
+        both modalities, each modality's features standardised first with its training
+        cells' means and standard deviations (``feature_means``, ``feature_scales``).
     """
 
     def __init__(
@@ -176,8 +180,15 @@ class CrossAttentionModule(BaseModuleClass):
         tokenizer: Tokenizer = "conv",
         atac_input: AtacInput = "peaks",
         links: np.ndarray | None = None,
+        shared_encoder: bool = False,
     ):
         super().__init__()
+        if shared_encoder and atac_input != "gene_activity":
+            raise ValueError(
+                "shared_encoder=True encodes both modalities as genes: set "
+                "atac_input='gene_activity' (with a gene_region_map)."
+            )
+        self.shared_encoder = shared_encoder
         if atac_input not in ("peaks", "gene_activity"):
             raise ValueError(f"atac_input must be 'peaks' or 'gene_activity', not {atac_input!r}.")
         if atac_input == "gene_activity" and links is None:
@@ -214,6 +225,13 @@ class CrossAttentionModule(BaseModuleClass):
             raise ValueError(f"tokenizer must be 'conv' or 'local', not {tokenizer!r}.")
         self.rna_self_attention = TransformerUnit(embed_dim, n_heads, dropout)
         self.atac_self_attention = TransformerUnit(embed_dim, n_heads, dropout)
+        if shared_encoder:  # the same modules (parameters) for both modalities
+            self.atac_tokenizer, self.atac_self_attention = (
+                self.rna_tokenizer,
+                self.rna_self_attention,
+            )
+            self.register_buffer("feature_means", torch.zeros(2, n_genes))  # rna, atac
+            self.register_buffer("feature_scales", torch.ones(2, n_genes))
         self.cross_attention = TransformerUnit(embed_dim, n_heads, dropout) if alpha else None
         if objective == "infonce":  # CLIP's learned temperature, 1 / 0.07 at the start
             self.log_logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
@@ -242,11 +260,15 @@ class CrossAttentionModule(BaseModuleClass):
     ) -> dict[str, torch.Tensor | None]:
         """Counts of one modality -> ``tokens`` (projected CNN tokens, the cross unit's
         input), ``embedding`` (unit-norm ``e0`` or ``t0``) and the self-attention map."""
+        features = self.normalise_rna(counts) if modality == "rna" else self.normalise_atac(counts)
+        if self.shared_encoder:
+            side = 0 if modality == "rna" else 1
+            features = (features - self.feature_means[side]) / self.feature_scales[side]
         if modality == "rna":
-            tokens = self.rna_tokenizer(self.normalise_rna(counts))
+            tokens = self.rna_tokenizer(features)
             attended, weights = self.rna_self_attention(tokens, need_weights)
         else:
-            tokens = self.atac_tokenizer(self.normalise_atac(counts))
+            tokens = self.atac_tokenizer(features)
             attended, weights = self.atac_self_attention(tokens, need_weights)
         embedding = F.normalize(attended.mean(1), dim=-1)
         return {"tokens": tokens, "embedding": embedding, "attention": weights}
