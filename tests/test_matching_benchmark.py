@@ -103,7 +103,11 @@ def test_warm_started_matcher_method_gives_every_matching_with_both_temperature_
 
 @pytest.mark.parametrize(
     "name",
-    ["clip_infonce_local_gene_activity", "cross_attention_triplet_warm_local_gene_activity"],
+    [
+        "clip_infonce_local_gene_activity",
+        "clip_infonce_shared_gene_activity",
+        "cross_attention_triplet_warm_local_gene_activity",
+    ],
 )
 def test_gene_activity_methods_read_atac_as_gene_activity(name):
     import scipy.sparse as sp
@@ -116,4 +120,5 @@ def test_gene_activity_methods_read_atac_as_gene_activity(name):
     links = sp.csr_matrix((np.ones(600), (peaks_gene, np.arange(600))), shape=(120, 600))
     output = MATCHING_METHODS[name](mdata, np.arange(100), np.arange(100, 120), links, 0, epochs=1)
     assert output.model.module.atac_input == "gene_activity"
+    assert output.model.module.shared_encoder == ("shared" in name)
     assert output.matrices["rna_to_atac", None, "likelihood"].shape == (20, 20)
