@@ -342,14 +342,14 @@ def test_mixture_lr_factor_gives_the_mixture_parameters_their_own_learning_rate(
     reference_model,
 ):
     from scvi_ext.gmvae import GMVAETrainingPlan
-    from scvi_ext.gmvae._plan import MIXTURE_PARAMETERS
 
     _, reference, _ = reference_model
+    names = ("prior_means", "prior_log_scales", "z_mean_offset", "z_log_scale_offset")
     module = GMVAE(reference, **SMALL).module
     plan = GMVAETrainingPlan(module, lr=1e-3, mixture_lr_factor=30)
     optimizer = plan._create_optimizer(module.parameters())
     assert [group["lr"] for group in optimizer.param_groups] == [1e-3, pytest.approx(3e-2)]
-    mixture = {id(getattr(module, name)) for name in MIXTURE_PARAMETERS}
+    mixture = {id(getattr(module, name)) for name in names}
     assert {id(p) for p in optimizer.param_groups[1]["params"]} == mixture
     assert len(optimizer.param_groups[0]["params"]) == len(list(module.parameters())) - 4
     moved = {}
@@ -365,6 +365,14 @@ def test_mixture_lr_factor_gives_the_mixture_parameters_their_own_learning_rate(
     for bad in (0, "30"):
         with pytest.raises(ValueError, match=r"mixture_lr_factor must be a number > 0 \(1: the"):
             GMVAETrainingPlan(module, mixture_lr_factor=bad)
+    gaussian = GMVAE(reference, posterior="gaussian", **SMALL).module  # MogPrior's parameters
+    optimizer = GMVAETrainingPlan(gaussian, lr=1e-3, mixture_lr_factor=30)._create_optimizer(
+        gaussian.parameters()
+    )
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == {
+        id(p) for p in gaussian.mog_prior.parameters()
+    }
+    assert len(optimizer.param_groups[1]["params"]) == 3  # means, log-scales, logits
 
 
 #: The default (mixture) module's state, as before ``posterior`` was added.
@@ -540,13 +548,6 @@ def test_gaussian_posterior_refuses_pyro_balance_mixture_lr_and_bad_values(gauss
     with pytest.raises(ValueError) as caught:
         GMVAE(reference, posterior="mog", **SMALL)
     assert str(caught.value) == "posterior must be one of ('mixture', 'gaussian'), not 'mog'."
-    with pytest.raises(ValueError) as caught:
-        model.train(max_epochs=1, plan_kwargs={"mixture_lr_factor": 30})
-    assert str(caught.value) == (
-        "mixture_lr_factor sets the learning rate of the mixture posterior's parameters "
-        "(GMVAETrainingPlan's MIXTURE_PARAMETERS), which posterior='gaussian' does not "
-        "have: drop it from plan_kwargs, or use posterior='mixture'."
-    )
 
 
 @requires_shared_data

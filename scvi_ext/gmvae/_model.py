@@ -212,7 +212,6 @@ class GMVAE(
             Torch: :class:`~scvi_ext.gmvae.GMVAETrainingPlan` arguments (``lr``,
             ``eps``, ``weight_decay``, ``n_epochs_kl_warmup``...). Pyro: ``lr`` and ``eps``.
             Adam's ``eps`` defaults to 1e-8 (scVAE's and Pyro's) in both.
-            ``mixture_lr_factor`` (other than 1) needs the mixture posterior.
         backend
             ``"torch"`` (default): the loss with analytic Gaussian KL. ``"pyro"``: the Pyro
             model and guide with ``TraceEnum_ELBO`` through scvi-tools'
@@ -222,14 +221,6 @@ class GMVAE(
             Passed to the Lightning trainer.
         """
         if backend == "torch":
-            factor = (plan_kwargs or {}).get("mixture_lr_factor", 1)
-            if self.module.posterior == "gaussian" and factor != 1:
-                raise ValueError(
-                    "mixture_lr_factor sets the learning rate of the mixture posterior's "
-                    "parameters (GMVAETrainingPlan's MIXTURE_PARAMETERS), which "
-                    "posterior='gaussian' does not have: drop it from plan_kwargs, or use "
-                    "posterior='mixture'."
-                )
             return super().train(
                 max_epochs=max_epochs,
                 accelerator=accelerator,

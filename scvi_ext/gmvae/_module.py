@@ -325,6 +325,15 @@ class GMVAEModule(BaseModuleClass):
             extra_metrics=extra_metrics,
         )
 
+    def mixture_parameters(self) -> list[nn.Parameter]:
+        """The per-component parameters: the prior's means and scales and the posterior's
+        component offsets (Gaussian posterior: the ``MogPrior``'s means, scales and
+        weights)."""
+        if self.posterior == "gaussian":
+            return list(self.mog_prior.parameters())
+        names = ("prior_means", "prior_log_scales", "z_mean_offset", "z_log_scale_offset")
+        return [getattr(self, name) for name in names]
+
     # ------------------------------------------------------------------ cell summaries
     def latent(self, tensors: dict) -> torch.Tensor:
         """``E[z | x]`` under q: the component means mixed by ``q(y | x)`` (Gaussian

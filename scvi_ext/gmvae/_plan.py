@@ -9,10 +9,6 @@ from scvi.train._trainingplans import _compute_kl_weight
 from scvi_ext.base import BaseTrainingPlan
 from scvi_ext.base._plan import FUSED_ADAM_DEVICES
 
-#: The GMVAE's per-component parameters: the prior's means and scales and the posterior's
-#: component offsets. Each moves at most about ``lr`` per Adam step, whatever its gradient.
-MIXTURE_PARAMETERS = ("prior_means", "prior_log_scales", "z_mean_offset", "z_log_scale_offset")
-
 
 class GMVAETrainingPlan(BaseTrainingPlan):
     """:class:`~scvi_ext.base.BaseTrainingPlan` with scvi's KL warm-up (``n_epochs_kl_warmup``,
@@ -27,9 +23,10 @@ class GMVAETrainingPlan(BaseTrainingPlan):
     n_epochs_kl_warmup
         Epochs of linear KL warm-up (``None``: none).
     mixture_lr_factor
-        Learning rate of :data:`MIXTURE_PARAMETERS` relative to the others' (1: the same).
-        Adam moves a parameter by at most about ``lr`` per step, so at the seed's 1e-4 and
-        a few hundred steps the prior means stay where they were drawn (docs/gmvae.md).
+        Learning rate of the module's ``mixture_parameters()`` (the per-component ones)
+        relative to the others' (1: the same). Adam moves a parameter by at most about
+        ``lr`` per step, so at the seed's 1e-4 and a few hundred steps the prior means stay
+        where they were drawn (docs/gmvae.md).
     **kwargs
         Passed to :class:`~scvi_ext.base.BaseTrainingPlan`.
     """
@@ -56,7 +53,7 @@ class GMVAETrainingPlan(BaseTrainingPlan):
         params = list(params)
         if self.mixture_lr_factor == 1:
             return super()._create_optimizer(params)
-        mixture_ids = {id(getattr(self.module, name)) for name in MIXTURE_PARAMETERS}
+        mixture_ids = {id(p) for p in self.module.mixture_parameters()}
         groups = [
             {"params": [p for p in params if id(p) not in mixture_ids]},
             {
