@@ -254,16 +254,21 @@ def _random_links(n_genes: int, n_peaks: int, seed: int = 0) -> sp.csr_matrix:
     return sp.csr_matrix((np.ones(n_peaks), (genes, np.arange(n_peaks))), (n_genes, n_peaks))
 
 
-def test_atac_read_as_gene_activity(tmp_path):
-    """``atac_input="gene_activity"``: the ATAC encoder reads each gene's summed linked
-    peaks, normalised as the RNA and in the RNA's gene order; it trains, matches above
-    chance, saves and loads, and names its ATAC tokens by genes."""
+def _gene_activity_setting():
+    """Registered reference (320 cells), held-out cells, random gene-peak links, CLIP."""
     scvi.settings.seed = 0
     mdata = simulate_paired()
     reference, held_out = mdata[:320].copy(), mdata[320:].copy()
     CrossAttentionMatcher.setup_mudata(reference)
     links = _random_links(reference.mod["rna"].n_vars, reference.mod["atac"].n_vars)
-    clip = {"objective": "infonce", "alpha": 0.0, "tokenizer": "local"}
+    return reference, held_out, links, {"objective": "infonce", "alpha": 0.0, "tokenizer": "local"}
+
+
+def test_atac_read_as_gene_activity(tmp_path):
+    """``atac_input="gene_activity"``: the ATAC encoder reads each gene's summed linked
+    peaks, normalised as the RNA and in the RNA's gene order; it trains, matches above
+    chance, saves and loads, and names its ATAC tokens by genes."""
+    reference, held_out, links, clip = _gene_activity_setting()
     model = CrossAttentionMatcher(
         reference, gene_region_map=links, atac_input="gene_activity", **{**SMALL, **clip}
     )
@@ -292,12 +297,7 @@ def test_shared_encoder_reads_both_modalities_as_standardised_genes(tmp_path):
     """``shared_encoder``: one tokenizer and self-attention unit for both modalities (one
     set of parameters), each modality's genes standardised with its training statistics;
     it trains, matches above chance, and saves and loads with its statistics."""
-    scvi.settings.seed = 0
-    mdata = simulate_paired()
-    reference, held_out = mdata[:320].copy(), mdata[320:].copy()
-    CrossAttentionMatcher.setup_mudata(reference)
-    links = _random_links(reference.mod["rna"].n_vars, reference.mod["atac"].n_vars)
-    settings = {"objective": "infonce", "alpha": 0.0, "tokenizer": "local"}
+    reference, held_out, links, settings = _gene_activity_setting()
     model = CrossAttentionMatcher(
         reference,
         gene_region_map=links,
