@@ -211,27 +211,30 @@ class CrossAttentionModule(BaseModuleClass):
         self.register_buffer("gene_order", torch.as_tensor(gene_order, dtype=torch.long))
         self.register_buffer("peak_order", torch.as_tensor(peak_order, dtype=torch.long))
         self.register_buffer("peak_idf", torch.ones(n_peaks))
+        # created in this order (RNA, ATAC tokenizer, RNA, ATAC attention) so that a seed
+        # gives the same initial weights as before the gene-activity options
         if tokenizer == "conv":
             self.rna_tokenizer = RegionTokenizer(
                 n_filters, kernel_size_rna, n_tokens_rna, embed_dim
             )
-            self.atac_tokenizer = RegionTokenizer(
-                n_filters, kernel_size_atac, n_tokens_atac, embed_dim
-            )
+            if not shared_encoder:
+                self.atac_tokenizer = RegionTokenizer(
+                    n_filters, kernel_size_atac, n_tokens_atac, embed_dim
+                )
         elif tokenizer == "local":
             self.rna_tokenizer = LocalTokenizer(n_genes, n_tokens_rna, embed_dim)
-            self.atac_tokenizer = LocalTokenizer(n_atac_features, n_tokens_atac, embed_dim)
+            if not shared_encoder:
+                self.atac_tokenizer = LocalTokenizer(n_atac_features, n_tokens_atac, embed_dim)
         else:
             raise ValueError(f"tokenizer must be 'conv' or 'local', not {tokenizer!r}.")
         self.rna_self_attention = TransformerUnit(embed_dim, n_heads, dropout)
-        self.atac_self_attention = TransformerUnit(embed_dim, n_heads, dropout)
         if shared_encoder:  # the same modules (parameters) for both modalities
-            self.atac_tokenizer, self.atac_self_attention = (
-                self.rna_tokenizer,
-                self.rna_self_attention,
-            )
+            self.atac_tokenizer = self.rna_tokenizer
+            self.atac_self_attention = self.rna_self_attention
             self.register_buffer("feature_means", torch.zeros(2, n_genes))  # rna, atac
             self.register_buffer("feature_scales", torch.ones(2, n_genes))
+        else:
+            self.atac_self_attention = TransformerUnit(embed_dim, n_heads, dropout)
         self.cross_attention = TransformerUnit(embed_dim, n_heads, dropout) if alpha else None
         if objective == "infonce":  # CLIP's learned temperature, 1 / 0.07 at the start
             self.log_logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
