@@ -161,6 +161,16 @@ def test_read_collection_leaves_the_counts_on_disk(tmp_path):
     assert (collection.layers["counts"][:100] != counts[:100]).nnz == 0
 
 
+def test_scvi_tools_own_collection_adapter_is_refused(tmp_path):
+    from anndata.experimental import AnnCollection
+    from scvi.dataloaders import CollectionAdapter
+
+    _, _, parts, _ = _files(tmp_path)
+    adapter = CollectionAdapter(AnnCollection([ad.read_h5ad(parts[0], backed="r")]))
+    with pytest.raises(ValueError, match=r"open the files with scvi_ext.data.read_collection\("):
+        ScNym.setup_anndata(adapter, labels_key="cell_type", layer="counts")
+
+
 def test_closed_collections_are_refused_at_every_entry(tmp_path):
     reference, _, parts, query_path = _files(tmp_path)
     message = r"part1.h5ad was closed; open them again with scvi_ext.data.read_collection\("

@@ -31,6 +31,14 @@ def check_backed_open(adata: ad.AnnData, name: str = "adata") -> None:
     ValueError
         Naming the closed file and how to reopen it.
     """
+    from scvi.dataloaders import CollectionAdapter
+
+    if isinstance(adata, CollectionAdapter) and not is_collection(adata):
+        raise ValueError(
+            f"{name} is scvi-tools' CollectionAdapter, whose AnnCollection holds every layer "
+            "of its files in memory; open the files with "
+            "scvi_ext.data.read_collection(paths, layer=...) instead."
+        )
     if is_collection(adata):
         for path, file in zip(adata.paths, adata.files, strict=True):
             if not file.id.valid:
