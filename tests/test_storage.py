@@ -142,6 +142,8 @@ def test_collection_counts_match_the_files_for_any_row_order(tmp_path):
     assert (counts[10:200] != expected[10:200]).nnz == 0
     assert (counts[7] != expected[7]).nnz == 0
     assert (counts.to_memory() != expected).nnz == 0
+    with pytest.raises(IndexError, match="a collection's counts are indexed by cells only"):
+        counts[:10, :5]
 
 
 def test_read_collection_leaves_the_counts_on_disk(tmp_path):

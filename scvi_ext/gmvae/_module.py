@@ -193,8 +193,8 @@ class GMVAEModule(BaseModuleClass):
     def prior(self, y: torch.Tensor | None = None) -> Normal:
         """``p(z | y)`` (all K components when ``y`` is ``None``)."""
         if self.posterior == "gaussian":
-            mog = self.mog_prior  # MogPrior's own scales: exp(log_scale) + 1e-4
-            means, scales = mog.prior_means, torch.exp(mog.prior_log_scales) + 1e-4
+            components = self.mog_prior.get_prior(None).component_distribution.base_dist
+            means, scales = components.loc, components.scale  # MogPrior's own parameters
             if y is not None:
                 means, scales = means[y], scales[y]
             return Normal(means, scales, validate_args=False)
