@@ -459,6 +459,23 @@ def _small_model(name: str):
     return BUILDERS[name](_data()[0]), TEST_PLAN_KWARGS.get(name)
 
 
+@pytest.mark.parametrize("name", ["scnym", "gmvae"])
+def test_outputs_read_minibatches_on_the_device_of_a_model_trained_elsewhere(name):
+    # a model trained on a GPU stays there: every per-cell output (GMVAE's latent called
+    # its encoder on CPU tensors, found on an H200) gets its minibatches on that device
+    model, plan_kwargs = _small_model(name)
+    model.train(max_epochs=1, batch_size=64, plan_kwargs=plan_kwargs, **TRAIN)
+    model.module.to("meta")  # stands in for the GPU
+    devices = set()
+
+    def fn(tensors: dict) -> torch.Tensor:
+        devices.update(v.device.type for v in tensors.values() if isinstance(v, torch.Tensor))
+        return torch.zeros(len(tensors[REGISTRY_KEYS.X_KEY]))
+
+    assert len(model.map_minibatches(fn)) == model.adata.n_obs
+    assert devices == {"meta"}
+
+
 @pytest.mark.parametrize(
     "name", ["scnym", "cellular", "latent_classifier", "can", "cgran", "gmvae", "matcher"]
 )

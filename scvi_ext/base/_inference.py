@@ -38,6 +38,20 @@ logger = logging.getLogger(__name__)
 _LOSS_POSITIONAL = ("self", "tensors", "inference_outputs", "generative_outputs")
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's parameters (the CPU for a module without any)."""
+    parameter = next(module.parameters(), None)
+    return torch.device("cpu") if parameter is None else parameter.device
+
+
+def to_device(tensors: dict, device: torch.device) -> dict:
+    """A minibatch (name -> tensor) on ``device``; entries that are not tensors kept."""
+    return {
+        key: value.to(device) if isinstance(value, torch.Tensor) else value
+        for key, value in tensors.items()
+    }
+
+
 def valid_plan_kwargs(plan_cls: type, module: torch.nn.Module) -> set[str]:
     """Names ``plan_kwargs`` may hold: the plan's ``__init__`` arguments (up to scvi's
     :class:`~scvi.train.TrainingPlan`) and the keyword arguments of ``module.loss``."""
@@ -230,15 +244,17 @@ class InferenceMixin:
         """``fn(tensors)`` of every minibatch of a trained model, in eval mode, stacked.
 
         ``adata`` goes through :meth:`registered_anndata` (genes matched by name, counts
-        validated, the user's AnnData untouched).
+        validated, the user's AnnData untouched); the minibatches are moved to the
+        module's device (a model trained on a GPU stays there).
         """
         self._check_trained()
         was_training = self.module.training
         self.module.eval()
+        device = module_device(self.module)
         try:
             with self.registered_anndata(adata) as registered:
                 loader = self.iter_minibatches(registered, indices, batch_size)
-                outputs = [fn(tensors).detach().cpu() for tensors in loader]
+                outputs = [fn(to_device(tensors, device)).detach().cpu() for tensors in loader]
         finally:
             self.module.train(was_training)
         return torch.cat(outputs).numpy()

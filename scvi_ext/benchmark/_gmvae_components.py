@@ -102,12 +102,15 @@ def _map_while_training(model, fn) -> np.ndarray:
     base's ``map_minibatches``, which refuses a model whose training has not ended."""
     import torch
 
+    from scvi_ext.base._inference import module_device, to_device
+
     module = model.module
     was_training = module.training
     module.eval()
+    device = module_device(module)
     try:
         with torch.no_grad():
-            outputs = [fn(tensors).cpu() for tensors in model.iter_minibatches()]
+            outputs = [fn(to_device(t, device)).cpu() for t in model.iter_minibatches()]
     finally:
         module.train(was_training)
     return torch.cat(outputs).numpy()
