@@ -130,3 +130,14 @@ def test_a_bad_block_size_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ValueError, match="block_size must be a positive integer"):
         scale_study(0, tmp_path / "out", sizes=(400,), block_size=0)
     assert not (tmp_path / "out").exists()
+
+
+def test_scale_measures_cgran_and_mixed_precision_when_asked(tmp_path):
+    options = {**TINY, "sizes": (400,), "n_genes": 200, "methods": ("cgran",)}
+    options["storages"] = ("memory",)
+    options["precision"] = "bf16-mixed"
+    scale = run_study("scale", [0], tmp_path, options=options)["scale"]
+    assert len(scale) == 1 and scale["error"].tolist() == [""]
+    assert scale["precision"].tolist() == ["bf16-mixed"]
+    assert scale["device"].tolist() == ["cpu"]  # the default accelerator
+    assert scale["train_cells_per_second"].iloc[0] > 0
