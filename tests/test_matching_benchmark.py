@@ -106,6 +106,7 @@ def test_warm_started_matcher_method_gives_every_matching_with_both_temperature_
     [
         "clip_infonce_local_gene_activity",
         "clip_infonce_shared_gene_activity",
+        "clip_infonce_shared_gene_activity_conv",
         "cross_attention_triplet_warm_local_gene_activity",
     ],
 )
@@ -113,7 +114,7 @@ def test_gene_activity_methods_read_atac_as_gene_activity(name):
     import scipy.sparse as sp
 
     from scvi_ext.benchmark._matching import MATCHING_METHODS
-    from scvi_ext.matching import simulate_paired
+    from scvi_ext.matching import RegionTokenizer, simulate_paired
 
     mdata = simulate_paired(n_cells=120)
     peaks_gene = np.random.default_rng(0).integers(120, size=600)
@@ -121,4 +122,6 @@ def test_gene_activity_methods_read_atac_as_gene_activity(name):
     output = MATCHING_METHODS[name](mdata, np.arange(100), np.arange(100, 120), links, 0, epochs=1)
     assert output.model.module.atac_input == "gene_activity"
     assert output.model.module.shared_encoder == ("shared" in name)
+    conv = isinstance(output.model.module.rna_tokenizer, RegionTokenizer)
+    assert conv == name.endswith("_conv")
     assert output.matrices["rna_to_atac", None, "likelihood"].shape == (20, 20)

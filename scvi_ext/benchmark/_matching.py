@@ -305,6 +305,13 @@ MATCHING_METHODS: dict[str, Callable] = {
         atac_input="gene_activity",
         shared_encoder=True,
     ),
+    "clip_infonce_shared_gene_activity_conv": _matcher_method(
+        tokenizer="conv",
+        alpha=0.0,
+        objective="infonce",
+        atac_input="gene_activity",
+        shared_encoder=True,
+    ),
     "cross_attention_triplet_warm_local_gene_activity": _matcher_method(
         warm_start=True, tokenizer="local", alpha=0.5, atac_input="gene_activity"
     ),
