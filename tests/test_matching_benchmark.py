@@ -107,6 +107,7 @@ def test_warm_started_matcher_method_gives_every_matching_with_both_temperature_
         "clip_infonce_local_gene_activity",
         "clip_infonce_shared_gene_activity",
         "clip_infonce_shared_gene_activity_conv",
+        "clip_infonce_shared_gene_activity_wide",
         "cross_attention_triplet_warm_local_gene_activity",
     ],
 )

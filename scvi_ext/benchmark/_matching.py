@@ -282,6 +282,15 @@ def _random(mdata, train, test, gene_region_map, seed, **_untrained) -> Matching
     return MatchingOutput(matrices, None, None, 0.0, seconds)
 
 
+#: The best trained matcher so far: CLIP-InfoNCE, ATAC read as gene activity, one encoder.
+_SHARED_GENE_ACTIVITY = {
+    "tokenizer": "local",
+    "alpha": 0.0,
+    "objective": "infonce",
+    "atac_input": "gene_activity",
+    "shared_encoder": True,
+}
+
 #: Methods of the study: name -> ``run(mdata, train, test, gene_region_map, seed, epochs=...)``
 #: (methods without training ignore ``epochs``).
 MATCHING_METHODS: dict[str, Callable] = {
@@ -298,19 +307,12 @@ MATCHING_METHODS: dict[str, Callable] = {
     "clip_infonce_local_gene_activity": _matcher_method(
         tokenizer="local", alpha=0.0, objective="infonce", atac_input="gene_activity"
     ),
-    "clip_infonce_shared_gene_activity": _matcher_method(
-        tokenizer="local",
-        alpha=0.0,
-        objective="infonce",
-        atac_input="gene_activity",
-        shared_encoder=True,
+    "clip_infonce_shared_gene_activity": _matcher_method(**_SHARED_GENE_ACTIVITY),
+    "clip_infonce_shared_gene_activity_wide": _matcher_method(
+        **_SHARED_GENE_ACTIVITY, embed_dim=64, n_tokens_rna=32, n_tokens_atac=32
     ),
     "clip_infonce_shared_gene_activity_conv": _matcher_method(
-        tokenizer="conv",
-        alpha=0.0,
-        objective="infonce",
-        atac_input="gene_activity",
-        shared_encoder=True,
+        **{**_SHARED_GENE_ACTIVITY, "tokenizer": "conv"}
     ),
     "cross_attention_triplet_warm_local_gene_activity": _matcher_method(
         warm_start=True, tokenizer="local", alpha=0.5, atac_input="gene_activity"
