@@ -193,6 +193,22 @@ def test_every_model_trains_and_predicts_from_soma_as_from_memory(name, experime
     assert _digest(Path(uri)) == before  # the experiment is read, never written
 
 
+def test_scanvi_the_peer_trains_and_predicts_from_the_datamodule(experiment):
+    import scvi
+
+    uri, adata, truth = experiment
+    dm = SomaDataModule(uri, scvi.model.SCANVI, batch_size=64, batch_key="batch", **LABELS)
+    assert list(dm.labels) == list(adata.obs["cell_type"])  # "Unknown" on query cells
+    model = scvi.model.SCANVI(registry=dm.registry, datamodule=dm, n_latent=4, n_hidden=32)
+    model.train(datamodule=dm, **{**TRAIN, "max_epochs": 20})
+    predictions = model.predict(dataloader=dm.loader(np.arange(dm.n_obs)))
+    assert len(predictions) == adata.n_obs
+    assert (np.asarray(predictions) == truth).mean() > 0.6  # chance: 1/3
+    unlabelled = SomaDataModule(uri, GMVAE, batch_key="batch")
+    with pytest.raises(AttributeError, match="set up without labels; pass labels_key"):
+        _ = unlabelled.labels
+
+
 def test_latent_classifier_on_a_cellular_trained_from_soma(experiment):
     uri, adata, truth = experiment
     dm, cellular = _train("cellular", uri)

@@ -15,6 +15,7 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager, AnnTorchDataset
+from scvi.dataloaders import SemiSupervisedDataSplitter
 from torch.utils.data import IterableDataset
 
 from scvi_ext.data import validate_counts, validate_obs_key
@@ -216,6 +217,21 @@ class SomaDataModule(pl.LightningDataModule):
         return self.adata.var_names
 
     @property
+    def labels(self) -> np.ndarray:
+        """Each cell's label as registered (the unlabeled category where it is unlabeled).
+
+        scvi-tools' semi-supervised models read it from a datamodule:
+        ``SCANVI(registry=dm.registry, datamodule=dm)``, then ``train(datamodule=dm)`` and
+        ``predict(dataloader=dm.loader(indices))``.
+        """
+        if REGISTRY_KEYS.LABELS_KEY not in self.adata_manager.data_registry:
+            raise AttributeError(
+                "This SomaDataModule was set up without labels; pass labels_key=... ."
+            )
+        registry = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
+        return self.adata.obs[registry.original_key].astype(str).to_numpy()
+
+    @property
     def n_obs(self) -> int:
         return self.adata.n_obs
 
@@ -272,7 +288,18 @@ class SomaDataModule(pl.LightningDataModule):
         self.test_idx = self._splitter.test_idx
 
     def train_dataloader(self):
-        """Shuffled minibatches of training cells (paired labelled/unlabeled for ScNym)."""
+        """Shuffled minibatches of training cells (paired labelled/unlabeled for ScNym;
+        ``[all, labelled]`` for scvi-tools' semi-supervised models, as their own loader)."""
+        if isinstance(self._splitter, SemiSupervisedDataSplitter):
+            train = np.sort(self.train_idx)
+            state = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
+            labelled = train[self.labels[train] != str(state.unlabeled_category)]
+            return _FullAndLabelledStream(
+                {
+                    "full": self.loader(train, shuffle=True),
+                    "labelled": self.loader(labelled, shuffle=True) if len(labelled) else None,
+                }
+            )
         if isinstance(self._splitter, PairedDataSplitter):
             sides = {
                 LABELLED: self._splitter.train_labelled_idx,
@@ -424,6 +451,15 @@ class _PairedStream:
 
     def __iter__(self) -> Iterator[dict]:
         yield from paired_minibatches(self.loaders, len(self))
+
+
+class _FullAndLabelledStream(_PairedStream):
+    """``[all cells' batch, labelled cells' batch]`` per step over all training cells (the
+    labelled side restarts), as scvi-tools' ``SemiSupervisedDataLoader`` gives scANVI."""
+
+    def __iter__(self) -> Iterator[list]:
+        for step in paired_minibatches(self.loaders, len(self)):
+            yield [step["full"], step["labelled"]]
 
 
 __all__ = ["SOMA_SOURCE_ATTRIBUTE", "SomaDataModule", "soma_source"]
