@@ -476,6 +476,17 @@ def test_outputs_read_minibatches_on_the_device_of_a_model_trained_elsewhere(nam
     assert devices == {"meta"}
 
 
+def test_outputs_before_training_has_ended_only_when_asked():
+    # a training callback (the gmvae_components study's) reads outputs while training
+    model, _ = _small_model("gmvae")
+    with pytest.raises(RuntimeError, match="is not trained; call model.train"):
+        model.map_minibatches(model.module.latent)
+    model.module.train()
+    latent = model.map_minibatches(model.module.latent, while_training=True)
+    assert latent.shape == (model.adata.n_obs, 8)
+    assert model.module.training  # its mode is restored
+
+
 @pytest.mark.parametrize(
     "name", ["scnym", "cellular", "latent_classifier", "can", "cgran", "gmvae", "matcher"]
 )

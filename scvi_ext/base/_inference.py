@@ -240,14 +240,18 @@ class InferenceMixin:
         adata: AnnData | SomaDataModule | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
+        while_training: bool = False,
     ) -> np.ndarray:
         """``fn(tensors)`` of every minibatch of a trained model, in eval mode, stacked.
 
         ``adata`` goes through :meth:`registered_anndata` (genes matched by name, counts
         validated, the user's AnnData untouched); the minibatches are moved to the
-        module's device (a model trained on a GPU stays there).
+        module's device (a model trained on a GPU stays there). ``while_training``: also
+        before training has ended (from a training callback); the module's mode is
+        restored afterwards.
         """
-        self._check_trained()
+        if not while_training:
+            self._check_trained()
         was_training = self.module.training
         self.module.eval()
         device = module_device(self.module)

@@ -97,25 +97,6 @@ def study_options(**given) -> GMVAEComponentsOptions:
 
 
 # ---------------------------------------------------------------------- callbacks
-def _map_while_training(model, fn) -> np.ndarray:
-    """``fn(tensors)`` of every minibatch of the model's data in eval mode, stacked: the
-    base's ``map_minibatches``, which refuses a model whose training has not ended."""
-    import torch
-
-    from scvi_ext.base._inference import module_device, to_device
-
-    module = model.module
-    was_training = module.training
-    module.eval()
-    device = module_device(module)
-    try:
-        with torch.no_grad():
-            outputs = [fn(to_device(t, device)).cpu() for t in model.iter_minibatches()]
-    finally:
-        module.train(was_training)
-    return torch.cat(outputs).numpy()
-
-
 class _ComponentsUsed(Callback):
     """Components that are the argmax of the module's ``cluster_probabilities`` (``q(y|x)``,
     or ``p(y | E[z|x])`` with the Gaussian posterior) for at least one training-data cell,
@@ -128,7 +109,9 @@ class _ComponentsUsed(Callback):
         epoch = trainer.current_epoch + 1
         if epoch % self.every and epoch != trainer.max_epochs:
             return
-        proba = _map_while_training(self.model, self.model.module.cluster_probabilities)
+        proba = self.model.map_minibatches(
+            self.model.module.cluster_probabilities, while_training=True
+        )
         self.counts[epoch] = len(np.unique(proba.argmax(axis=1)))
 
 
@@ -146,7 +129,7 @@ class _KMeansPriorMeans(Callback):
         if trainer.current_epoch + 1 != self.epoch:
             return
         module = self.model.module
-        latent = _map_while_training(self.model, module.latent)
+        latent = self.model.map_minibatches(module.latent, while_training=True)
         kmeans = KMeans(module.n_components, n_init=10, random_state=self.seed).fit(latent)
         with torch.no_grad():
             module.prior_means.copy_(torch.as_tensor(kmeans.cluster_centers_))
