@@ -408,6 +408,17 @@ def _meta_plan(name: str):
         "matcher_infonce": lambda: CrossAttentionModule(
             20, 40, alpha=0.0, objective="infonce", **matcher
         ),
+        "matcher_linear": lambda: CrossAttentionModule(
+            20,
+            40,
+            alpha=0.0,
+            objective="infonce",
+            atac_input="gene_activity",
+            links=np.stack([np.arange(40) % 20, np.arange(40)], 1),
+            shared_encoder=True,
+            encoder="linear",
+            **matcher,
+        ),
     }
     if name == "gmvae":
         module = GMVAEModule(20, n_batch=2, n_latent=4, n_hidden=8, n_components=3)
@@ -425,6 +436,7 @@ def _meta_plan(name: str):
         "gmvae",
         "matcher_triplet",
         "matcher_infonce",
+        "matcher_linear",
     ],
 )
 def test_plan_steps_of_every_model_run_on_the_modules_device(name):

@@ -2,6 +2,7 @@
 matching utilities, and the bad inputs with their messages."""
 
 import hashlib
+import re
 
 import mudata
 import numpy as np
@@ -18,6 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from scvi_ext.base._sampler import is_on_disk
 from scvi_ext.matching import (
     CrossAttentionMatcher,
+    MatcherTrainingPlan,
     bipartite_assignment,
     entropic_ot,
     fit_temperature,
@@ -330,10 +332,66 @@ def test_shared_encoder_reads_both_modalities_as_standardised_genes(tmp_path):
         CrossAttentionMatcher(reference, shared_encoder=True)
 
 
+def test_linear_encoder_starts_at_the_principal_axes_of_the_training_rna(tmp_path):
+    """``encoder="linear"``: one matrix projects both modalities' standardised genes; the
+    first training starts it at the PCA of the training RNA (the gene_activity_pca
+    baseline), later ones do not reset it; it trains, matches above chance, saves and
+    loads, and has no attention."""
+    from sklearn.decomposition import PCA
+
+    reference, held_out, links, settings = _gene_activity_setting()
+    linear = {"gene_region_map": links, "atac_input": "gene_activity", "shared_encoder": True}
+    model = CrossAttentionMatcher(reference, **linear, **{**SMALL, **settings}, encoder="linear")
+    module = model.module
+    assert module.projection.weight.shape == (SMALL["embed_dim"], 120)
+    assert MatcherTrainingPlan(module).lr == 1e-4  # fine-tuned from its start
+    assert MatcherTrainingPlan(module, lr=1e-3).lr == 1e-3
+    model.fit_statistics()
+    rna = module.normalise_rna(torch.as_tensor(reference.mod["rna"].X.toarray()))
+    standardised = ((rna - module.feature_means[0]) / module.feature_scales[0]).numpy()
+    axes = PCA(SMALL["embed_dim"]).fit(standardised).components_
+    start = module.projection.weight.detach().numpy().copy()
+    np.testing.assert_allclose(np.abs(start), np.abs(axes), atol=1e-4)  # axes up to sign
+    model.train(**FAST, plan_kwargs={"lr": 1e-2})  # a few steps on few cells: a larger lr
+    trained = module.projection.weight.detach().clone()
+    assert not np.allclose(trained.numpy(), start, atol=1e-3)
+    model.train(max_epochs=1, enable_progress_bar=False)  # continues: no new start
+    again = module.projection.weight.detach().numpy()
+    assert np.abs(again - trained.numpy()).max() < np.abs(again - start).max()
+    matrix = model.match(held_out, top_k=50)
+    assert matching_score(matrix) > 2 / held_out.n_obs  # chance: 1 / n
+    model.save(tmp_path / "model")
+    loaded = CrossAttentionMatcher.load(tmp_path / "model", adata=False)
+    np.testing.assert_array_equal(loaded.match(held_out, top_k=50).toarray(), matrix.toarray())
+    with pytest.raises(ValueError, match="encoder is linear .encoder='linear'.: it has no"):
+        model.get_attention(held_out)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"encoder": "mlp"}, "encoder must be 'attention' or 'linear', not 'mlp'"),
+        ({"encoder": "linear"}, "encoder='linear' projects the genes of both modalities"),
+        (
+            {"encoder": "linear", "shared_encoder": True, "alpha": 0.5},
+            "encoder='linear' makes no tokens for the cross-attention unit: set alpha=0",
+        ),
+        (
+            {"encoder": "linear", "shared_encoder": True, "alpha": 0.0, "embed_dim": 500},
+            "encoder='linear' needs 1 <= embed_dim <= the 120 genes, not 500",
+        ),
+    ],
+)
+def test_linear_encoder_settings_that_cannot_work_are_refused(settings, message):
+    reference, _, links, _ = _gene_activity_setting()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        CrossAttentionMatcher(
+            reference, gene_region_map=links, atac_input="gene_activity", **settings
+        )
+
+
 def test_infonce_warm_start_of_the_triplet_objective(trained):
     from types import SimpleNamespace
-
-    from scvi_ext.matching import MatcherTrainingPlan
 
     model, reference, _ = trained
     module = model.module.eval()

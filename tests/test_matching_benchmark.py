@@ -108,6 +108,7 @@ def test_warm_started_matcher_method_gives_every_matching_with_both_temperature_
         "clip_infonce_shared_gene_activity",
         "clip_infonce_shared_gene_activity_conv",
         "clip_infonce_shared_gene_activity_wide",
+        "clip_linear_gene_activity",
         "cross_attention_triplet_warm_local_gene_activity",
     ],
 )
@@ -122,7 +123,9 @@ def test_gene_activity_methods_read_atac_as_gene_activity(name):
     links = sp.csr_matrix((np.ones(600), (peaks_gene, np.arange(600))), shape=(120, 600))
     output = MATCHING_METHODS[name](mdata, np.arange(100), np.arange(100, 120), links, 0, epochs=1)
     assert output.model.module.atac_input == "gene_activity"
-    assert output.model.module.shared_encoder == ("shared" in name)
-    conv = isinstance(output.model.module.rna_tokenizer, RegionTokenizer)
+    assert output.model.module.shared_encoder == ("shared" in name or "linear" in name)
+    module = output.model.module
+    assert module.encoder == ("linear" if "linear" in name else "attention")
+    conv = isinstance(getattr(module, "rna_tokenizer", None), RegionTokenizer)
     assert conv == name.endswith("_conv")
     assert output.matrices["rna_to_atac", None, "likelihood"].shape == (20, 20)

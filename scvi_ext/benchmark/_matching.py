@@ -106,9 +106,10 @@ def _timed_matrices(
     return matrices, seconds
 
 
-def _matcher_method(warm_start: bool = False, **settings) -> Callable:
+def _matcher_method(warm_start: bool = False, lr: float | None = None, **settings) -> Callable:
     """A :class:`~scvi_ext.matching.CrossAttentionMatcher` of ``MODEL_SETTINGS`` updated by
-    ``settings``; ``warm_start``: InfoNCE for the first ``WARMUP_FRACTION`` of the epochs."""
+    ``settings``; ``warm_start``: InfoNCE for the first ``WARMUP_FRACTION`` of the epochs;
+    ``lr``: the training plan's learning rate (``None``: its default)."""
 
     def run(mdata, train, test, gene_region_map, seed, epochs=DEFAULT_EPOCHS) -> MatchingOutput:
         import scvi
@@ -123,11 +124,10 @@ def _matcher_method(warm_start: bool = False, **settings) -> Callable:
         )
         start = time.perf_counter()
         warmup_epochs = max(1, round(WARMUP_FRACTION * epochs)) if warm_start else 0
-        model.train(
-            max_epochs=epochs,
-            enable_progress_bar=False,
-            plan_kwargs={"infonce_warmup_epochs": warmup_epochs},
-        )
+        plan_kwargs = {"infonce_warmup_epochs": warmup_epochs}
+        if lr is not None:
+            plan_kwargs["lr"] = lr
+        model.train(max_epochs=epochs, enable_progress_bar=False, plan_kwargs=plan_kwargs)
         train_seconds = time.perf_counter() - start
         held_out = mdata[test].copy()
         rna, atac = held_out.mod["rna"], held_out.mod["atac"]
@@ -313,6 +313,13 @@ MATCHING_METHODS: dict[str, Callable] = {
     ),
     "clip_infonce_shared_gene_activity_conv": _matcher_method(
         **{**_SHARED_GENE_ACTIVITY, "tokenizer": "conv"}
+    ),
+    # one linear map started at the gene_activity_pca baseline's 50 axes
+    "clip_linear_gene_activity": _matcher_method(
+        **_SHARED_GENE_ACTIVITY, encoder="linear", embed_dim=50
+    ),
+    "clip_linear_gene_activity_lr1e-3": _matcher_method(
+        **_SHARED_GENE_ACTIVITY, encoder="linear", embed_dim=50, lr=1e-3
     ),
     "cross_attention_triplet_warm_local_gene_activity": _matcher_method(
         warm_start=True, tokenizer="local", alpha=0.5, atac_input="gene_activity"

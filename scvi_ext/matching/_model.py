@@ -30,7 +30,7 @@ from ._assignment import (
     top_k_scores,
 )
 from ._features import gene_genome_order, genome_order
-from ._module import AtacInput, CrossAttentionModule, Objective, Tokenizer
+from ._module import AtacInput, CrossAttentionModule, Encoder, Objective, Tokenizer
 from ._plan import MatcherTrainingPlan
 
 #: Smallest standard deviation a standardised gene is divided by (``shared_encoder``).
@@ -124,6 +124,13 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         With ``atac_input="gene_activity"``: one encoder (the RNA's tokenizer and
         self-attention unit) for both modalities, each modality's genes standardised with
         its training cells' statistics first (as the gene-activity PCA baseline does).
+    encoder
+        ``"attention"`` (tokenizer + self-attention, the paper) or ``"linear"``: one linear
+        map of the standardised genes of both modalities to ``embed_dim`` (needs
+        ``atac_input="gene_activity"``, ``shared_encoder=True``, ``alpha=0``), started at
+        the first ``embed_dim`` principal components of the training RNA (the
+        ``gene_activity_pca`` baseline) and fine-tuned from there (at lr 1e-4 unless
+        ``plan_kwargs`` gives one); no attention maps.
 
     Examples
     --------
@@ -166,6 +173,7 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         temperature_fit: TemperatureFit = "likelihood",
         atac_input: AtacInput = "peaks",
         shared_encoder: bool = False,
+        encoder: Encoder = "attention",
     ):
         if temperature_fit not in TEMPERATURE_FITS:
             raise ValueError(
@@ -207,6 +215,7 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
             atac_input=atac_input,
             links=links,
             shared_encoder=shared_encoder,
+            encoder=encoder,
         )
         self._model_summary_string = (
             f"CrossAttentionMatcher ({objective}, alpha={alpha}) on {len(genes)} genes and "
@@ -298,7 +307,9 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
     def fit_statistics(self) -> None:
         """IDF of each peak, log(1 + n_cells / (1 + cells with the peak)), on the
         registered (training) cells, read in minibatches; with ``shared_encoder``, the
-        mean and standard deviation of each modality's normalised genes too."""
+        mean and standard deviation of each modality's normalised genes too; with
+        ``encoder="linear"``, before the first training, its start: the principal axes of
+        the standardised training RNA."""
         module = self.module
         n_cells, cells_with_peak = 0, torch.zeros(module.peak_idf.shape[0])
         sums = torch.zeros(2, 2, module.n_genes, dtype=torch.float64)  # side, (x, x^2), gene
@@ -321,6 +332,24 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
             module.feature_means.copy_(means.float())
             # genes (nearly) constant in training would blow up: at least MIN_FEATURE_SCALE
             module.feature_scales.copy_(std.clamp_min(MIN_FEATURE_SCALE).float())
+        if module.encoder == "linear" and not self.is_trained_:
+            self._start_at_principal_axes()
+
+    def _start_at_principal_axes(self) -> None:
+        """The linear encoder's weights := the first ``embed_dim`` principal axes of the
+        standardised training RNA (its covariance summed minibatch by minibatch)."""
+        module = self.module
+        device = module.feature_means.device
+        gram, n_cells = torch.zeros(module.n_genes, module.n_genes, dtype=torch.float64), 0
+        for tensors in self.iter_minibatches(batch_size=1024):
+            rna = module.normalise_rna(tensors[REGISTRY_KEYS.X_KEY].to(device))
+            rna = ((rna - module.feature_means[0]) / module.feature_scales[0]).double().cpu()
+            gram += rna.T @ rna
+            n_cells += len(rna)
+        _, axes = torch.linalg.eigh(gram / max(n_cells - 1, 1))  # ascending eigenvalues
+        weight = module.projection.weight
+        with torch.no_grad():
+            weight.copy_(axes.flip(1)[:, : weight.shape[0]].T.to(weight))
 
     def _after_training(self) -> None:
         """Fit the softmax temperature of :meth:`match` on paired validation cells (at
@@ -469,6 +498,10 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         last feature, in genome order, that each token pools over.
         """
         modality = self._modality(modality)
+        if self.module.encoder == "linear":
+            raise ValueError(
+                "This matcher's encoder is linear (encoder='linear'): it has no attention."
+            )
         data = self._modality_anndata(adata, modality)
         if indices is not None:
             data = data[np.asarray(indices)]

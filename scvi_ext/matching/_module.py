@@ -14,6 +14,7 @@ from torch import nn
 Objective = Literal["triplet", "infonce"]
 Tokenizer = Literal["conv", "local"]
 AtacInput = Literal["peaks", "gene_activity"]
+Encoder = Literal["attention", "linear"]
 
 #: Counts per cell after RNA normalisation and TF-IDF scaling (before log1p).
 SCALE_FACTOR = 1e4
@@ -157,6 +158,11 @@ class CrossAttentionModule(BaseModuleClass):
         With ``"gene_activity"``: one tokenizer and self-attention unit (the RNA's) encode
         both modalities, each modality's features standardised first with its training
         cells' means and standard deviations (``feature_means``, ``feature_scales``).
+    encoder
+        ``"attention"``: tokenizer + self-attention (the paper). ``"linear"``: one linear
+        map of the standardised genes to ``embed_dim`` (``projection``, shared by both
+        modalities; needs ``shared_encoder`` and ``alpha=0``; no tokens, no attention),
+        which the model starts at the PCA of its training RNA.
     """
 
     def __init__(
@@ -181,8 +187,25 @@ class CrossAttentionModule(BaseModuleClass):
         atac_input: AtacInput = "peaks",
         links: np.ndarray | None = None,
         shared_encoder: bool = False,
+        encoder: Encoder = "attention",
     ):
         super().__init__()
+        if encoder not in ("attention", "linear"):
+            raise ValueError(f"encoder must be 'attention' or 'linear', not {encoder!r}.")
+        if encoder == "linear" and not shared_encoder:
+            raise ValueError(
+                "encoder='linear' projects the genes of both modalities with one matrix: "
+                "set atac_input='gene_activity' and shared_encoder=True."
+            )
+        if encoder == "linear" and alpha != 0:
+            raise ValueError(
+                "encoder='linear' makes no tokens for the cross-attention unit: set alpha=0."
+            )
+        if encoder == "linear" and not 1 <= embed_dim <= n_genes:
+            raise ValueError(
+                f"encoder='linear' needs 1 <= embed_dim <= the {n_genes} genes, not {embed_dim}."
+            )
+        self.encoder = encoder
         if shared_encoder and atac_input != "gene_activity":
             raise ValueError(
                 "shared_encoder=True encodes both modalities as genes: set "
@@ -211,9 +234,11 @@ class CrossAttentionModule(BaseModuleClass):
         self.register_buffer("gene_order", torch.as_tensor(gene_order, dtype=torch.long))
         self.register_buffer("peak_order", torch.as_tensor(peak_order, dtype=torch.long))
         self.register_buffer("peak_idf", torch.ones(n_peaks))
+        if encoder == "linear":
+            self.projection = nn.Linear(n_genes, embed_dim, bias=False)
         # created in this order (RNA, ATAC tokenizer, RNA, ATAC attention) so that a seed
         # gives the same initial weights as before the gene-activity options
-        if tokenizer == "conv":
+        elif tokenizer == "conv":
             self.rna_tokenizer = RegionTokenizer(
                 n_filters, kernel_size_rna, n_tokens_rna, embed_dim
             )
@@ -227,10 +252,12 @@ class CrossAttentionModule(BaseModuleClass):
                 self.atac_tokenizer = LocalTokenizer(n_atac_features, n_tokens_atac, embed_dim)
         else:
             raise ValueError(f"tokenizer must be 'conv' or 'local', not {tokenizer!r}.")
-        self.rna_self_attention = TransformerUnit(embed_dim, n_heads, dropout)
+        if encoder == "attention":
+            self.rna_self_attention = TransformerUnit(embed_dim, n_heads, dropout)
         if shared_encoder:  # the same modules (parameters) for both modalities
-            self.atac_tokenizer = self.rna_tokenizer
-            self.atac_self_attention = self.rna_self_attention
+            if encoder == "attention":
+                self.atac_tokenizer = self.rna_tokenizer
+                self.atac_self_attention = self.rna_self_attention
             self.register_buffer("feature_means", torch.zeros(2, n_genes))  # rna, atac
             self.register_buffer("feature_scales", torch.ones(2, n_genes))
         else:
@@ -267,6 +294,10 @@ class CrossAttentionModule(BaseModuleClass):
         if self.shared_encoder:
             side = 0 if modality == "rna" else 1
             features = (features - self.feature_means[side]) / self.feature_scales[side]
+        if self.encoder == "linear":
+            projected = self.projection(features)
+            embedding = F.normalize(projected, dim=-1)
+            return {"tokens": projected[:, None], "embedding": embedding, "attention": None}
         if modality == "rna":
             tokens = self.rna_tokenizer(features)
             attended, weights = self.rna_self_attention(tokens, need_weights)
