@@ -318,8 +318,8 @@ MATCHING_METHODS: dict[str, Callable] = {
     "clip_linear_gene_activity": _matcher_method(
         **_SHARED_GENE_ACTIVITY, encoder="linear", embed_dim=50
     ),
-    "clip_linear_gene_activity_lr1e-3": _matcher_method(
-        **_SHARED_GENE_ACTIVITY, encoder="linear", embed_dim=50, lr=1e-3
+    "clip_linear_gene_activity_lr1e-4": _matcher_method(
+        **_SHARED_GENE_ACTIVITY, encoder="linear", embed_dim=50, lr=1e-4
     ),
     "cross_attention_triplet_warm_local_gene_activity": _matcher_method(
         warm_start=True, tokenizer="local", alpha=0.5, atac_input="gene_activity"

@@ -129,8 +129,7 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         map of the standardised genes of both modalities to ``embed_dim`` (needs
         ``atac_input="gene_activity"``, ``shared_encoder=True``, ``alpha=0``), started at
         the first ``embed_dim`` principal components of the training RNA (the
-        ``gene_activity_pca`` baseline) and fine-tuned from there (at lr 1e-4 unless
-        ``plan_kwargs`` gives one); no attention maps.
+        ``gene_activity_pca`` baseline) and trained from there; no attention maps.
 
     Examples
     --------

@@ -4,11 +4,6 @@ from __future__ import annotations
 
 from scvi_ext.base import BaseTrainingPlan
 
-#: Learning rate of a linear encoder (``encoder="linear"``) unless one is given: it starts
-#: at the RNA's principal axes and is fine-tuned from there; at the plans' usual 1e-3 it
-#: walks away from that start (docs/matching.md).
-LINEAR_ENCODER_LR = 1e-4
-
 
 class MatcherTrainingPlan(BaseTrainingPlan):
     """:class:`~scvi_ext.base.BaseTrainingPlan` whose first ``infonce_warmup_epochs`` training
@@ -18,13 +13,10 @@ class MatcherTrainingPlan(BaseTrainingPlan):
     alike, the loss stuck at twice the margin); VSE++, where it comes from, starts from
     trained features. Validation always scores the model's own objective, so early
     stopping and the best epoch compare like with like. No effect with
-    ``objective="infonce"``. A linear encoder trains at :data:`LINEAR_ENCODER_LR` unless
-    ``lr`` is given.
+    ``objective="infonce"``.
     """
 
     def __init__(self, module, *, infonce_warmup_epochs: int = 0, **kwargs):
-        if module.encoder == "linear":
-            kwargs.setdefault("lr", LINEAR_ENCODER_LR)
         super().__init__(module, **kwargs)
         if infonce_warmup_epochs < 0:
             raise ValueError(
