@@ -95,6 +95,8 @@ def test_scale_reuses_files_and_measurements(tiny_run):
     [
         ("storages", ("memory", "disk"), "Unknown storage(s) ['disk']; choose among ['memory'"),
         ("methods", "scvi", "Unknown method(s) ['scvi']; choose among ['scnym'"),
+        ("accelerator", "gpus", "Unknown accelerator ['gpus']; choose among ['cpu', 'gpu'"),
+        ("precision", "bf16", "Unknown precision ['bf16']; choose among ['32-true', 'bf16-mixed'"),
     ],
 )
 def test_scale_refuses_unknown_choices(tmp_path, option, value, message):

@@ -36,10 +36,13 @@ logger = logging.getLogger(__name__)
 
 #: Methods of the study: our models and scANVI, the peer; CGRAN is measured only when
 #: asked for (``methods=...``), as it is too slow on a CPU.
-SCALE_METHODS = ("scnym", "cellular", "can", "gmvae", "scanvi", "cgran")
 DEFAULT_SCALE_METHODS = ("scnym", "cellular", "can", "gmvae", "scanvi")
+SCALE_METHODS = (*DEFAULT_SCALE_METHODS, "cgran")
 #: Where the counts are read from.
 SCALE_STORAGES = ("memory", "backed", "collection", "soma")
+#: Lightning settings of the one-process runs.
+SCALE_ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+SCALE_PRECISIONS = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 #: ``obs`` column written into the simulated files: cell types, ``"Unknown"`` on query cells.
 LABELS_COLUMN = "reference_cell_type"
 UNLABELED = "Unknown"
@@ -558,6 +561,9 @@ def scale_study(
     methods, storages = _as_tuple(methods), _as_tuple(storages)
     _check_choices(methods, SCALE_METHODS, "method(s)")
     _check_choices(storages, SCALE_STORAGES, "storage(s)")
+    _check_choices([accelerator], SCALE_ACCELERATORS, "accelerator")
+    if precision is not None:
+        _check_choices([precision], SCALE_PRECISIONS, "precision")
     if epochs < 1:
         raise ValueError(f"epochs must be at least 1, not {epochs}.")
     if block_size is not None:
