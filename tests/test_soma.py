@@ -273,6 +273,37 @@ def test_bad_inputs_to_write_soma_and_the_datamodule_are_clear_errors(experiment
         model.train(datamodule=object(), **TRAIN)
 
 
+def test_io_sizes_are_checked_before_any_training(experiment):
+    uri, _, _ = experiment
+    with pytest.raises(
+        ValueError,
+        match=r"io_batch_size \(1000\) must be a multiple of shuffle_chunk_size \(64\).*"
+        r"for example io_batch_size=1024",
+    ):
+        SomaDataModule(uri, ScNym, io_batch_size=1000, **LABELS)
+    with pytest.raises(ValueError, match="shuffle_chunk_size must be a positive integer, not 0"):
+        SomaDataModule(uri, ScNym, shuffle_chunk_size=0, **LABELS)
+    with pytest.raises(ValueError, match="io_batch_size must be a positive integer, not 2.5"):
+        SomaDataModule(uri, ScNym, io_batch_size=2.5, **LABELS)
+
+
+def _runs_of_consecutive_cells(dm: SomaDataModule) -> float:
+    """Mean length of the runs of consecutive cells in the first shuffled IO batch (one
+    minibatch of ``io_batch_size`` cells, as streamed by ``tiledbsoma_ml``)."""
+    loader = dm.loader(shuffle=True, batch_size=dm.io_batch_size)
+    _, obs = next(iter(loader.dataset.dataset))  # the engine's (counts, obs) minibatches
+    rows = np.sort(obs["soma_joinid"].to_numpy())
+    return len(rows) / (1 + np.count_nonzero(np.diff(rows) != 1))
+
+
+def test_shuffle_chunk_size_sets_the_runs_of_consecutive_cells_read_together(experiment):
+    uri, _, _ = experiment
+    fine = SomaDataModule(uri, ScNym, io_batch_size=60, shuffle_chunk_size=2, **LABELS)
+    coarse = SomaDataModule(uri, ScNym, io_batch_size=60, shuffle_chunk_size=30, **LABELS)
+    assert fine.io_batch_size == coarse.io_batch_size == 60
+    assert _runs_of_consecutive_cells(coarse) > 5 * _runs_of_consecutive_cells(fine)
+
+
 def test_a_datamodule_with_other_genes_is_refused(experiment, tmp_path):
     uri, adata, _ = experiment
     dm, model = _train("scnym", uri)

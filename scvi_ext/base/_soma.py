@@ -87,7 +87,11 @@ class SomaDataModule(pl.LightningDataModule):
         Seed of the streaming shuffle (the same on every DDP process).
     io_batch_size
         Cells read from disk at once (``tiledbsoma_ml``): larger reads faster, and memory
-        grows with it (docs/scale.md, "TileDB-SOMA").
+        grows with it (docs/scale.md, "TileDB-SOMA"). A multiple of ``shuffle_chunk_size``.
+    shuffle_chunk_size
+        Consecutive cells shuffled as one unit while training (``tiledbsoma_ml``; its
+        default, 64): larger reads faster, and a minibatch then mixes fewer runs of cells
+        (``io_batch_size / shuffle_chunk_size`` runs per IO batch).
     **setup_kwargs
         Arguments of ``model_cls.setup_anndata`` (``labels_key``, ``batch_key``...).
 
@@ -111,9 +115,11 @@ class SomaDataModule(pl.LightningDataModule):
         validation_size: float | None = None,
         seed: int = 0,
         io_batch_size: int = 4096,
+        shuffle_chunk_size: int = 64,
         **setup_kwargs,
     ):
         super().__init__()
+        _check_io_sizes(io_batch_size, shuffle_chunk_size)
         tiledbsoma, tiledbsoma_ml = _import_soma()
         self.uri = os.fspath(uri)
         self.layer, self.measurement = layer, measurement
@@ -127,6 +133,7 @@ class SomaDataModule(pl.LightningDataModule):
                     obs_column_names=["soma_joinid"],
                     batch_size=batch_size,
                     io_batch_size=io_batch_size,
+                    shuffle_chunk_size=shuffle_chunk_size,
                     shuffle=False,
                     seed=seed,
                 )
@@ -370,6 +377,23 @@ class SomaDataModule(pl.LightningDataModule):
                 raise ValueError(str(error).replace("adata.X", where)) from None
         tensors[REGISTRY_KEYS.X_KEY] = torch.from_numpy(counts)
         return tensors
+
+
+def _check_io_sizes(io_batch_size: object, shuffle_chunk_size: object) -> None:
+    """Both sizes positive integers, ``io_batch_size`` a multiple of the chunk (``tiledbsoma_ml``
+    needs it to shuffle; checked here so that a bad value fails before training)."""
+    for name, value in (
+        ("io_batch_size", io_batch_size),
+        ("shuffle_chunk_size", shuffle_chunk_size),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, not {value!r}.")
+    if io_batch_size % shuffle_chunk_size:
+        raise ValueError(
+            f"io_batch_size ({io_batch_size}) must be a multiple of shuffle_chunk_size "
+            f"({shuffle_chunk_size}), the cells shuffled as one unit; for example "
+            f"io_batch_size={max(1, round(io_batch_size / shuffle_chunk_size)) * shuffle_chunk_size}."
+        )
 
 
 def _same_state(first: dict, second: dict) -> bool:
