@@ -41,6 +41,17 @@ TEST_FRACTION = 0.2
 CLASSIFICATION_METHODS: dict[str, tuple[str, dict]] = {
     "can": ("can", {}),
     "can_lr1e-3": ("can", {"plan_kwargs": {"lr": 1e-3}}),
+    # CAN's defaults before issue 13's fixes: scvi's Adam eps (0.01; Adam's is 1e-8) and the
+    # weights of the epoch of lowest validation loss (the paper keeps the last epoch's)
+    "can_eps1e-2_best_epoch": (
+        "can",
+        {"plan_kwargs": {"eps": 1e-2, "restore_best_weights": True}},
+    ),
+    # Adam's eps fixed, weights of the epoch of lowest validation loss
+    "can_best_epoch": ("can", {"plan_kwargs": {"restore_best_weights": True}}),
+    # every training cell trains, the last epoch's weights are kept (no validation cells,
+    # hence no calibration: temperature 1)
+    "can_no_validation": ("can", {"train_kwargs": {"train_size": 1.0}}),
     "cgran_svd_uniform_local": ("cgran", {}),
     "cgran_mf_uniform_local": ("cgran", {"embedding": "mf"}),
     "cgran_mf_kmeans_local": ("cgran", {"embedding": "mf", "grouping": "kmeans"}),

@@ -752,9 +752,11 @@ def _attention_model(
     progress_bar: bool,
     model_kwargs: dict[str, Any],
     plan_kwargs: dict[str, Any] | None = None,
+    train_kwargs: dict[str, Any] | None = None,
 ) -> MethodResult:
     """Train CAN or CGRAN (``name``) on the reference's top-variance genes (a copy) and
-    predict the query on the same genes (matched by name)."""
+    predict the query on the same genes (matched by name); ``train_kwargs`` go to
+    ``model.train``."""
     import scvi_ext.model
     from scvi_ext.data import select_genes
 
@@ -765,7 +767,12 @@ def _attention_model(
     model_cls.setup_anndata(reference, labels_key=labels_key)
     model = model_cls(reference, **model_kwargs)
     start = time.perf_counter()
-    model.train(max_epochs=max_epochs, enable_progress_bar=progress_bar, plan_kwargs=plan_kwargs)
+    model.train(
+        max_epochs=max_epochs,
+        enable_progress_bar=progress_bar,
+        plan_kwargs=plan_kwargs,
+        **(train_kwargs or {}),
+    )
     train_seconds = time.perf_counter() - start
     proba = model.predict(query[:, reference.var_names], soft=True)
     n_epochs = _trained_epochs(model, None)
@@ -782,7 +789,10 @@ def _attention_model(
         else model.adata.n_obs * n_epochs / train_seconds,
         settings=f"{reference.n_vars} genes"
         + (f", {n_epochs} epochs" if n_epochs else "")
-        + "".join(f", {key} {value}" for key, value in (plan_kwargs or {}).items()),
+        + "".join(
+            f", {key} {value}"
+            for key, value in {**(plan_kwargs or {}), **(train_kwargs or {})}.items()
+        ),
     )
 
 
@@ -798,6 +808,7 @@ def can(
     progress_bar: bool = False,
     model_kwargs: dict[str, Any] | None = None,
     plan_kwargs: dict[str, Any] | None = None,
+    train_kwargs: dict[str, Any] | None = None,
 ) -> MethodResult:
     """CAN (``scvi_ext.model.CAN``) on the reference's top-variance genes (paper: 1000).
 
@@ -814,7 +825,9 @@ def can(
     model_kwargs
         Arguments of :class:`~scvi_ext.model.CAN` (sizes).
     plan_kwargs
-        Training plan arguments (default: the paper's Adam at lr 1e-4).
+        Training plan arguments (default: the paper's Adam at lr 1e-4, eps 1e-8).
+    train_kwargs
+        Other arguments of ``CAN.train`` (e.g. ``train_size=1.0``: no validation cells).
     """
     return _attention_model(
         "can",
@@ -826,6 +839,7 @@ def can(
         progress_bar,
         model_kwargs or {},
         plan_kwargs,
+        train_kwargs,
     )
 
 
