@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import anndata as ad
@@ -20,6 +22,7 @@ import tiledbsoma.io  # noqa: E402
 from conftest import ddp_rank_results  # noqa: E402
 
 from scvi_ext.base import SomaDataModule  # noqa: E402
+from scvi_ext.base._soma import _read_ahead  # noqa: E402
 from scvi_ext.data import simulate, write_simulated, write_soma  # noqa: E402
 from scvi_ext.model import CAN, CELLULAR, CGRAN, GMVAE, LatentClassifier, ScNym  # noqa: E402
 
@@ -174,6 +177,15 @@ def test_every_model_trains_and_predicts_from_soma_as_from_memory(name, experime
     assert model.is_trained_ and model.adata is None
     latent = model.get_latent_representation(dm)
     np.testing.assert_allclose(latent, model.get_latent_representation(adata), atol=1e-5)
+    # scattered cells in any order: read in row order, returned in the caller's
+    scattered = np.random.default_rng(0).permutation(adata.n_obs)[:100]
+    read, loader = [], dm.loader
+    dm.loader = lambda indices=None, **kwargs: read.append(indices) or loader(indices, **kwargs)
+    np.testing.assert_allclose(
+        model.get_latent_representation(dm, indices=scattered), latent[scattered], atol=1e-5
+    )
+    del dm.loader
+    assert (np.diff(read[-1]) > 0).all() and set(read[-1]) == set(scattered)
     if name == "gmvae":
         clusters = model.predict_cluster(dm, soft=True)
         np.testing.assert_allclose(clusters, model.predict_cluster(adata, soft=True), atol=1e-5)
@@ -207,6 +219,53 @@ def test_scanvi_the_peer_trains_and_predicts_from_the_datamodule(experiment):
     unlabelled = SomaDataModule(uri, GMVAE, batch_key="batch")
     with pytest.raises(AttributeError, match="set up without labels; pass labels_key"):
         _ = unlabelled.labels
+
+
+def test_cells_read_in_order_take_io_batches_spanning_the_rows_of_a_full_read(experiment):
+    uri, adata, _ = experiment
+    dm = SomaDataModule(uri, ScNym, io_batch_size=128, **LABELS)
+
+    def io_batch_size(indices) -> int:
+        return dm.loader(np.asarray(indices)).dataset.dataset.io_batch_size
+
+    assert io_batch_size(np.arange(adata.n_obs)) == 128  # every cell
+    assert io_batch_size(np.arange(100, 300)) == 128  # a run of cells
+    assert io_batch_size(np.arange(0, adata.n_obs, 10)) == 13  # a tenth: 128 rows' worth
+    assert io_batch_size([0, adata.n_obs - 1]) == 1
+    assert io_batch_size([7]) == 128
+    # training streams keep their IO batches (their cells come in chunks of rows)
+    assert (
+        dm.loader(np.arange(0, adata.n_obs, 10), shuffle=True).dataset.dataset.io_batch_size == 128
+    )
+
+
+def _stream_io_batch_sizes(dm: SomaDataModule) -> dict:
+    dm.setup()
+    return {
+        side: loader.dataset.dataset.io_batch_size
+        for side, loader in dm.train_dataloader().loaders.items()
+        if loader is not None
+    }
+
+
+def test_two_streams_of_a_training_step_share_the_io_batch(experiment):
+    import scvi
+
+    uri, adata, _ = experiment
+    paired = SomaDataModule(uri, ScNym, io_batch_size=256, shuffle_chunk_size=32, **LABELS)
+    assert _stream_io_batch_sizes(paired) == {"labelled": 128, "unlabeled": 128}
+    full_and_labelled = SomaDataModule(
+        uri, scvi.model.SCANVI, io_batch_size=256, shuffle_chunk_size=32, **LABELS
+    )
+    assert _stream_io_batch_sizes(full_and_labelled) == {"full": 128, "labelled": 128}
+    # one stream (every cell labelled) keeps the whole IO batch; an IO batch of one chunk
+    # cannot be shared below a chunk
+    all_labelled = SomaDataModule(
+        uri, ScNym, io_batch_size=256, labels_key="cell_type", unlabeled_category=None
+    )
+    assert _stream_io_batch_sizes(all_labelled) == {"labelled": 256}
+    one_chunk = SomaDataModule(uri, ScNym, io_batch_size=64, shuffle_chunk_size=64, **LABELS)
+    assert _stream_io_batch_sizes(one_chunk) == {"labelled": 64, "unlabeled": 64}
 
 
 def test_latent_classifier_on_a_cellular_trained_from_soma(experiment):
@@ -353,3 +412,57 @@ def test_two_ddp_processes_train_from_soma_and_predict_every_cell(experiment, tm
     first, second = ddp_rank_results(DDP_SCRIPT.format(uri=uri), tmp_path)
     assert first == second  # the same weights on both ranks, every cell read by each
     assert first.startswith(f"(({adata.n_obs}, 3),")
+
+
+# --- reading ahead ----------------------------------------------------------------------
+
+
+def _counted(n: int, produced: list, closed: list, fail_at: int | None = None):
+    """Items 0..n-1, counting how many were made and whether the generator was closed."""
+    try:
+        for item in range(n):
+            if item == fail_at:
+                raise RuntimeError(f"read failed at {item}")
+            produced.append(item)
+            yield item
+    finally:
+        closed.append(True)
+
+
+def _wait_for(condition, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+def test_read_ahead_keeps_the_order_and_prepares_at_most_depth_items_ahead():
+    produced, closed = [], []
+    stream = _read_ahead(_counted(50, produced, closed), depth=3)
+    assert next(stream) == 0
+    # while the consumer holds item 0, the thread prepares the next ones, up to the depth
+    # (3 queued, one more made and waiting for room)
+    assert _wait_for(lambda: len(produced) == 5)
+    time.sleep(0.2)
+    assert len(produced) == 5
+    assert [0, *stream] == list(range(50))
+    assert closed == [True]
+
+
+def test_read_ahead_raises_the_producer_error_in_the_consumer():
+    produced, closed = [], []
+    stream = _read_ahead(_counted(10, produced, closed, fail_at=4), depth=2)
+    with pytest.raises(RuntimeError, match="read failed at 4"):
+        assert list(stream) == [0, 1, 2, 3]
+    assert closed == [True]
+
+
+def test_a_consumer_that_stops_early_stops_the_read_ahead_thread():
+    produced, closed = [], []
+    before = threading.active_count()
+    stream = _read_ahead(_counted(1000, produced, closed), depth=2)
+    assert [next(stream), next(stream)] == [0, 1]
+    stream.close()
+    assert closed == [True]  # the source was closed, not left half-read
+    assert len(produced) <= 5
+    assert _wait_for(lambda: threading.active_count() == before)

@@ -257,11 +257,17 @@ class InferenceMixin:
         device = module_device(self.module)
         try:
             with self.registered_anndata(adata) as registered:
+                order = _sorted_order(indices) if soma_source(registered) is not None else None
+                if order is not None:  # SOMA reads cells in row order (see the function)
+                    indices = np.asarray(indices)[order]
                 loader = self.iter_minibatches(registered, indices, batch_size)
                 outputs = [fn(to_device(tensors, device)).detach().cpu() for tensors in loader]
         finally:
             self.module.train(was_training)
-        return torch.cat(outputs).numpy()
+        result = torch.cat(outputs).numpy()
+        if order is not None and len(result) == len(order):  # per cell: the caller's order
+            result[order] = result.copy()
+        return result
 
     def cell_names(
         self, adata: AnnData | SomaDataModule | None, indices: Sequence[int] | None = None
@@ -605,3 +611,16 @@ class InferenceMixin:
 
 
 __all__ = ["InferenceMixin", "valid_plan_kwargs"]
+
+
+def _sorted_order(indices: Sequence[int] | None) -> np.ndarray | None:
+    """The order that sorts ``indices``, or ``None`` when they are sorted already (or all
+    cells). A SOMA experiment read at scattered, unsorted rows touches a stored tile per
+    cell: a validation set of 100,000 cells of 1e6 peaked at 7.6 GB of memory
+    (docs/scale.md, "Cells read out of order")."""
+    if indices is None:
+        return None
+    indices = np.asarray(indices)
+    if len(indices) < 2 or (np.diff(indices) >= 0).all():
+        return None
+    return np.argsort(indices, kind="stable")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import os
+import queue
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -27,6 +29,9 @@ from ._splitter import LABELLED, UNLABELED, PairedDataSplitter, paired_minibatch
 SOMA_SOURCE_ATTRIBUTE = "_scvi_ext_soma_source"
 #: Setup arguments ending in ``_key`` that do not name ``obs`` columns.
 _NOT_OBS_KEYS = ("obsm_key",)
+#: Dense minibatches a stream prepares ahead of its consumer: one IO batch's worth, within
+#: this many bytes (at least two minibatches).
+READ_AHEAD_BYTES = 64 * 2**20
 
 
 def soma_source(data: object) -> SomaDataModule | None:
@@ -88,6 +93,8 @@ class SomaDataModule(pl.LightningDataModule):
     io_batch_size
         Cells read from disk at once (``tiledbsoma_ml``): larger reads faster, and memory
         grows with it (docs/scale.md, "TileDB-SOMA"). A multiple of ``shuffle_chunk_size``.
+        Training steps that draw from two streams (ScNym's labelled and unlabeled cells,
+        scANVI's all and labelled cells) share it: each stream reads half.
     shuffle_chunk_size
         Consecutive cells shuffled as one unit while training (``tiledbsoma_ml``; its
         default, 64): larger reads faster, and a minibatch then mixes fewer runs of cells
@@ -301,10 +308,13 @@ class SomaDataModule(pl.LightningDataModule):
             train = np.sort(self.train_idx)
             state = self.adata_manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY)
             labelled = train[self.labels[train] != str(state.unlabeled_category)]
+            io_batch_size = self._io_batch_size_per_stream(2 if len(labelled) else 1)
             return _FullAndLabelledStream(
                 {
-                    "full": self.loader(train, shuffle=True),
-                    "labelled": self.loader(labelled, shuffle=True) if len(labelled) else None,
+                    "full": self.loader(train, shuffle=True, io_batch_size=io_batch_size),
+                    "labelled": self.loader(labelled, shuffle=True, io_batch_size=io_batch_size)
+                    if len(labelled)
+                    else None,
                 }
             )
         if isinstance(self._splitter, PairedDataSplitter):
@@ -312,13 +322,25 @@ class SomaDataModule(pl.LightningDataModule):
                 LABELLED: self._splitter.train_labelled_idx,
                 UNLABELED: self._splitter.unlabeled_idx,
             }
+            io_batch_size = self._io_batch_size_per_stream(
+                sum(len(indices) > 0 for indices in sides.values())
+            )
             return _PairedStream(
                 {
-                    side: self.loader(np.sort(indices), shuffle=True) if len(indices) else None
+                    side: self.loader(np.sort(indices), shuffle=True, io_batch_size=io_batch_size)
+                    if len(indices)
+                    else None
                     for side, indices in sides.items()
                 }
             )
         return self.loader(np.sort(self.train_idx), shuffle=True)
+
+    def _io_batch_size_per_stream(self, n_streams: int) -> int:
+        """``io_batch_size`` shared by ``n_streams`` streams read in the same steps (a
+        multiple of the shuffle chunk, at least one chunk), so that the cells in memory do
+        not grow with the number of streams."""
+        chunk = self._dataset.shuffle_chunk_size
+        return max(chunk, self.io_batch_size // max(n_streams, 1) // chunk * chunk)
 
     def val_dataloader(self):
         """Validation cells, in order (none: an empty list)."""
@@ -334,24 +356,32 @@ class SomaDataModule(pl.LightningDataModule):
         adata_manager: AnnDataManager | None = None,
         batch_size: int | None = None,
         all_in_this_process: bool = False,
+        io_batch_size: int | None = None,
     ) -> torch.utils.data.DataLoader:
         """Minibatches of registered tensors of cells ``indices`` (rows of :attr:`adata`).
 
         ``X`` streams from the experiment; the other tensors come from ``adata_manager``
         (default: this datamodule's registration; a model's light copy for inference).
-        Without ``shuffle``, cells come in the order of ``indices``. Training loaders are
+        Without ``shuffle``, cells come in the order of ``indices``; pass them sorted (as
+        every reader of this library does): unsorted ones make each IO batch read scattered
+        rows, which costs time and memory. Training loaders are
         partitioned across DDP processes by ``tiledbsoma_ml``; ``all_in_this_process``
-        reads every cell here (inference).
+        reads every cell here (inference). ``io_batch_size``: default, the datamodule's.
         """
         import attrs
 
         _, tiledbsoma_ml = _import_soma()
         indices = np.arange(self.n_obs) if indices is None else np.asarray(indices)
-        query_ids = attrs.evolve(self._dataset.query_ids, obs_joinids=self._joinids[indices])
+        joinids = self._joinids[indices]
+        io_batch_size = io_batch_size or self.io_batch_size
+        if not shuffle:
+            io_batch_size = _io_batch_size_in_order(joinids, io_batch_size)
+        query_ids = attrs.evolve(self._dataset.query_ids, obs_joinids=joinids)
         dataset = attrs.evolve(
             self._dataset,
             query_ids=query_ids,
             batch_size=batch_size or self.batch_size,
+            io_batch_size=io_batch_size,
             shuffle=shuffle,
         )
         if all_in_this_process:  # the engine reads rank and world size when it is built
@@ -377,6 +407,21 @@ class SomaDataModule(pl.LightningDataModule):
                 raise ValueError(str(error).replace("adata.X", where)) from None
         tensors[REGISTRY_KEYS.X_KEY] = torch.from_numpy(counts)
         return tensors
+
+
+def _io_batch_size_in_order(joinids: np.ndarray, io_batch_size: int) -> int:
+    """Cells per IO batch when ``joinids`` are read in order: so many that an IO batch spans
+    about ``io_batch_size`` rows of the experiment, as when every cell is read.
+
+    TileDB decompresses every stored tile an IO batch touches (about 145 cells' counts
+    each as ``tiledbsoma.io`` writes them), so scattered cells (a validation set, a
+    query) read ``io_batch_size`` at a time touch one tile per cell: reading 20,000 sorted
+    cells out of 1e6 peaked at 4.1 GB with 4,096 per IO batch (docs/scale.md).
+    """
+    if len(joinids) < 2:
+        return io_batch_size
+    span = int(joinids.max() - joinids.min()) + 1
+    return max(1, min(io_batch_size, round(io_batch_size * len(joinids) / span)))
 
 
 def _check_io_sizes(io_batch_size: object, shuffle_chunk_size: object) -> None:
@@ -429,8 +474,68 @@ class _RegisteredTensors(IterableDataset):
         self.dataset.set_epoch(self._epoch)  # a new shuffle each epoch, the same on every rank
         self._epoch += 1
         with _collections_skip_older_objects():
-            for counts, obs in self.dataset:
-                yield self.source.tensors(counts, obs["soma_joinid"].to_numpy(), self.lookup)
+            yield from _read_ahead(self._minibatches(), self._read_ahead_depth())
+
+    def _minibatches(self) -> Iterator[dict]:
+        for counts, obs in self.dataset:
+            yield self.source.tensors(counts, obs["soma_joinid"].to_numpy(), self.lookup)
+
+    def _read_ahead_depth(self) -> int:
+        """Minibatches prepared ahead: one IO batch, within :data:`READ_AHEAD_BYTES`."""
+        batch_size = self.dataset.batch_size
+        minibatch_bytes = batch_size * self.source.n_vars * np.dtype(np.float32).itemsize
+        per_io_batch = -(-self.dataset.io_batch_size // batch_size)
+        return max(2, min(per_io_batch, READ_AHEAD_BYTES // max(minibatch_bytes, 1)))
+
+
+_ITEM, _ERROR, _END = "item", "error", "end"
+
+
+def _read_ahead(items: Iterator, depth: int) -> Iterator:
+    """``items``, produced by a background thread up to ``depth`` ahead of the consumer.
+
+    ``tiledbsoma_ml`` reads an IO batch only when the previous one is used up, so without
+    this, training stops for every read; from a thread the next read overlaps the model's
+    steps (torch releases the GIL while it computes). The order is kept; an error is raised
+    in the consumer; a consumer that stops early stops the thread after its current item.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def offer(entry: tuple) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not offer((_ITEM, item)):
+                    return
+        except BaseException as error:  # noqa: BLE001 (raised again in the consumer)
+            offer((_ERROR, error))
+            return
+        finally:
+            items.close()
+        offer((_END, None))
+
+    producer = threading.Thread(target=produce, name="scvi-ext-soma-read-ahead", daemon=True)
+    producer.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == _END:
+                return
+            if kind == _ERROR:
+                raise value
+            yield value
+    finally:
+        stop.set()
+        producer.join()  # the stream is not read by two threads at once
 
 
 _streams_open = 0
