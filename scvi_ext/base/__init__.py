@@ -35,6 +35,7 @@ from ._module import (
 from ._novelty import query_neighbour_score, registered_counts
 from ._plan import (
     OPTIMIZERS,
+    PLAIN_ADAM_PLAN,
     BaseTrainingPlan,
     OptimizerName,
     WarmupCosineTrainingPlan,
@@ -65,6 +66,7 @@ from ._splitter import (
 from ._statistics import class_means, class_sums
 
 __all__ = [
+    "PLAIN_ADAM_PLAN",
     "BASE_NOVELTY_METHODS",
     "LABELLED",
     "MIN_GENE_FRACTION",

@@ -20,6 +20,17 @@ OPTIMIZERS = {
     "SGD": torch.optim.SGD,
 }
 
+#: The plan of a paper that trains with plain "Adam" for a fixed number of epochs: Adam's
+#: own ``eps`` (scvi's plans default to 0.01, larger than most gradient entries of models
+#: with normalised features: docs/adding_a_model.md), no weight decay, and the last epoch's
+#: weights kept. Models add their learning rate.
+PLAIN_ADAM_PLAN = {
+    "optimizer": "Adam",
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+    "restore_best_weights": False,
+}
+
 
 #: Devices with a fused Adam kernel in every torch version we support.
 FUSED_ADAM_DEVICES = ("cpu", "cuda")

@@ -53,6 +53,12 @@ CLASSIFICATION_METHODS: dict[str, tuple[str, dict]] = {
     # hence no calibration: temperature 1)
     "can_no_validation": ("can", {"train_kwargs": {"train_size": 1.0}}),
     "cgran_svd_uniform_local": ("cgran", {}),
+    # CGRAN's (SVD, uniform, local) defaults before issue 13's fixes: scvi's Adam eps (0.01),
+    # weight decay 1e-6 and the weights of the epoch of lowest validation loss
+    "cgran_eps1e-2_best_epoch": (
+        "cgran",
+        {"plan_kwargs": {"eps": 1e-2, "weight_decay": 1e-6, "restore_best_weights": True}},
+    ),
     "cgran_mf_uniform_local": ("cgran", {"embedding": "mf"}),
     "cgran_mf_kmeans_local": ("cgran", {"embedding": "mf", "grouping": "kmeans"}),
     "cgran_mf_full": ("cgran", {"embedding": "mf", "attention": "full"}),

@@ -857,6 +857,8 @@ def cgran(
     n_top_genes: int | None = 1000,
     progress_bar: bool = False,
     model_kwargs: dict[str, Any] | None = None,
+    plan_kwargs: dict[str, Any] | None = None,
+    train_kwargs: dict[str, Any] | None = None,
 ) -> MethodResult:
     """CGRAN (``scvi_ext.model.CGRAN``) on the reference's top-variance genes (paper: 1000).
 
@@ -874,6 +876,11 @@ def cgran(
         Show Lightning progress bars.
     model_kwargs
         Other arguments of CGRAN (``group_size``, ``n_heads``...).
+    plan_kwargs
+        Training plan arguments (default: the paper's Adam at lr 1e-4, eps 1e-8, the last
+        epoch's weights).
+    train_kwargs
+        Other arguments of ``CGRAN.train`` (e.g. ``train_size=1.0``: no validation cells).
     """
     setting = {"embedding": embedding, "grouping": grouping, "attention": attention}
     result = _attention_model(
@@ -885,6 +892,8 @@ def cgran(
         max_epochs,
         progress_bar,
         {**setting, **(model_kwargs or {})},
+        plan_kwargs,
+        train_kwargs,
     )
     result.settings += ", " + "/".join(setting.values())
     return result

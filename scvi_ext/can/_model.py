@@ -11,6 +11,7 @@ from scvi.data.fields import CategoricalObsField
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin
 
 from scvi_ext.base import (
+    PLAIN_ADAM_PLAN,
     BaseTrainingPlan,
     ClassifierMixin,
     EmbeddingMixin,
@@ -19,9 +20,6 @@ from scvi_ext.base import (
 )
 
 from ._module import CANModule
-
-#: Adam's epsilon (torch's default and Kingma & Ba's; the paper trains with plain Adam).
-ADAM_EPS = 1e-8
 
 
 class CAN(ClassifierMixin, EmbeddingMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelClass):
@@ -140,13 +138,7 @@ class CAN(ClassifierMixin, EmbeddingMixin, ArchesMixin, UnsupervisedTrainingMixi
         stopping in effect, which the paper does not do (``restore_best_weights=True``
         brings it back).
         """
-        return {
-            "optimizer": "Adam",
-            "lr": 1e-4,
-            "weight_decay": 0.0,
-            "eps": ADAM_EPS,
-            "restore_best_weights": False,
-        }
+        return {**PLAIN_ADAM_PLAN, "lr": 1e-4}
 
     def get_attention(
         self,
