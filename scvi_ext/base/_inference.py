@@ -617,7 +617,7 @@ def _sorted_order(indices: Sequence[int] | None) -> np.ndarray | None:
     """The order that sorts ``indices``, or ``None`` when they are sorted already (or all
     cells). A SOMA experiment read at scattered, unsorted rows touches a stored tile per
     cell: a validation set of 100,000 cells of 1e6 peaked at 7.6 GB of memory
-    (docs/scale.md, "Cells read out of order")."""
+    (docs/scale.md, "A million cells from SOMA")."""
     if indices is None:
         return None
     indices = np.asarray(indices)
