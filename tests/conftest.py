@@ -68,3 +68,15 @@ def ddp_rank_results(script: str, tmp_path: Path) -> list[str]:
     names = [file.name for file in files]
     assert names == ["ddp_result_rank0.txt", "ddp_result_rank1.txt"], run.stdout[-2000:]
     return [file.read_text() for file in files]
+
+
+def assert_trained_with_plain_adam(model, lr: float) -> None:
+    """The model trained with Adam at ``lr``, Adam's own eps (1e-8, not scvi's 0.01), no
+    weight decay, and kept its last epoch (``scvi_ext.base.PLAIN_ADAM_PLAN``)."""
+    import torch
+
+    optimizer = model.trainer.optimizers[0]
+    assert isinstance(optimizer, torch.optim.Adam)
+    group = optimizer.param_groups[0]
+    assert (group["eps"], group["lr"], group["weight_decay"]) == (1e-8, lr, 0.0)
+    assert model.trainer.lightning_module.restore_best_weights is False

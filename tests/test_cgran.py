@@ -5,9 +5,10 @@ import pytest
 import scvi
 import torch
 from anndata import AnnData
-from conftest import ddp_rank_results, requires_shared_data
+from conftest import assert_trained_with_plain_adam, ddp_rank_results, requires_shared_data
 
 from scvi_ext.base import (
+    PLAIN_ADAM_PLAN,
     ClassifierModule,
     DifferentiableClassifierModule,
     EmbeddingModule,
@@ -112,27 +113,14 @@ def test_paper_training_defaults():
     reference, _ = _simulated()
     CGRAN.setup_anndata(reference, labels_key="cell_type")
     model = CGRAN(reference, **SMALL)
-    assert model._default_plan_kwargs() == {
-        "optimizer": "Adam",
-        "lr": 1e-4,
-        "weight_decay": 0.0,
-        "eps": 1e-8,  # Adam's own, not scvi's 0.01
-        "restore_best_weights": False,  # the paper keeps the 75th epoch's weights
-    }
+    # the paper's Adam at lr 1e-4 (its values: test_the_optimizer_is_adam_with_its_own_eps...)
+    assert model._default_plan_kwargs() == {**PLAIN_ADAM_PLAN, "lr": 1e-4}
     assert model.train_defaults["max_epochs"] == 75
 
 
 def test_the_optimizer_is_adam_with_its_own_eps_and_the_last_epoch_is_kept(reference_model):
     model, _, _ = reference_model
-    optimizer = model.trainer.optimizers[0]
-    assert isinstance(optimizer, torch.optim.Adam)
-    group = optimizer.param_groups[0]
-    assert (group["eps"], group["lr"], group["weight_decay"]) == (
-        1e-8,
-        FAST["plan_kwargs"]["lr"],
-        0.0,
-    )
-    assert model.trainer.lightning_module.restore_best_weights is False
+    assert_trained_with_plain_adam(model, lr=FAST["plan_kwargs"]["lr"])
 
 
 def test_paper_learning_rate_fits_the_training_cells_where_scvis_eps_stalls():
