@@ -246,7 +246,10 @@ class InferenceMixin:
 
         ``adata`` goes through :meth:`registered_anndata` (genes matched by name, counts
         validated, the user's AnnData untouched); the minibatches are moved to the
-        module's device (a model trained on a GPU stays there). ``while_training``: also
+        module's device (a model trained on a GPU stays there). From a SOMA experiment,
+        unsorted ``indices`` are read in row order; outputs of one row per cell come back in
+        the order of ``indices``, and ``fn`` that sums over a minibatch sees other groupings
+        (sums are unchanged). ``while_training``: also
         before training has ended (from a training callback); the module's mode is
         restored afterwards.
         """
