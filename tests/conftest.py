@@ -78,5 +78,6 @@ def assert_trained_with_plain_adam(model, lr: float) -> None:
     optimizer = model.trainer.optimizers[0]
     assert isinstance(optimizer, torch.optim.Adam)
     group = optimizer.param_groups[0]
-    assert (group["eps"], group["lr"], group["weight_decay"]) == (1e-8, lr, 0.0)
+    assert (group["eps"], group["weight_decay"]) == (1e-8, 0.0)
+    assert group["lr"] == pytest.approx(lr, rel=1e-9)  # a schedule may leave rounding
     assert model.trainer.lightning_module.restore_best_weights is False

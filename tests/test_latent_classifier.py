@@ -239,6 +239,18 @@ def test_seeded_determinism(cellular):
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
+def test_adam_eps_is_pytorchs_by_default_and_plan_kwargs_override_it(cellular):
+    def trained_eps(**train):
+        clf = LatentClassifier.from_model(cellular, n_hidden1=16, n_hidden2=16)
+        clf.train(max_epochs=1, **train, **TRAIN)
+        optimizer = clf.trainer.optimizers[0]
+        assert isinstance(optimizer, torch.optim.Adam)
+        return optimizer.param_groups[0]["eps"]
+
+    assert trained_eps() == 1e-8  # the reference code's Adam, not scvi's 0.01
+    assert trained_eps(plan_kwargs={"eps": 0.01}) == 0.01
+
+
 def test_tune(cellular):
     clf = LatentClassifier.from_model(cellular, n_hidden1=16, n_hidden2=16)
     study = clf.tune(n_trials=2, max_epochs=2, hidden_choices=(16, 32))
