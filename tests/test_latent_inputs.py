@@ -1,8 +1,9 @@
 """The latent_inputs study (issue 14): options and a tiny run through run_study."""
 
+import numpy as np
 import pandas as pd
 import pytest
-from conftest import requires_shared_data
+from conftest import assert_trained_with_plain_adam, requires_shared_data
 
 from scvi_ext.benchmark import STUDIES, run_study
 from scvi_ext.benchmark._latent_inputs import study_options
@@ -60,6 +61,25 @@ def test_tiny_run_writes_every_table_and_figure(tmp_path):
     assert "latent_inputs" in STUDIES
 
 
+@requires_shared_data
+def test_former_eps_classifiers_run_side_by_side_and_without_gmvae_no_backends(tmp_path):
+    options = dict(
+        datasets="kang_ifnb",
+        ks=4,
+        fractions=1.0,
+        representations="pca",
+        classifiers=("default", "default_eps1e-2", "seed_ffnn", "seed_ffnn_eps1e-2"),
+        classifier_epochs=2,
+        max_cells=200,
+        umap=False,
+    )
+    tables = run_study("latent_inputs", seeds=[0], outdir=tmp_path, options=options)
+    assert list(tables["classification"]["classifier"]) == list(options["classifiers"])
+    assert tables["backends"].drop(columns="seed").empty  # GMVAE was not trained
+    assert not (tmp_path / "backends_per_seed.csv").exists()
+    assert "## backends" not in (tmp_path / "summary.md").read_text()
+
+
 def test_gmvae_components_options_name_unknown_variants():
     from scvi_ext.benchmark._gmvae_components import study_options as components_options
 
@@ -98,3 +118,24 @@ def test_tiny_gmvae_components_run_counts_components_for_every_variant(tmp_path)
     mog = curves[curves["curve"].str.startswith("kang_ifnb / mog_prior / ")]
     assert mog["used"].between(1, 4).all()  # counted from MogPrior's p(y | z)
     assert (tmp_path / "components_vs_epoch_kang_ifnb_seed0.png").exists()
+
+
+def test_seed_ffnn_trains_as_the_seed_plain_adam_every_epoch_last_weights():
+    import anndata as ad
+
+    from scvi_ext.benchmark._latent_inputs import SeedFFNNClassifier
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 200)
+    features = rng.normal(size=(200, 5)).astype(np.float32) + labels[:, None]
+    adata = ad.AnnData(
+        obs=pd.DataFrame({"label": labels.astype(str)}, index=[f"c{i}" for i in range(200)]),
+        obsm={"X_rep": features},
+    )
+    SeedFFNNClassifier.setup_anndata(adata, labels_key="label", obsm_key="X_rep")
+    model = SeedFFNNClassifier(adata)
+    model.train(max_epochs=12, enable_progress_bar=False)
+    assert_trained_with_plain_adam(model, lr=1e-4)
+    assert len(model.history["train_loss"]) == 12  # no early stopping
+    scheduler = model.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.get_last_lr() == [pytest.approx(1e-4, rel=1e-9)]  # a constant rate
