@@ -55,6 +55,29 @@ def test_cellular_method_annotates_above_chance(cells):
     assert result.cells_per_second > 0
 
 
+@pytest.mark.parametrize(("name", "eps"), [("cellular", 1e-2), ("cellular_eps1e-8", 1e-8)])
+def test_cellular_rows_train_with_their_adam_eps(name, eps, monkeypatch):
+    from scvi_ext.model import CELLULAR
+
+    reference, query, labels_key = TASKS["simulated"](
+        n_cells=200, n_genes=60, n_cell_types=N_TYPES, seed=2
+    )
+    train, used_eps = CELLULAR.train, []
+
+    def recording_train(self, *args, **kwargs):
+        out = train(self, *args, **kwargs)
+        used_eps.append(self.trainer.optimizers[0].param_groups[0]["eps"])
+        return out
+
+    monkeypatch.setattr(CELLULAR, "train", recording_train)
+    result = METHODS[name](reference, query, labels_key, 0, max_epochs=2, classifier_epochs=2)
+    assert used_eps == [eps]
+    assert result.name == name
+    assert ("'eps': 1e-08" in result.settings) == (eps == 1e-8)
+    # the variant gets the options tasks give "cellular" (kang_donors_lodo's batch column)
+    assert TASK_METHOD_KWARGS["kang_donors_lodo"][name] == {"batch_key": "donor"}
+
+
 def test_novel_type_detection_protocol(cells):
     per_type, summary = novel_type_detection(
         cells, batch_key="batch", n_folds=3, max_epochs=6, classifier_epochs=10, n_latent=16

@@ -129,3 +129,37 @@ def test_gene_activity_methods_read_atac_as_gene_activity(name):
     conv = isinstance(getattr(module, "rna_tokenizer", None), RegionTokenizer)
     assert conv == name.endswith("_conv")
     assert output.matrices["rna_to_atac", None, "likelihood"].shape == (20, 20)
+
+
+@pytest.mark.parametrize(
+    ("name", "eps"),
+    [
+        ("clip_linear_gene_activity", 1e-2),
+        ("clip_linear_gene_activity_eps1e-8", 1e-8),
+        ("cross_attention_triplet", 1e-2),
+        ("cross_attention_triplet_eps1e-8", 1e-8),
+    ],
+)
+def test_matcher_rows_train_with_their_adam_eps(name, eps):
+    import scipy.sparse as sp
+
+    from scvi_ext.benchmark._matching import MATCHING_METHODS
+    from scvi_ext.matching import simulate_paired
+
+    mdata = simulate_paired(n_cells=120)
+    peaks_gene = np.random.default_rng(0).integers(120, size=600)
+    links = sp.csr_matrix((np.ones(600), (peaks_gene, np.arange(600))), shape=(120, 600))
+    output = MATCHING_METHODS[name](mdata, np.arange(100), np.arange(100, 120), links, 0, epochs=1)
+    group = output.model.trainer.optimizers[0].param_groups[0]
+    assert (group["eps"], group["lr"]) == (eps, 1e-3)
+    # an eps row is its row's model otherwise
+    base = MATCHING_METHODS[name.removesuffix("_eps1e-8")](
+        mdata, np.arange(100), np.arange(100, 120), links, 0, epochs=1
+    )
+
+    def settings(model):
+        return {
+            k: v for k, v in model.init_params_["non_kwargs"].items() if k != "gene_region_map"
+        }
+
+    assert settings(output.model) == settings(base.model)

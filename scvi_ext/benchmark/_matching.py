@@ -106,10 +106,13 @@ def _timed_matrices(
     return matrices, seconds
 
 
-def _matcher_method(warm_start: bool = False, lr: float | None = None, **settings) -> Callable:
+def _matcher_method(
+    warm_start: bool = False, lr: float | None = None, eps: float | None = None, **settings
+) -> Callable:
     """A :class:`~scvi_ext.matching.CrossAttentionMatcher` of ``MODEL_SETTINGS`` updated by
     ``settings``; ``warm_start``: InfoNCE for the first ``WARMUP_FRACTION`` of the epochs;
-    ``lr``: the training plan's learning rate (``None``: its default)."""
+    ``lr`` and ``eps``: the training plan's learning rate and Adam ``eps`` (``None``: its
+    default)."""
 
     def run(mdata, train, test, gene_region_map, seed, epochs=DEFAULT_EPOCHS) -> MatchingOutput:
         import scvi
@@ -127,6 +130,8 @@ def _matcher_method(warm_start: bool = False, lr: float | None = None, **setting
         plan_kwargs = {"infonce_warmup_epochs": warmup_epochs}
         if lr is not None:
             plan_kwargs["lr"] = lr
+        if eps is not None:
+            plan_kwargs["eps"] = eps
         model.train(max_epochs=epochs, enable_progress_bar=False, plan_kwargs=plan_kwargs)
         train_seconds = time.perf_counter() - start
         held_out = mdata[test].copy()
@@ -295,6 +300,8 @@ _SHARED_GENE_ACTIVITY = {
 #: (methods without training ignore ``epochs``).
 MATCHING_METHODS: dict[str, Callable] = {
     "cross_attention_triplet": _matcher_method(tokenizer="conv", alpha=0.5),
+    # the model's defaults with Adam's own eps (1e-8) instead of scvi's plan's 0.01
+    "cross_attention_triplet_eps1e-8": _matcher_method(tokenizer="conv", alpha=0.5, eps=1e-8),
     "cross_attention_triplet_local": _matcher_method(tokenizer="local", alpha=0.5),
     "cross_attention_triplet_warm_local": _matcher_method(
         warm_start=True, tokenizer="local", alpha=0.5
@@ -320,6 +327,9 @@ MATCHING_METHODS: dict[str, Callable] = {
     ),
     "clip_linear_gene_activity_lr1e-4": _matcher_method(
         **_SHARED_GENE_ACTIVITY, encoder="linear", embed_dim=50, lr=1e-4
+    ),
+    "clip_linear_gene_activity_eps1e-8": _matcher_method(
+        **_SHARED_GENE_ACTIVITY, encoder="linear", embed_dim=50, eps=1e-8
     ),
     "cross_attention_triplet_warm_local_gene_activity": _matcher_method(
         warm_start=True, tokenizer="local", alpha=0.5, atac_input="gene_activity"

@@ -18,7 +18,10 @@ TASKS: dict[str, TaskFunction] = {}
 """Registered tasks, by name."""
 
 TASK_METHOD_KWARGS: dict[str, dict[str, dict]] = {
-    "kang_donors_lodo": {"cellular": {"batch_key": "donor"}},
+    "kang_donors_lodo": {
+        "cellular": {"batch_key": "donor"},
+        "cellular_eps1e-8": {"batch_key": "donor"},
+    },
 }
 """Method options a task needs (e.g. its batch column), merged under the user's."""
 
