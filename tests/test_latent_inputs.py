@@ -62,7 +62,19 @@ def test_tiny_run_writes_every_table_and_figure(tmp_path):
 
 
 @requires_shared_data
-def test_former_eps_classifiers_run_side_by_side_and_without_gmvae_no_backends(tmp_path):
+def test_former_eps_classifiers_run_side_by_side_and_without_gmvae_no_backends(
+    tmp_path, monkeypatch
+):
+    from scvi_ext.classifier import LatentClassifier
+
+    train, trained_eps = LatentClassifier.train, []
+
+    def recording_train(self, *args, **kwargs):
+        out = train(self, *args, **kwargs)
+        trained_eps.append(self.trainer.optimizers[0].param_groups[0]["eps"])
+        return out
+
+    monkeypatch.setattr(LatentClassifier, "train", recording_train)
     options = dict(
         datasets="kang_ifnb",
         ks=4,
@@ -75,6 +87,7 @@ def test_former_eps_classifiers_run_side_by_side_and_without_gmvae_no_backends(t
     )
     tables = run_study("latent_inputs", seeds=[0], outdir=tmp_path, options=options)
     assert list(tables["classification"]["classifier"]) == list(options["classifiers"])
+    assert trained_eps == [1e-8, 1e-2, 1e-8, 1e-2]
     assert tables["backends"].drop(columns="seed").empty  # GMVAE was not trained
     assert not (tmp_path / "backends_per_seed.csv").exists()
     assert "## backends" not in (tmp_path / "summary.md").read_text()
