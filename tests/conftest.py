@@ -81,3 +81,17 @@ def assert_trained_with_plain_adam(model, lr: float) -> None:
     assert (group["eps"], group["weight_decay"]) == (1e-8, 0.0)
     assert group["lr"] == pytest.approx(lr, rel=1e-9)  # a schedule may leave rounding
     assert model.trainer.lightning_module.restore_best_weights is False
+
+
+def record_trained_adam_eps(monkeypatch, model_cls) -> list[float]:
+    """Patch ``model_cls.train`` (and its subclasses') to append the Adam ``eps`` each
+    training ran with to the list returned."""
+    train, used = model_cls.train, []
+
+    def recording_train(self, *args, **kwargs):
+        out = train(self, *args, **kwargs)
+        used.append(self.trainer.optimizers[0].param_groups[0]["eps"])
+        return out
+
+    monkeypatch.setattr(model_cls, "train", recording_train)
+    return used

@@ -5,6 +5,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import record_trained_adam_eps
 
 from scvi_ext.benchmark import (
     AUROC_COLUMNS,
@@ -62,14 +63,7 @@ def test_cellular_rows_train_with_their_adam_eps(name, eps, monkeypatch):
     reference, query, labels_key = TASKS["simulated"](
         n_cells=200, n_genes=60, n_cell_types=N_TYPES, seed=2
     )
-    train, used_eps = CELLULAR.train, []
-
-    def recording_train(self, *args, **kwargs):
-        out = train(self, *args, **kwargs)
-        used_eps.append(self.trainer.optimizers[0].param_groups[0]["eps"])
-        return out
-
-    monkeypatch.setattr(CELLULAR, "train", recording_train)
+    used_eps = record_trained_adam_eps(monkeypatch, CELLULAR)
     result = METHODS[name](reference, query, labels_key, 0, max_epochs=2, classifier_epochs=2)
     assert used_eps == [eps]
     assert result.name == name

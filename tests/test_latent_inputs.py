@@ -3,7 +3,11 @@
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_trained_with_plain_adam, requires_shared_data
+from conftest import (
+    assert_trained_with_plain_adam,
+    record_trained_adam_eps,
+    requires_shared_data,
+)
 
 from scvi_ext.benchmark import STUDIES, run_study
 from scvi_ext.benchmark._latent_inputs import study_options
@@ -67,14 +71,7 @@ def test_former_eps_classifiers_run_side_by_side_and_without_gmvae_no_backends(
 ):
     from scvi_ext.classifier import LatentClassifier
 
-    train, trained_eps = LatentClassifier.train, []
-
-    def recording_train(self, *args, **kwargs):
-        out = train(self, *args, **kwargs)
-        trained_eps.append(self.trainer.optimizers[0].param_groups[0]["eps"])
-        return out
-
-    monkeypatch.setattr(LatentClassifier, "train", recording_train)
+    trained_eps = record_trained_adam_eps(monkeypatch, LatentClassifier)
     options = dict(
         datasets="kang_ifnb",
         ks=4,
