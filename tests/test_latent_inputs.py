@@ -54,6 +54,7 @@ def test_tiny_run_writes_every_table_and_figure(tmp_path):
     assert set(classification["representation"]) == representations
     assert len(classification) == len(representations) * 2  # two classifiers
     assert classification["accuracy"].between(0, 1).all()
+    assert classification["train_accuracy"].between(0, 1).all()
     methods = set(tables["clustering"]["clustering"].str.split(" / ").str[1])
     assert {"gmvae_k4 predict_cluster", "scvi_k4 leiden", "pca_k4 leiden"} <= methods
     assert list(tables["backends"]["backend"]) == ["kang_ifnb / torch", "kang_ifnb / pyro"]
@@ -149,3 +150,16 @@ def test_seed_ffnn_trains_as_the_seed_plain_adam_every_epoch_last_weights():
     assert len(model.history["train_loss"]) == 12  # no early stopping
     scheduler = model.trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.get_last_lr() == [pytest.approx(1e-4, rel=1e-9)]  # a constant rate
+
+
+def test_train_accuracy_is_the_classifiers_accuracy_on_its_own_training_cells():
+    from scvi_ext.benchmark._latent_inputs import _classify
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.array(["a", "b", "c"]), 30)
+    centres = {"a": 0.0, "b": 0.6, "c": 1.2}  # overlapping: not every cell is fitted
+    cells = np.stack([rng.normal(centres[label], 1.0, size=5) for label in labels])
+    cells = cells.astype(np.float32)
+    scores = _classify("default", cells, labels, cells, labels, epochs=3)
+    assert scores["train_accuracy"] == pytest.approx(scores["accuracy"])
+    assert 1 / 3 < scores["train_accuracy"] < 1

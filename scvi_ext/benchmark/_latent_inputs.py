@@ -372,7 +372,11 @@ def _classify(
     query_labels: np.ndarray,
     epochs: int,
 ) -> dict[str, float]:
-    """Train one classifier on a representation and score the query."""
+    """Train one classifier on a representation and score the query.
+
+    Also its accuracy on its own training cells (``train_accuracy``): whether it fitted
+    them, which tells an under-trained classifier from an uninformative representation.
+    """
     obsm_key = "X_representation"
     train = ad.AnnData(
         obs=pd.DataFrame(
@@ -402,7 +406,12 @@ def _classify(
     )
     scores = score_predictions(query_labels, result)
     keep = ("accuracy", "balanced_accuracy", "macro_f1", "ece", "ece_uncalibrated")
-    return {**{key: scores[key] for key in keep if key in scores}, "classifier_seconds": seconds}
+    fitted = np.asarray(model.label_names)[model.predict_proba(train).argmax(axis=1)]
+    return {
+        **{key: scores[key] for key in keep if key in scores},
+        "train_accuracy": float(np.mean(fitted.astype(str) == np.asarray(reference_labels, str))),
+        "classifier_seconds": seconds,
+    }
 
 
 def _training_cells(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
