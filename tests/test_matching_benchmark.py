@@ -132,15 +132,16 @@ def test_gene_activity_methods_read_atac_as_gene_activity(name):
 
 
 @pytest.mark.parametrize(
-    ("name", "eps"),
+    ("name", "eps", "lr"),
     [
-        ("clip_linear_gene_activity", 1e-2),
-        ("clip_linear_gene_activity_eps1e-8", 1e-8),
-        ("cross_attention_triplet", 1e-2),
-        ("cross_attention_triplet_eps1e-8", 1e-8),
+        ("clip_linear_gene_activity", 1e-2, 1e-3),
+        ("clip_linear_gene_activity_eps1e-8", 1e-8, 1e-3),
+        ("clip_linear_gene_activity_lr1e-4", 1e-2, 1e-4),
+        ("cross_attention_triplet", 1e-2, 1e-3),
+        ("cross_attention_triplet_eps1e-8", 1e-8, 1e-3),
     ],
 )
-def test_matcher_rows_train_with_their_adam_eps(name, eps):
+def test_matcher_rows_train_with_their_adam_eps_and_lr(name, eps, lr):
     import scipy.sparse as sp
 
     from scvi_ext.benchmark._matching import MATCHING_METHODS
@@ -151,9 +152,9 @@ def test_matcher_rows_train_with_their_adam_eps(name, eps):
     links = sp.csr_matrix((np.ones(600), (peaks_gene, np.arange(600))), shape=(120, 600))
     output = MATCHING_METHODS[name](mdata, np.arange(100), np.arange(100, 120), links, 0, epochs=1)
     group = output.model.trainer.optimizers[0].param_groups[0]
-    assert (group["eps"], group["lr"]) == (eps, 1e-3)
-    # an eps row is its row's model otherwise
-    base = MATCHING_METHODS[name.removesuffix("_eps1e-8")](
+    assert (group["eps"], group["lr"]) == (eps, lr)
+    # a row with other plan arguments is its base row's model otherwise
+    base = MATCHING_METHODS[name.removesuffix("_eps1e-8").removesuffix("_lr1e-4")](
         mdata, np.arange(100), np.arange(100, 120), links, 0, epochs=1
     )
 

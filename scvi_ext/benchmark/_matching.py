@@ -107,12 +107,11 @@ def _timed_matrices(
 
 
 def _matcher_method(
-    warm_start: bool = False, lr: float | None = None, eps: float | None = None, **settings
+    warm_start: bool = False, plan_kwargs: dict | None = None, **settings
 ) -> Callable:
     """A :class:`~scvi_ext.matching.CrossAttentionMatcher` of ``MODEL_SETTINGS`` updated by
     ``settings``; ``warm_start``: InfoNCE for the first ``WARMUP_FRACTION`` of the epochs;
-    ``lr`` and ``eps``: the training plan's learning rate and Adam ``eps`` (``None``: its
-    default)."""
+    ``plan_kwargs``: training plan arguments over its defaults (e.g. ``lr``, Adam ``eps``)."""
 
     def run(mdata, train, test, gene_region_map, seed, epochs=DEFAULT_EPOCHS) -> MatchingOutput:
         import scvi
@@ -127,12 +126,8 @@ def _matcher_method(
         )
         start = time.perf_counter()
         warmup_epochs = max(1, round(WARMUP_FRACTION * epochs)) if warm_start else 0
-        plan_kwargs = {"infonce_warmup_epochs": warmup_epochs}
-        if lr is not None:
-            plan_kwargs["lr"] = lr
-        if eps is not None:
-            plan_kwargs["eps"] = eps
-        model.train(max_epochs=epochs, enable_progress_bar=False, plan_kwargs=plan_kwargs)
+        plan = {"infonce_warmup_epochs": warmup_epochs, **(plan_kwargs or {})}
+        model.train(max_epochs=epochs, enable_progress_bar=False, plan_kwargs=plan)
         train_seconds = time.perf_counter() - start
         held_out = mdata[test].copy()
         rna, atac = held_out.mod["rna"], held_out.mod["atac"]
@@ -301,7 +296,9 @@ _SHARED_GENE_ACTIVITY = {
 MATCHING_METHODS: dict[str, Callable] = {
     "cross_attention_triplet": _matcher_method(tokenizer="conv", alpha=0.5),
     # the model's defaults with Adam's own eps (1e-8) instead of scvi's plan's 0.01
-    "cross_attention_triplet_eps1e-8": _matcher_method(tokenizer="conv", alpha=0.5, eps=1e-8),
+    "cross_attention_triplet_eps1e-8": _matcher_method(
+        tokenizer="conv", alpha=0.5, plan_kwargs={"eps": 1e-8}
+    ),
     "cross_attention_triplet_local": _matcher_method(tokenizer="local", alpha=0.5),
     "cross_attention_triplet_warm_local": _matcher_method(
         warm_start=True, tokenizer="local", alpha=0.5
@@ -326,10 +323,10 @@ MATCHING_METHODS: dict[str, Callable] = {
         **_SHARED_GENE_ACTIVITY, encoder="linear", embed_dim=50
     ),
     "clip_linear_gene_activity_lr1e-4": _matcher_method(
-        **_SHARED_GENE_ACTIVITY, encoder="linear", embed_dim=50, lr=1e-4
+        **_SHARED_GENE_ACTIVITY, encoder="linear", embed_dim=50, plan_kwargs={"lr": 1e-4}
     ),
     "clip_linear_gene_activity_eps1e-8": _matcher_method(
-        **_SHARED_GENE_ACTIVITY, encoder="linear", embed_dim=50, eps=1e-8
+        **_SHARED_GENE_ACTIVITY, encoder="linear", embed_dim=50, plan_kwargs={"eps": 1e-8}
     ),
     "cross_attention_triplet_warm_local_gene_activity": _matcher_method(
         warm_start=True, tokenizer="local", alpha=0.5, atac_input="gene_activity"
