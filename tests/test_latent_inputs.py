@@ -91,6 +91,40 @@ def test_former_eps_classifiers_run_side_by_side_and_without_gmvae_no_backends(
     assert "## backends" not in (tmp_path / "summary.md").read_text()
 
 
+@requires_shared_data
+def test_the_4x_epochs_classifier_trains_four_times_the_epochs_and_backends_can_be_skipped(
+    tmp_path, monkeypatch
+):
+    from scvi_ext.classifier import LatentClassifier
+
+    train, epochs_trained = LatentClassifier.train, []
+
+    def recording_train(self, *args, **kwargs):
+        out = train(self, *args, **kwargs)
+        epochs_trained.append(self.trainer.current_epoch)
+        return out
+
+    monkeypatch.setattr(LatentClassifier, "train", recording_train)
+    options = dict(
+        datasets="kang_ifnb",
+        ks=4,
+        fractions=1.0,
+        representations=("pca", "gmvae"),
+        classifiers=("seed_ffnn", "seed_ffnn_4x_epochs"),
+        epochs=1,
+        classifier_epochs=2,
+        n_hidden=16,
+        n_components=4,
+        max_cells=200,
+        umap=False,
+        backends=False,
+    )
+    tables = run_study("latent_inputs", seeds=[0], outdir=tmp_path, options=options)
+    assert list(tables["classification"]["classifier"]) == list(options["classifiers"]) * 2
+    assert epochs_trained == [2, 8, 2, 8]  # pca, then gmvae: the seed FFNN, then 4x
+    assert tables["backends"].drop(columns="seed").empty  # GMVAE trained, backends skipped
+
+
 def test_gmvae_components_options_name_unknown_variants():
     from scvi_ext.benchmark._gmvae_components import study_options as components_options
 
