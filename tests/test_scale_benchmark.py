@@ -13,7 +13,7 @@ TINY = {
     "methods": ("scnym", "gmvae"),
     "storages": ("memory", "backed", "collection"),
     "ddp": False,
-    "epochs": 1,
+    "epochs": 2,
     "torch_threads": 1,
 }
 
@@ -46,8 +46,14 @@ def test_scale_tables(tiny_run):
         "predict_cells_per_cpu_second",
         "peak_rss_train_gb",
         "peak_rss_predict_gb",
+        "first_epoch_seconds",
+        "later_seconds_per_epoch",
+        "later_train_cells_per_second",
     ):
         assert (scale[column] > 0).all(), column
+    # two epochs: the first and the later one make up the mean
+    halves = (scale["first_epoch_seconds"] + scale["later_seconds_per_epoch"]) / 2
+    assert np.allclose(halves, scale["seconds_per_epoch"])
     # a process that imported scvi-tools holds hundreds of MB, and far less than the machine
     assert scale["peak_rss_train_gb"].between(0.2, 8).all()
 
@@ -66,7 +72,7 @@ def test_scale_tables(tiny_run):
 
     disk = tables["disk_vs_memory"]
     assert len(disk) == 2 * 2 * 2  # methods x sizes x (backed, collection) vs memory
-    for column in ("train", "train_cpu", "predict", "predict_cpu"):
+    for column in ("train", "later_train", "train_cpu", "predict", "predict_cpu"):
         assert (disk[f"{column}_throughput_pct"] > 0).all(), column
 
     for name in ("scale_per_seed.csv", "scaling_per_seed.csv", "scale_loglog_seed0.png"):

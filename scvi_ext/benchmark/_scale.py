@@ -7,7 +7,9 @@ collection of files (:func:`scvi_ext.data.read_collection`, here of the one file
 a TileDB-SOMA experiment (:class:`scvi_ext.base.SomaDataModule`). Each method x storage x
 size is measured in a fresh process, so that its peak resident memory is its own: seconds
 and the process's CPU seconds inside the training epochs (validation included; CPU
-seconds barely depend on other load on the machine), training cells/s, prediction cells/s
+seconds barely depend on other load on the machine), the first epoch's seconds and the
+mean of the later ones (the first holds one-time costs; with ``epochs`` >= 2), training
+cells/s (all epochs, and the later ones), prediction cells/s
 on the query cells (``predict``; ``get_latent_representation`` for GMVAE) and the peak RSS
 of training and of prediction (rank 0's under DDP). Every model keeps its default
 architecture; only the epochs are reduced, and all share one batch size and training
@@ -85,7 +87,10 @@ _WORKER += "measure_from_file(sys.argv[1])\n"
 _COLUMNS = (
     "seconds_per_epoch",
     "cpu_seconds_per_epoch",
+    "first_epoch_seconds",
+    "later_seconds_per_epoch",
     "train_cells_per_second",
+    "later_train_cells_per_second",
     "train_cells_per_cpu_second",
     "predict_cells_per_second",
     "predict_cells_per_cpu_second",
@@ -200,20 +205,25 @@ def _peak_rss_gb(reset: bool = False) -> float:
 
 def _epoch_clock():
     """:class:`._throughput._EpochTimer` that also counts the process's CPU seconds inside
-    epochs (all its threads): on a shared machine they barely depend on the other load."""
+    epochs (all its threads: on a shared machine they barely depend on the other load) and
+    keeps each epoch's seconds (the first holds one-time costs, such as the compilation of
+    ``tiledbsoma_ml``'s numba kernels on the first read)."""
     from ._throughput import _EpochTimer
 
     class EpochClock(_EpochTimer):
         def __init__(self):
             super().__init__()
             self.cpu_seconds, self._cpu_start = 0.0, 0.0
+            self.epoch_seconds: list[float] = []
 
         def on_train_epoch_start(self, trainer, pl_module) -> None:
             super().on_train_epoch_start(trainer, pl_module)
             self._cpu_start = time.process_time()
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
+            before = self.seconds
             super().on_train_epoch_end(trainer, pl_module)
+            self.epoch_seconds.append(self.seconds - before)
             self.cpu_seconds += time.process_time() - self._cpu_start
 
     return EpochClock()
@@ -300,9 +310,14 @@ def measure(spec: dict) -> dict:
     predict_cpu_seconds = time.process_time() - cpu_start
     n_predicted = len(outputs)
     seconds_per_epoch = timer.seconds / spec["epochs"]
+    later = timer.epoch_seconds[1:]  # without the first epoch's one-time costs
+    later_seconds_per_epoch = float(np.mean(later)) if later else float("nan")
     return {
         "seconds_per_epoch": seconds_per_epoch,
+        "first_epoch_seconds": timer.epoch_seconds[0],
+        "later_seconds_per_epoch": later_seconds_per_epoch,
         "train_cells_per_second": n_train / seconds_per_epoch,
+        "later_train_cells_per_second": n_train / later_seconds_per_epoch,
         "predict_cells_per_second": n_predicted / predict_seconds,
         "cpu_seconds_per_epoch": timer.cpu_seconds / spec["epochs"],
         "train_cells_per_cpu_second": n_train * spec["epochs"] / timer.cpu_seconds,
@@ -408,6 +423,7 @@ def scaling_exponents(table: pd.DataFrame) -> pd.DataFrame:
 #: Throughput columns compared by :func:`_ratios`, and their short names.
 _THROUGHPUTS = {
     "train_cells_per_second": "train",
+    "later_train_cells_per_second": "later_train",
     "train_cells_per_cpu_second": "train_cpu",
     "predict_cells_per_second": "predict",
     "predict_cells_per_cpu_second": "predict_cpu",
@@ -544,8 +560,9 @@ def scale_study(
 ) -> dict[str, pd.DataFrame]:
     """Measure every method x storage x size; tables and log-log PNGs (in ``outdir``).
 
-    ``ddp`` adds 2 CPU DDP processes on the backed h5ad at the smallest size;
-    ``data_dir`` caches the simulated files (default: ``outdir/data``); measurements
+    ``epochs`` per measurement (2 or more also give the later epochs' throughput, without
+    the first epoch's one-time costs); ``ddp`` adds 2 CPU DDP processes on the backed h5ad
+    at the smallest size; ``data_dir`` caches the simulated files (default: ``outdir/data``); measurements
     already in ``outdir/measurements`` for the same settings are reused;
     ``measurement_timeout`` (seconds) records a measurement that runs longer as failed;
     ``torch_threads`` sets the threads of one-process runs (``None``: torch's default, one
