@@ -562,8 +562,9 @@ def scale_study(
 
     ``epochs`` per measurement (2 or more also give the later epochs' throughput, without
     the first epoch's one-time costs); ``ddp`` adds 2 CPU DDP processes on the backed h5ad
-    at the smallest size; ``data_dir`` caches the simulated files (default: ``outdir/data``); measurements
-    already in ``outdir/measurements`` for the same settings are reused;
+    at the smallest size; ``data_dir`` caches the simulated files (default:
+    ``outdir/data``); measurements already in ``outdir/measurements`` for the same
+    settings are reused;
     ``measurement_timeout`` (seconds) records a measurement that runs longer as failed;
     ``torch_threads`` sets the threads of one-process runs (``None``: torch's default, one
     per core; on a shared machine 1 thread is far less sensitive to the other load);
