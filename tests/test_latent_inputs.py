@@ -34,6 +34,39 @@ def test_unknown_options_and_choices_are_errors_that_name_them():
         study_options(kss=10)
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        (
+            "backends",
+            "no",
+            "latent_inputs backends must be True or False (default: True), not 'no'.",
+        ),
+        ("umap", 0, "latent_inputs umap must be True or False (default: True), not 0."),
+        ("epochs", 2.5, "latent_inputs epochs must be an integer (default: 100), not 2.5."),
+        ("epochs", True, "latent_inputs epochs must be an integer (default: 100), not True."),
+        (
+            "ks",
+            (10, "50"),
+            "latent_inputs ks must be an integer (default: (10, 25, 50, 100)), not '50'.",
+        ),
+        (
+            "gmvae_lr",
+            "1e-3",
+            "latent_inputs gmvae_lr must be a number (default: 0.0001), not '1e-3'.",
+        ),
+    ],
+)
+def test_options_of_another_type_than_the_default_are_errors(option, value, message):
+    with pytest.raises(ValueError) as error:
+        study_options(**{option: value})
+    assert str(error.value) == message
+
+
+def test_integers_are_taken_for_float_options():
+    assert study_options(gmvae_lr=1, fractions=(1,)).gmvae_lr == 1
+
+
 @requires_shared_data
 def test_tiny_run_writes_every_table_and_figure(tmp_path):
     options = dict(

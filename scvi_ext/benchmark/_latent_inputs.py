@@ -116,7 +116,8 @@ def parse_options(options_cls: type, study: str, choices: dict[str, tuple], give
     Raises
     ------
     ValueError
-        An unknown option, or a value outside ``choices[option]``.
+        An unknown option, a value of another type than the default's (an integer is
+        taken for a float), or a value outside ``choices[option]``.
     """
     defaults = vars(options_cls())
     unknown = sorted(set(given) - set(defaults))
@@ -124,13 +125,31 @@ def parse_options(options_cls: type, study: str, choices: dict[str, tuple], give
         raise ValueError(f"Unknown {study} option(s) {unknown}; options: {list(defaults)}.")
     given = dict(given)
     for name, value in given.items():
-        if isinstance(defaults[name], tuple):
+        default = defaults[name]
+        if isinstance(default, tuple):
             value = tuple(value) if isinstance(value, list | tuple) else (value,)
             given[name] = value
+        for item in value if isinstance(default, tuple) else (value,):
+            _check_option_type(study, name, item, default)
         bad = sorted(set(value) - set(choices[name])) if name in choices else []
         if bad:
             raise ValueError(f"{study} {name}: unknown {bad}; choose from {choices[name]}.")
     return options_cls(**given)
+
+
+def _check_option_type(study: str, name: str, value: object, default: object) -> None:
+    """``value`` of the type of ``default`` (of its items for a tuple; any type for ``None``
+    or an empty tuple; an integer, not a bool, where a float is expected)."""
+    example = (default or (None,))[0] if isinstance(default, tuple) else default
+    if example is None:
+        return
+    expected = type(example)
+    accepted = (int, float) if expected is float else expected
+    if isinstance(value, accepted) and (expected is bool or not isinstance(value, bool)):
+        return
+    kinds = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+    kind = kinds.get(expected, f"a {expected.__name__}")
+    raise ValueError(f"{study} {name} must be {kind} (default: {default!r}), not {value!r}.")
 
 
 def study_options(**given) -> LatentInputsOptions:
