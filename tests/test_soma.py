@@ -466,3 +466,24 @@ def test_a_consumer_that_stops_early_stops_the_read_ahead_thread():
     assert closed == [True]  # the source was closed, not left half-read
     assert len(produced) <= 5
     assert _wait_for(lambda: threading.active_count() == before)
+
+
+def test_streams_hand_freed_memory_back_once_per_io_batch_and_at_their_end(
+    experiment, monkeypatch
+):
+    import scvi_ext.base._soma as soma
+
+    uri, adata, _ = experiment
+    dm = SomaDataModule(uri, ScNym, batch_size=32, io_batch_size=128, **LABELS)
+    calls = []
+    monkeypatch.setattr(soma, "release_free_memory", lambda: calls.append(True))
+    minibatches = list(dm.loader(np.arange(adata.n_obs)))
+    # 600 cells: 19 minibatches of 32 in 5 IO batches of 128, then once at the end
+    assert len(minibatches) == 19 and len(calls) == 5 + 1
+
+
+def test_releasing_free_memory_needs_no_glibc(monkeypatch):
+    import scvi_ext.base._soma as soma
+
+    monkeypatch.setattr(soma, "_malloc_trim", lambda: None)  # macOS, musl
+    soma.release_free_memory()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import gc
 import os
 import queue
@@ -153,6 +156,7 @@ class SomaDataModule(pl.LightningDataModule):
             shape=(n_cells, len(genes)),
         )
         self.adata = AnnData(X=placeholder, obs=obs, var=pd.DataFrame(index=genes))
+        release_free_memory()  # the columns' reading buffers (0.1 GB at 1e6 cells)
         setattr(self.adata, SOMA_SOURCE_ATTRIBUTE, self)
         model_cls.setup_anndata(self.adata, **setup_kwargs)
         self.adata_manager: AnnDataManager = model_cls._get_most_recent_anndata_manager(
@@ -477,8 +481,12 @@ class _RegisteredTensors(IterableDataset):
             yield from _read_ahead(self._minibatches(), self._read_ahead_depth())
 
     def _minibatches(self) -> Iterator[dict]:
-        for counts, obs in self.dataset:
+        per_io_batch = -(-self.dataset.io_batch_size // self.dataset.batch_size)
+        for step, (counts, obs) in enumerate(self.dataset):
+            if step % per_io_batch == 0:
+                release_free_memory()
             yield self.source.tensors(counts, obs["soma_joinid"].to_numpy(), self.lookup)
+        release_free_memory()
 
     def _read_ahead_depth(self) -> int:
         """Minibatches prepared ahead: one IO batch, within :data:`READ_AHEAD_BYTES`."""
@@ -486,6 +494,33 @@ class _RegisteredTensors(IterableDataset):
         minibatch_bytes = batch_size * self.source.n_vars * np.dtype(np.float32).itemsize
         per_io_batch = -(-self.dataset.io_batch_size // batch_size)
         return max(2, min(per_io_batch, READ_AHEAD_BYTES // max(minibatch_bytes, 1)))
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or ``None`` where the C library has none (macOS, musl)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the heap memory freed by earlier reads back to the operating system.
+
+    Streaming reads allocate and free an IO batch's buffers from two threads (the reader
+    and the training loop); glibc keeps what they free in per-thread arenas, and a
+    process's resident memory then grows over an epoch: from 1.59 to 1.90 GB over 1,500
+    steps of CAN from a SOMA experiment of 1e6 cells, against 1.30-1.32 GB with this
+    called once per IO batch, at no measurable cost in time (docs/scale.md). Also
+    releases what pyarrow's memory pool keeps. A no-op without glibc.
+    """
+    import pyarrow
+
+    pyarrow.default_memory_pool().release_unused()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 _ITEM, _ERROR, _END = "item", "error", "end"
