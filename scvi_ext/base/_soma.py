@@ -480,20 +480,25 @@ class _RegisteredTensors(IterableDataset):
         with _collections_skip_older_objects():
             yield from _read_ahead(self._minibatches(), self._read_ahead_depth())
 
+    @property
+    def _minibatches_per_io_batch(self) -> int:
+        return -(-self.dataset.io_batch_size // self.dataset.batch_size)
+
     def _minibatches(self) -> Iterator[dict]:
-        per_io_batch = -(-self.dataset.io_batch_size // self.dataset.batch_size)
         for step, (counts, obs) in enumerate(self.dataset):
-            if step % per_io_batch == 0:
+            if step % self._minibatches_per_io_batch == 0:
                 release_free_memory()
             yield self.source.tensors(counts, obs["soma_joinid"].to_numpy(), self.lookup)
         release_free_memory()
 
     def _read_ahead_depth(self) -> int:
         """Minibatches prepared ahead: one IO batch, within :data:`READ_AHEAD_BYTES`."""
-        batch_size = self.dataset.batch_size
-        minibatch_bytes = batch_size * self.source.n_vars * np.dtype(np.float32).itemsize
-        per_io_batch = -(-self.dataset.io_batch_size // batch_size)
-        return max(2, min(per_io_batch, READ_AHEAD_BYTES // max(minibatch_bytes, 1)))
+        minibatch_bytes = (
+            self.dataset.batch_size * self.source.n_vars * np.dtype(np.float32).itemsize
+        )
+        return max(
+            2, min(self._minibatches_per_io_batch, READ_AHEAD_BYTES // max(minibatch_bytes, 1))
+        )
 
 
 @functools.cache
