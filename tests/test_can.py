@@ -7,6 +7,7 @@ import torch
 from anndata import AnnData
 from conftest import assert_trained_with_plain_adam, ddp_rank_results, requires_shared_data
 from torch import nn
+from torch.nn import functional as F
 
 from scvi_ext.base import (
     PLAIN_ADAM_PLAN,
@@ -212,6 +213,38 @@ def test_query_mapping_trains_the_last_layer_only(reference_model):
     assert not any(p.requires_grad for p in frozen.module.parameters())
 
 
+def test_balanced_classes_weight_the_loss_by_inverse_type_frequency_refitted_per_train():
+    scvi.settings.seed = 0
+    reference, query = _simulated()
+    rare = (reference.obs["cell_type"] == sorted(set(reference.obs["cell_type"]))[0]).to_numpy()
+    reference = reference[~rare | (np.cumsum(rare) <= 10)].copy()  # 10 cells of one type
+    CAN.setup_anndata(reference, labels_key="cell_type")
+    plain = CAN(reference, **SMALL)
+    assert not plain.module.balance_classes
+    plain.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+    torch.testing.assert_close(plain.module.label_weights, torch.ones(4))
+    model = CAN(reference, **SMALL, balance_classes=True)
+    model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+    counts = reference.obs["cell_type"].value_counts()[model.label_names].to_numpy()
+    expected = (1 / counts) / (1 / counts).sum()
+    np.testing.assert_allclose(model.module.label_weights.numpy(), expected, rtol=1e-6)
+    # the loss a training step logs is the weighted mean
+    tensors = next(iter(model.iter_minibatches()))
+    outputs = model.module.inference(**model.module._get_inference_input(tensors))
+    loss = model.module.loss(tensors, outputs, {}).loss
+    labels = tensors["labels"].long().ravel()
+    weights = model.module.label_weights
+    torch.testing.assert_close(loss, F.cross_entropy(outputs["logits"], labels, weight=weights))
+    # the weights are refitted from the query's labels, and are not part of a saved model
+    query_model = CAN.load_query_data(query, model)
+    assert query_model.module.balance_classes
+    query_model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+    query_counts = query.obs["cell_type"].value_counts()[model.label_names].to_numpy()
+    expected = (1 / query_counts) / (1 / query_counts).sum()
+    np.testing.assert_allclose(query_model.module.label_weights.numpy(), expected, rtol=1e-6)
+    assert "label_weights" not in model.module.state_dict()
+
+
 def test_integrated_gradient_saliency_ranks_each_types_markers_first(reference_model):
     model, reference, _ = reference_model
     table = saliency(model, method="integrated", n_steps=8, n_cells=40, n_top=10)
@@ -288,7 +321,9 @@ def test_kang_random_split_well_above_chance_with_the_paper_architecture():
 
 
 # ---------------------------------------------------------------- benchmark rows
-def test_benchmark_rows_reach_cans_optimizer_plan_and_validation_split(monkeypatch):
+def test_benchmark_rows_reach_cans_optimizer_plan_validation_split_and_class_balance(
+    monkeypatch,
+):
     from scvi_ext.benchmark._attention_tasks import CLASSIFICATION_METHODS
     from scvi_ext.benchmark._methods import METHODS
 
@@ -299,30 +334,34 @@ def test_benchmark_rows_reach_cans_optimizer_plan_and_validation_split(monkeypat
         output = train(self, *args, **kwargs)
         eps = self.trainer.optimizers[0].param_groups[0]["eps"]
         restores = self.trainer.lightning_module.restore_best_weights
-        seen.append((eps, restores, len(self.validation_indices)))
+        balances = self.module.balance_classes
+        seen.append((eps, restores, len(self.validation_indices), balances))
         return output
 
     monkeypatch.setattr(CAN, "train", spy)
     reference, query = _simulated()
     rows = ("can", "can_best_epoch", "can_eps1e-2_best_epoch", "can_no_validation")
     settings = []
-    for row in rows:
+    for row in (*rows, "can_balanced"):
         method, options = CLASSIFICATION_METHODS[row]
         assert method == "can"
-        result = METHODS["can"](
-            reference, query, "cell_type", 0, max_epochs=1, model_kwargs=SMALL, **options
-        )
+        options = {"model_kwargs": {}, **options}
+        options["model_kwargs"] = {**SMALL, **options["model_kwargs"]}
+        result = METHODS["can"](reference, query, "cell_type", 0, max_epochs=1, **options)
         settings.append(result.settings)
     n_validation = 33  # scvi's 10% of the 336 reference cells
     assert seen == [
-        (1e-8, False, n_validation),
-        (1e-8, True, n_validation),
-        (1e-2, True, n_validation),
-        (1e-8, False, 0),
+        (1e-8, False, n_validation, False),
+        (1e-8, True, n_validation, False),
+        (1e-2, True, n_validation, False),
+        (1e-8, False, 0, False),
+        (1e-8, False, n_validation, True),
     ]
+    sizes = "".join(f", {key} {value}" for key, value in SMALL.items())
     assert settings == [
-        "100 genes, 1 epochs",
-        "100 genes, 1 epochs, restore_best_weights True",
-        "100 genes, 1 epochs, eps 0.01, restore_best_weights True",
-        "100 genes, 1 epochs, train_size 1.0",
+        "100 genes, 1 epochs" + sizes,
+        "100 genes, 1 epochs, restore_best_weights True" + sizes,
+        "100 genes, 1 epochs, eps 0.01, restore_best_weights True" + sizes,
+        "100 genes, 1 epochs, train_size 1.0" + sizes,
+        "100 genes, 1 epochs" + sizes + ", balance_classes True",
     ]

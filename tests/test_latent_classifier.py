@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
 
-from scvi_ext.base import labelled_cross_entropy
+from scvi_ext.base import class_weights, labelled_cross_entropy
 from scvi_ext.cellular import CELLULAR
 from scvi_ext.classifier import (
     NOVELTY_METHODS,
@@ -305,3 +305,17 @@ def test_labelled_cross_entropy_averages_over_labelled_cells_only():
     none = labelled_cross_entropy(logits, torch.full((6,), 3), 3)
     assert float(none) == 0.0
     none.backward()  # still part of the graph
+
+
+def test_class_weighted_cross_entropy_is_torchs_weighted_mean_over_labelled_cells():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 3)
+    labels = torch.tensor([0, 3, 2, 3, 1, 1])
+    weights = class_weights(labels.numpy(), 3)  # 1 cell of types 0 and 2, 2 of type 1
+    torch.testing.assert_close(weights, torch.tensor([0.4, 0.2, 0.4]))
+    labelled = labels < 3
+    expected = F.cross_entropy(logits[labelled], labels[labelled], weight=weights)
+    torch.testing.assert_close(labelled_cross_entropy(logits, labels, 3, weights), expected)
+    equal = labelled_cross_entropy(logits, labels, 3, torch.ones(3))
+    torch.testing.assert_close(equal, labelled_cross_entropy(logits, labels, 3))
+    assert float(labelled_cross_entropy(logits, torch.full((6,), 3), 3, weights)) == 0.0

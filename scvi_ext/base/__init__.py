@@ -63,7 +63,7 @@ from ._splitter import (
     drop_small_last_batch,
     labelled_mask,
 )
-from ._statistics import class_means, class_sums
+from ._statistics import class_means, class_sums, class_weights
 
 __all__ = [
     "PLAIN_ADAM_PLAN",
@@ -100,6 +100,7 @@ __all__ = [
     "barrier",
     "class_means",
     "class_sums",
+    "class_weights",
     "create_optimizer",
     "detached_anndata",
     "registered_obs",

@@ -15,24 +15,40 @@ def log_scaled_counts(counts: torch.Tensor, scale: float) -> torch.Tensor:
     return torch.log1p(counts / library * scale)
 
 
-def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, n_labels: int):
+def labelled_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    n_labels: int,
+    class_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Mean cross-entropy over cells whose label code is below ``n_labels`` (0 if none).
 
-    Masked rather than indexed, so that a training step never waits for the device.
+    With ``class_weights`` (one per cell type) the mean is weighted by the weight of each
+    cell's type. Masked rather than indexed, so that a training step never waits for the
+    device.
     """
     labelled = labels < n_labels
-    per_cell = F.cross_entropy(logits, labels.clamp(max=n_labels - 1), reduction="none")
-    return (per_cell * labelled).sum() / labelled.sum().clamp_min(1)
+    codes = labels.clamp(max=n_labels - 1)
+    per_cell = F.cross_entropy(logits, codes, reduction="none")
+    weights = labelled.to(per_cell)
+    if class_weights is not None:
+        weights = weights * class_weights.to(per_cell)[codes]
+    return (per_cell * weights).sum() / weights.sum().clamp_min(torch.finfo(per_cell.dtype).tiny)
 
 
-def classification_loss(logits: torch.Tensor, labels: torch.Tensor, n_labels: int) -> LossOutput:
+def classification_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    n_labels: int,
+    class_weights: torch.Tensor | None = None,
+) -> LossOutput:
     """:func:`labelled_cross_entropy` as a ``LossOutput``, with the labelled cells' accuracy
     as an extra metric (the unlabeled category is code ``n_labels``)."""
     labels = labels.long().ravel()
     labelled = labels < n_labels
     correct = ((logits.argmax(dim=1) == labels) & labelled).sum()
     return LossOutput(
-        loss=labelled_cross_entropy(logits, labels, n_labels),
+        loss=labelled_cross_entropy(logits, labels, n_labels, class_weights),
         n_obs_minibatch=len(labels),
         extra_metrics={"accuracy": correct / labelled.sum().clamp_min(1)},
     )

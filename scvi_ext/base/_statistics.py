@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -25,3 +26,15 @@ def class_sums(
 def class_means(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Class means from :func:`class_sums` totals (zero for a class without rows)."""
     return sums / counts.clamp_min(1.0)[:, None]
+
+
+def class_weights(codes: np.ndarray, n_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights ``(1/N_i) / sum_j (1/N_j)`` of the classes in ``codes``.
+
+    Codes of ``n_classes`` or more (e.g. the unlabeled category) are not counted; classes
+    absent from ``codes`` get weight 0.
+    """
+    codes = np.asarray(codes, dtype=np.int64)
+    counts = np.bincount(codes[codes < n_classes], minlength=n_classes)
+    inverse = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
+    return torch.as_tensor(inverse / inverse.sum(), dtype=torch.float32)

@@ -52,6 +52,8 @@ CLASSIFICATION_METHODS: dict[str, tuple[str, dict]] = {
     # every training cell trains, the last epoch's weights are kept (no validation cells,
     # hence no calibration: temperature 1)
     "can_no_validation": ("can", {"train_kwargs": {"train_size": 1.0}}),
+    # the cross-entropy weighted by the inverse frequency of each cell type (not in the paper)
+    "can_balanced": ("can", {"model_kwargs": {"balance_classes": True}}),
     "cgran_svd_uniform_local": ("cgran", {}),
     # CGRAN's (SVD, uniform, local) defaults before issue 13's fixes: scvi's Adam eps (0.01),
     # weight decay 1e-6 and the weights of the epoch of lowest validation loss

@@ -823,13 +823,14 @@ def can(
     progress_bar
         Show Lightning progress bars.
     model_kwargs
-        Arguments of :class:`~scvi_ext.model.CAN` (sizes).
+        Arguments of :class:`~scvi_ext.model.CAN` (sizes, ``balance_classes``).
     plan_kwargs
         Training plan arguments (default: the paper's Adam at lr 1e-4, eps 1e-8).
     train_kwargs
         Other arguments of ``CAN.train`` (e.g. ``train_size=1.0``: no validation cells).
     """
-    return _attention_model(
+    model_kwargs = model_kwargs or {}
+    result = _attention_model(
         "can",
         reference,
         query,
@@ -837,10 +838,12 @@ def can(
         n_top_genes,
         max_epochs,
         progress_bar,
-        model_kwargs or {},
+        model_kwargs,
         plan_kwargs,
         train_kwargs,
     )
+    result.settings += "".join(f", {key} {value}" for key, value in model_kwargs.items())
+    return result
 
 
 @register_method("cgran", default=False)  # 75 epochs of attention over every gene: slow on a CPU

@@ -69,6 +69,9 @@ class CANModule(NonGenerativeModule):
         Convolution kernel size (paper: 5); at most ``n_capsules`` and ``attention_dim``.
     dropout_rate
         Dropout after each layer (paper: 0.2).
+    balance_classes
+        Weight each cell's cross-entropy by the inverse frequency of its type
+        (``label_weights``, set by the model before training; not in the paper).
     """
 
     def __init__(
@@ -81,9 +84,13 @@ class CANModule(NonGenerativeModule):
         conv_channels: int = 8,
         kernel_size: int = 5,
         dropout_rate: float = 0.2,
+        balance_classes: bool = False,
     ):
         super().__init__()
         self.n_labels = n_labels
+        self.balance_classes = balance_classes
+        # a training statistic of the labels, fitted at every train call: not saved
+        self.register_buffer("label_weights", torch.ones(n_labels), persistent=False)
         self.attention_dim = attention_dim
         self.capsules = CapsuleExtractors(n_input, n_capsules, capsule_dim)
         self.attention = nn.Linear(capsule_dim, 3 * attention_dim)  # queries, keys, values
@@ -126,9 +133,13 @@ class CANModule(NonGenerativeModule):
         return {"logits": logits, "z": z}
 
     def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
-        """Cross-entropy of labelled cells (the unlabeled category is code ``n_labels``)."""
+        """Cross-entropy of labelled cells (the unlabeled category is code ``n_labels``),
+        weighted by ``label_weights`` with ``balance_classes``."""
         return classification_loss(
-            inference_outputs["logits"], tensors[REGISTRY_KEYS.LABELS_KEY], self.n_labels
+            inference_outputs["logits"],
+            tensors[REGISTRY_KEYS.LABELS_KEY],
+            self.n_labels,
+            self.label_weights if self.balance_classes else None,
         )
 
     def predict_logits(self, tensors: dict) -> torch.Tensor:

@@ -15,16 +15,6 @@ import torch.nn.functional as F
 from scvi_ext.base import class_means, class_sums
 
 
-def class_weights(codes: np.ndarray, n_classes: int) -> torch.Tensor:
-    """Inverse-frequency weights ``(1/N_i) / sum_j (1/N_j)`` (thesis eq. 2.12).
-
-    Classes absent from ``codes`` get weight 0.
-    """
-    counts = np.bincount(np.asarray(codes, dtype=np.int64), minlength=n_classes)[:n_classes]
-    inverse = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
-    return torch.as_tensor(inverse / inverse.sum(), dtype=torch.float32)
-
-
 def _weighted_class_mean(
     per_cell: torch.Tensor, valid: torch.Tensor, groups: torch.Tensor, weights: torch.Tensor
 ) -> torch.Tensor:
@@ -85,7 +75,7 @@ def cell_type_loss(
     labels
         Cell type codes, in ``[0, len(weights))`` for included cells.
     weights
-        Per-type weights (:func:`class_weights`).
+        Per-type weights (:func:`scvi_ext.base.class_weights`).
     temperature
         Temperature ``T``.
     include

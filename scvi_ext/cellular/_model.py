@@ -21,12 +21,13 @@ from scvi_ext.base import (
     EmbeddingMixin,
     class_means,
     class_sums,
+    class_weights,
     labelled_mask,
     register_labelled_anndata,
     setup_anndata_method,
 )
 
-from ._losses import batch_centroid_distances, class_weights
+from ._losses import batch_centroid_distances
 from ._module import CELLULARModule
 from ._plan import CELLULARTrainingPlan
 from ._transformer import (
