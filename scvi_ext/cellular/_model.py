@@ -337,9 +337,8 @@ class CELLULAR(
                 return torch.cat([sums, counts[:, None]], dim=1)[None]
 
             # summed minibatch by minibatch: no latent of every cell is held
-            totals = self.map_minibatches(
-                sums_and_counts, indices=np.flatnonzero(labelled), batch_size=4096
-            ).sum(axis=0)
+            totals = self.map_minibatches(sums_and_counts, indices=np.flatnonzero(labelled))
+            totals = totals.sum(axis=0)
             sums, counts = torch.as_tensor(totals[:, :-1]), torch.as_tensor(totals[:, -1])
             self.module.centroids.copy_(class_means(sums, counts).float())
         super()._after_training()
