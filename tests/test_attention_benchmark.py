@@ -91,7 +91,8 @@ def test_can_method_trains_on_the_top_variance_genes_and_predicts_every_query_ce
     )
     assert len(result.predictions) == query.n_obs
     assert set(result.predictions) <= set(reference.obs["cell_type"])
-    assert result.settings == "50 genes, 2 epochs, lr 0.001"
+    sizes = "".join(f", {key} {value}" for key, value in SMALL_CAN.items())
+    assert result.settings == "50 genes, 2 epochs, lr 0.001" + sizes
     assert learning_rates == [1e-3]  # the study's can_lr1e-3 row reaches the optimizer
     assert CLASSIFICATION_METHODS["can_lr1e-3"] == ("can", {"plan_kwargs": {"lr": 1e-3}})
     assert "_scvi_uuid" not in reference.uns  # the benchmark's AnnData untouched
