@@ -265,6 +265,7 @@ def test_integrated_gradient_saliency_ranks_each_types_markers_first(reference_m
         ({"n_capsules": 0}, "n_capsules must be at least 1, not 0"),
         ({"attention_dim": 0}, "attention_dim must be at least 1, not 0"),
         ({"dropout_rate": 1.0}, r"dropout_rate must be in \[0, 1\), not 1.0"),
+        ({"balance_classes": "yes"}, "balance_classes must be True or False, not 'yes'"),
     ],
 )
 def test_bad_architectures_are_refused(arguments, message):

@@ -124,6 +124,8 @@ class CAN(ClassifierMixin, EmbeddingMixin, ArchesMixin, UnsupervisedTrainingMixi
             )
         if not 0 <= dropout_rate < 1:
             raise ValueError(f"dropout_rate must be in [0, 1), not {dropout_rate}.")
+        if not isinstance(balance_classes, bool):
+            raise ValueError(f"balance_classes must be True or False, not {balance_classes!r}.")
         super().__init__(adata, registry=registry)
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
