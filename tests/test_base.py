@@ -13,6 +13,7 @@ from scvi_ext.base import (
     PairedDataLoader,
     PairedDataSplitter,
     fit_temperature,
+    labelled_class_weights,
     labelled_mask,
     query_neighbour_score,
     sigmoid_ramp,
@@ -29,6 +30,16 @@ def manager_of(adata):
 def test_labelled_mask_follows_unlabeled_category(sim_adata):
     manager = manager_of(sim_adata)
     np.testing.assert_array_equal(labelled_mask(manager), ~query_mask(sim_adata))
+
+
+def test_labelled_class_weights_count_only_labelled_cells(sim_adata):
+    manager = manager_of(sim_adata)
+    weights = labelled_class_weights(manager, REGISTRY_KEYS.LABELS_KEY, 4)
+    mapping = manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
+    labelled = sim_adata.obs["labels"][~query_mask(sim_adata)]
+    counts = labelled.value_counts()[list(mapping[:4])].to_numpy()
+    assert "Unknown" not in mapping[:4]  # the unlabeled category is coded last
+    np.testing.assert_allclose(weights.numpy(), (1 / counts) / (1 / counts).sum(), rtol=1e-6)
 
 
 def test_paired_loader_pairs_every_step_and_cycles_the_shorter_side(sim_adata):

@@ -63,7 +63,7 @@ from ._splitter import (
     drop_small_last_batch,
     labelled_mask,
 )
-from ._statistics import class_means, class_sums, class_weights
+from ._statistics import class_means, class_sums, class_weights, labelled_class_weights
 
 __all__ = [
     "PLAIN_ADAM_PLAN",
@@ -107,6 +107,7 @@ __all__ = [
     "fit_temperature",
     "global_rank",
     "is_main_process",
+    "labelled_class_weights",
     "labelled_mask",
     "on_main_process",
     "probability_novelty",

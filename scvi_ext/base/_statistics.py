@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scvi.data import AnnDataManager
+
+from ._splitter import labelled_mask
 
 
 def class_sums(
@@ -38,3 +41,12 @@ def class_weights(codes: np.ndarray, n_classes: int) -> torch.Tensor:
     counts = np.bincount(codes[codes < n_classes], minlength=n_classes)
     inverse = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
     return torch.as_tensor(inverse / inverse.sum(), dtype=torch.float32)
+
+
+def labelled_class_weights(
+    adata_manager: AnnDataManager, registry_key: str, n_classes: int
+) -> torch.Tensor:
+    """:func:`class_weights` of the registered codes ``registry_key`` (labels or batches)
+    of the labelled cells."""
+    codes = adata_manager.get_from_registry(registry_key).ravel()
+    return class_weights(codes[labelled_mask(adata_manager)], n_classes)

@@ -15,8 +15,7 @@ from scvi_ext.base import (
     BaseTrainingPlan,
     ClassifierMixin,
     EmbeddingMixin,
-    class_weights,
-    labelled_mask,
+    labelled_class_weights,
     register_labelled_anndata,
     setup_anndata_method,
 )
@@ -140,12 +139,12 @@ class CAN(ClassifierMixin, EmbeddingMixin, ArchesMixin, UnsupervisedTrainingMixi
     def fit_statistics(self) -> None:
         """With ``balance_classes``: the inverse-frequency weight of each cell type among
         the labelled cells (``module.label_weights``)."""
-        if self.module.balance_classes:
-            manager = self.adata_manager
-            labels = manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY).ravel()
-            labelled = labels[labelled_mask(manager)]
-            weights = class_weights(labelled, self.module.n_labels)
-            self.module.label_weights.copy_(weights.to(self.module.label_weights))
+        module = self.module
+        if module.balance_classes:
+            weights = labelled_class_weights(
+                self.adata_manager, REGISTRY_KEYS.LABELS_KEY, module.n_labels
+            )
+            module.label_weights.copy_(weights.to(module.label_weights))
 
     def _default_plan_kwargs(self) -> dict:
         """Paper 5.3: Adam (its own ``eps``, 1e-8), learning rate 1e-4, no weight decay, the

@@ -21,7 +21,7 @@ from scvi_ext.base import (
     EmbeddingMixin,
     class_means,
     class_sums,
-    class_weights,
+    labelled_class_weights,
     labelled_mask,
     register_labelled_anndata,
     setup_anndata_method,
@@ -254,13 +254,6 @@ class CELLULAR(
             saved["gene_sets"] = resolved_sets
 
     # ------------------------------------------------------------------ training
-    def _codes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Label codes, batch codes and the labelled mask of the model's cells (``obs``)."""
-        manager = self.adata_manager
-        labels = manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY).ravel().astype(np.int64)
-        batches = manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY).ravel().astype(np.int64)
-        return labels, batches, labelled_mask(manager)
-
     def fit_statistics(self, n_pca_components: int | None = None) -> None:
         """Fit the module's statistics, reading the counts minibatch by minibatch.
 
@@ -271,11 +264,14 @@ class CELLULAR(
         from the accumulated gene covariance, which holds ``n_genes**2`` numbers) and, for
         gene tokens, each gene's expression range.
         """
-        labels, batches, labelled = self._codes()
-        module = self.module
-        module.label_weights.copy_(class_weights(labels[labelled], module.n_labels))
+        manager, module = self.adata_manager, self.module
+        module.label_weights.copy_(
+            labelled_class_weights(manager, REGISTRY_KEYS.LABELS_KEY, module.n_labels)
+        )
         if module.n_batch > 1:
-            module.batch_weights.copy_(class_weights(batches[labelled], module.n_batch))
+            module.batch_weights.copy_(
+                labelled_class_weights(manager, REGISTRY_KEYS.BATCH_KEY, module.n_batch)
+            )
         if self.is_query_model or float(module.library_size) > 0:
             return
         total = sum(
@@ -283,6 +279,7 @@ class CELLULAR(
             for tensors in self.iter_minibatches()
         )
         module.library_size.fill_(total / self.adata.n_obs)
+        labelled = labelled_mask(manager)
         gram, group_sums, group_counts, low, high = self._labelled_expression_moments(labelled)
         n_cells, n_genes = float(group_counts.sum()), gram.shape[0]
         mean = group_sums.sum(dim=0) / n_cells
@@ -312,11 +309,12 @@ class CELLULAR(
         high = torch.full((n_genes,), -torch.inf, dtype=torch.float64)
         for tensors in self.iter_minibatches(indices=np.flatnonzero(labelled)):
             counts = tensors[REGISTRY_KEYS.X_KEY].to(module.library_size)
-            x = module.normalize(counts).cpu()
-            # the minibatch's products in float32 (the pass's cost: n_cells * n_genes**2;
-            # 1.6x faster than float64), summed over minibatches in float64
-            gram += (x.T @ x).double()
-            x = x.double()
+            x = module.normalize(counts)
+            # the minibatch's products on the model's device in float32 (the pass's cost:
+            # n_cells * n_genes**2; on a CPU 1.6x faster than float64), summed over
+            # minibatches in float64 on the CPU (MPS has no float64)
+            gram += (x.T @ x).cpu().double()
+            x = x.cpu().double()
             batches = tensors[REGISTRY_KEYS.BATCH_KEY].long().ravel()
             groups = batches * module.n_labels + tensors[REGISTRY_KEYS.LABELS_KEY].long().ravel()
             sums, counts = class_sums(x, groups, n_groups)
@@ -330,7 +328,7 @@ class CELLULAR(
         """Store the cell type centroids of a reference model (for :meth:`predict`), then
         calibrate."""
         if not self.is_query_model:
-            _, _, labelled = self._codes()
+            labelled = labelled_mask(self.adata_manager)
             n_labels = self.module.n_labels
 
             def sums_and_counts(tensors: dict) -> torch.Tensor:  # (1, types, latent + 1)
