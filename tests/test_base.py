@@ -33,12 +33,21 @@ def test_labelled_mask_follows_unlabeled_category(sim_adata):
 
 
 def test_labelled_class_weights_count_only_labelled_cells(sim_adata):
-    manager = manager_of(sim_adata)
-    weights = labelled_class_weights(manager, REGISTRY_KEYS.LABELS_KEY, 4)
+    ScNym.setup_anndata(
+        sim_adata, labels_key="labels", unlabeled_category="Unknown", batch_key="batch"
+    )
+    manager = ScNym(sim_adata, n_hidden=8).adata_manager
+    labelled = ~query_mask(sim_adata)
+    # batches: the unlabeled cells hold real batch codes, so the mask decides the weights
+    weights = labelled_class_weights(manager, REGISTRY_KEYS.BATCH_KEY, 2)
+    counts = sim_adata.obs["batch"][labelled].value_counts()[["batch_0", "batch_1"]].to_numpy()
+    assert counts[0] != counts[1]  # all cells would give equal weights (240 and 240)
+    np.testing.assert_allclose(weights.numpy(), (1 / counts) / (1 / counts).sum(), rtol=1e-6)
+    # labels: the unlabeled category is coded last and gets no weight
     mapping = manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
-    labelled = sim_adata.obs["labels"][~query_mask(sim_adata)]
-    counts = labelled.value_counts()[list(mapping[:4])].to_numpy()
-    assert "Unknown" not in mapping[:4]  # the unlabeled category is coded last
+    assert mapping[-1] == "Unknown"
+    weights = labelled_class_weights(manager, REGISTRY_KEYS.LABELS_KEY, 4)
+    counts = sim_adata.obs["labels"][labelled].value_counts()[list(mapping[:4])].to_numpy()
     np.testing.assert_allclose(weights.numpy(), (1 / counts) / (1 / counts).sum(), rtol=1e-6)
 
 

@@ -275,6 +275,12 @@ def test_bad_architectures_are_refused(arguments, message):
         CAN(reference, **{**SMALL, **arguments})
 
 
+def test_a_numpy_bool_balances_classes():
+    reference, _ = _simulated()
+    CAN.setup_anndata(reference, labels_key="cell_type")
+    assert CAN(reference, **SMALL, balance_classes=np.True_).module.balance_classes is True
+
+
 def test_bad_setup_inputs_are_refused():
     reference, _ = _simulated()
     with pytest.raises(ValueError, match="labels_key"):

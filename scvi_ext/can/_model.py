@@ -123,7 +123,7 @@ class CAN(ClassifierMixin, EmbeddingMixin, ArchesMixin, UnsupervisedTrainingMixi
             )
         if not 0 <= dropout_rate < 1:
             raise ValueError(f"dropout_rate must be in [0, 1), not {dropout_rate}.")
-        if not isinstance(balance_classes, bool):
+        if not isinstance(balance_classes, bool | np.bool_):
             raise ValueError(f"balance_classes must be True or False, not {balance_classes!r}.")
         super().__init__(adata, registry=registry)
         self.module = self._module_cls(
@@ -131,7 +131,7 @@ class CAN(ClassifierMixin, EmbeddingMixin, ArchesMixin, UnsupervisedTrainingMixi
             n_labels=len(self.label_names),
             dropout_rate=dropout_rate,
             kernel_size=kernel_size,
-            balance_classes=balance_classes,
+            balance_classes=bool(balance_classes),
             **sizes,
         )
         self.init_params_ = self._get_init_params(locals())
