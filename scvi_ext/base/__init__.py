@@ -52,7 +52,12 @@ from ._protocols import (
     TokenAttentionModule,
 )
 from ._sampler import BlockBatchSampler, SliceReadCSR, check_block_size
-from ._setup import register_labelled_anndata, resolve_unlabeled_category, setup_anndata_method
+from ._setup import (
+    LabelledCountsSetupMixin,
+    register_labelled_anndata,
+    resolve_unlabeled_category,
+    setup_anndata_method,
+)
 from ._soma import SomaDataModule
 from ._splitter import (
     LABELLED,
@@ -87,6 +92,7 @@ __all__ = [
     "EmbeddingMixin",
     "EmbeddingModule",
     "InferenceMixin",
+    "LabelledCountsSetupMixin",
     "InferenceModule",
     "OptimizerName",
     "PairedDataLoader",

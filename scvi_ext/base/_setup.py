@@ -7,7 +7,12 @@ from collections.abc import Sequence
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
-from scvi.data.fields import BaseAnnDataField, LabelsWithUnlabeledObsField, LayerField
+from scvi.data.fields import (
+    BaseAnnDataField,
+    CategoricalObsField,
+    LabelsWithUnlabeledObsField,
+    LayerField,
+)
 from scvi.utils import setup_anndata_dsp
 
 from scvi_ext.data import validate_counts, validate_labels, validate_obs_key
@@ -107,3 +112,31 @@ def register_labelled_anndata(
     adata_manager = AnnDataManager(fields=all_fields, setup_method_args=setup_method_args)
     adata_manager.register_fields(adata, **kwargs)
     cls.register_manager(adata_manager)
+
+
+class LabelledCountsSetupMixin:
+    """``setup_anndata`` of a classifier of raw counts with no batch covariate (CAN,
+    CGRAN): counts, cell type labels and one constant batch, the field scvi's query
+    mapping and :func:`scvi_ext.interpret.saliency` read."""
+
+    @setup_anndata_method
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        labels_key: str,
+        unlabeled_category: str | None = None,
+        layer: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Register raw counts and cell type labels.
+
+        Parameters
+        ----------
+        %(param_adata)s
+        %(param_cell_types)s
+        %(param_unlabeled_or_none)s
+        %(param_layer)s
+        """
+        setup_method_args = cls._get_setup_method_args(**locals())
+        batch_field = CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, None)
+        register_labelled_anndata(cls, adata, setup_method_args, [batch_field], **kwargs)

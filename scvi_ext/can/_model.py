@@ -7,7 +7,6 @@ from collections.abc import Sequence
 import numpy as np
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
-from scvi.data.fields import CategoricalObsField
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin
 
 from scvi_ext.base import (
@@ -15,15 +14,21 @@ from scvi_ext.base import (
     BaseTrainingPlan,
     ClassifierMixin,
     EmbeddingMixin,
+    LabelledCountsSetupMixin,
     labelled_class_weights,
-    register_labelled_anndata,
-    setup_anndata_method,
 )
 
 from ._module import CANModule
 
 
-class CAN(ClassifierMixin, EmbeddingMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class CAN(
+    LabelledCountsSetupMixin,
+    ClassifierMixin,
+    EmbeddingMixin,
+    ArchesMixin,
+    UnsupervisedTrainingMixin,
+    BaseModelClass,
+):
     """Capsule attention network (CAN; paper "Attention based models for cell type
     classification on single-cell RNA-seq data", 4.1 and 5.3).
 
@@ -74,29 +79,6 @@ class CAN(ClassifierMixin, EmbeddingMixin, ArchesMixin, UnsupervisedTrainingMixi
         "batch_size": 32,
         "early_stopping": False,
     }
-
-    @setup_anndata_method
-    def setup_anndata(
-        cls,
-        adata: AnnData,
-        labels_key: str,
-        unlabeled_category: str | None = None,
-        layer: str | None = None,
-        **kwargs,
-    ) -> None:
-        """Register raw counts and cell type labels for :class:`CAN`.
-
-        Parameters
-        ----------
-        %(param_adata)s
-        %(param_cell_types)s
-        %(param_unlabeled_or_none)s
-        %(param_layer)s
-        """
-        setup_method_args = cls._get_setup_method_args(**locals())
-        # one constant batch: scvi_ext.interpret.saliency reads the batch of each cell
-        batch_field = CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, None)
-        register_labelled_anndata(cls, adata, setup_method_args, [batch_field], **kwargs)
 
     def __init__(
         self,

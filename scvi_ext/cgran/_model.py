@@ -12,7 +12,6 @@ import scvi
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
-from scvi.data.fields import CategoricalObsField
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin
 
 from scvi_ext.base import (
@@ -20,8 +19,7 @@ from scvi_ext.base import (
     BaseTrainingPlan,
     ClassifierMixin,
     EmbeddingMixin,
-    register_labelled_anndata,
-    setup_anndata_method,
+    LabelledCountsSetupMixin,
 )
 
 from ._embedding import fit_matrix_factorisation, fit_svd, kmeans_groups, uniform_groups
@@ -44,7 +42,12 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
 
 
 class CGRAN(
-    ClassifierMixin, EmbeddingMixin, ArchesMixin, UnsupervisedTrainingMixin, BaseModelClass
+    LabelledCountsSetupMixin,
+    ClassifierMixin,
+    EmbeddingMixin,
+    ArchesMixin,
+    UnsupervisedTrainingMixin,
+    BaseModelClass,
 ):
     """Cell-Gene Representation Attention Network (section 4.2 of the seed paper).
 
@@ -102,29 +105,6 @@ class CGRAN(
         "batch_size": 64,
         "early_stopping": False,
     }
-
-    @setup_anndata_method
-    def setup_anndata(
-        cls,
-        adata: AnnData,
-        labels_key: str,
-        unlabeled_category: str | None = None,
-        layer: str | None = None,
-        **kwargs,
-    ) -> None:
-        """Register an AnnData with raw counts for :class:`CGRAN`.
-
-        Parameters
-        ----------
-        %(param_adata)s
-        %(param_cell_types)s
-        %(param_unlabeled_or_none)s
-        %(param_layer)s
-        """
-        setup_method_args = cls._get_setup_method_args(**locals())
-        # a constant batch: scvi's query mapping reads the batch field
-        batch_field = CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, None)
-        register_labelled_anndata(cls, adata, setup_method_args, [batch_field], **kwargs)
 
     def __init__(
         self,
