@@ -12,6 +12,7 @@ from scvi_ext.base import (
     UNLABELED,
     PairedDataLoader,
     PairedDataSplitter,
+    class_weights,
     fit_temperature,
     labelled_class_weights,
     labelled_mask,
@@ -280,3 +281,10 @@ def test_a_one_cell_last_minibatch_is_dropped_not_trained_through_batchnorm():
     scnym = ScNym(adata, n_hidden=16)
     scnym.train(max_epochs=1, batch_size=128, train_size=0.9, enable_progress_bar=False)
     assert len(scnym.trainer.train_dataloader) == 1
+
+
+def test_class_weights_are_zero_not_nan_without_any_counted_code():
+    """Every code is the unlabeled one (n_classes): no class has cells."""
+    weights = class_weights(np.array([3, 3, 3]), 3)
+    assert torch.equal(weights, torch.zeros(3))
+    np.testing.assert_allclose(class_weights(np.array([0, 0, 1, 3]), 3), [1 / 3, 2 / 3, 0])

@@ -80,6 +80,7 @@ class Toy(ClassifierMixin, EmbeddingMixin, ArchesMixin, UnsupervisedTrainingMixi
 
     _module_cls = ToyModule
     _training_plan_cls = BaseTrainingPlan
+    _batch_at_inference = True  # the encoder reads each cell's batch: new ones are refused
     train_defaults = {"max_epochs": 20, "train_size": 0.9, "batch_size": 128}
 
     def __init__(self, adata: AnnData | None = None, registry: dict | None = None, n_hidden=32):
@@ -192,6 +193,61 @@ def test_save_load_gives_identical_predictions_and_second_save_needs_overwrite(
     with pytest.raises(ValueError, match="already exists"):
         model.save(folder)
     model.save(folder, overwrite=True)
+
+
+def test_overwriting_a_save_removes_the_data_saved_with_it_before(reference_model, tmp_path):
+    """Otherwise load() would attach the old data to the new model without a word."""
+    model, _, _ = reference_model
+    folder = tmp_path / "toy"
+    model.save(folder, save_anndata=True)
+    assert (folder / "adata.h5ad").exists()
+    model.save(folder, overwrite=True)
+    assert not (folder / "adata.h5ad").exists()
+    model.save(folder, overwrite=True, save_anndata=True)
+    assert (folder / "adata.h5ad").exists()
+
+
+def test_loading_with_cells_without_labels_or_of_new_types_predicts_them(
+    reference_model, tmp_path
+):
+    model, _, query = reference_model
+    folder = str(tmp_path / "toy")
+    model.save(folder)
+    unlabelled = query.copy()
+    del unlabelled.obs["cell_type"]
+    loaded = Toy.load(folder, adata=unlabelled)
+    np.testing.assert_array_equal(loaded.predict_proba(), model.predict_proba(query))
+    assert list(unlabelled.obs.columns) == [c for c in query.obs.columns if c != "cell_type"]
+    assert "_scvi_uuid" not in unlabelled.uns  # the user's AnnData is untouched
+    new_type = query.copy()
+    new_type.obs.iloc[:5, new_type.obs.columns.get_loc("cell_type")] = "a new type"
+    with pytest.warns(UserWarning, match="never saw \\(\\['a new type'\\]\\)"):
+        loaded = Toy.load(folder, adata=new_type)
+    np.testing.assert_array_equal(loaded.predict_proba(), model.predict_proba(query))
+
+
+def test_cells_of_batches_the_model_never_saw_are_refused_at_predict_and_load(
+    reference_model, tmp_path
+):
+    model, _, query = reference_model
+    folder = str(tmp_path / "toy")
+    model.save(folder)
+    new_batch = query.copy()
+    new_batch.obs["batch"] = "donor_9"
+    message = r"batches this Toy was not trained on \(\['donor_9'\].*Toy.load_query_data"
+    with pytest.raises(ValueError, match=message):
+        model.predict(new_batch)
+    with pytest.raises(ValueError, match=message):
+        Toy.load(folder, adata=new_batch)
+    no_batch = query.copy()
+    del no_batch.obs["batch"]
+    with pytest.raises(ValueError, match="adata.obs has no column 'batch' \\(the batch_key of"):
+        model.get_latent_representation(no_batch)
+    missing = query.copy()
+    missing.obs["batch"] = missing.obs["batch"].astype(object)
+    missing.obs.iloc[0, missing.obs.columns.get_loc("batch")] = np.nan
+    with pytest.raises(ValueError, match="has 1 missing \\(NaN\\) values"):
+        model.predict(missing)
 
 
 def test_query_mapping_to_new_batches_trains_only_their_first_layer_columns(reference_model):

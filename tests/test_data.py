@@ -359,6 +359,18 @@ def test_validate_labels_accepts_two_classes_with_unlabeled_cells():
     validate_labels(_labelled_adata(["B", "T"]), "cell_type", None)
 
 
+def test_validate_labels_refuses_categories_no_cell_carries():
+    adata = _labelled_adata(["B", "T", "Unknown"])
+    adata.obs["cell_type"] = pd.Categorical(
+        adata.obs["cell_type"], categories=["B", "T", "NK", "Unknown"]
+    )
+    with pytest.raises(ValueError, match=r"categories that no cell carries \(\['NK'\]\)"):
+        validate_labels(adata, "cell_type", "Unknown")
+    # an unused unlabeled category is no cell type: accepted
+    adata.obs["cell_type"] = pd.Categorical(["B", "T", "T"], categories=["B", "T", "Unknown"])
+    validate_labels(adata, "cell_type", "Unknown")
+
+
 def test_validate_labels_errors():
     adata = _labelled_adata(["B", "B", "Unknown"])
     with pytest.raises(

@@ -16,6 +16,7 @@ from ._anndata import (
     registry_known_labels,
     registry_label_names,
 )
+from ._batches import check_known_batches
 from ._calibration import fit_temperature
 from ._classifier import (
     BASE_NOVELTY_METHODS,
@@ -86,6 +87,7 @@ __all__ = [
     "BlockBatchSampler",
     "SliceReadCSR",
     "check_block_size",
+    "check_known_batches",
     "ClassifierMixin",
     "ClassifierModule",
     "DifferentiableClassifierModule",

@@ -15,6 +15,7 @@ from anndata import AnnData
 from scvi import settings as scvi_settings
 from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.model.base import BaseModelClass
+from scvi.model.base._constants import SAVE_KEYS
 from scvi.train import TrainingPlan
 
 from scvi_ext.data import check_backed_open, validate_counts, validate_gene_overlap
@@ -25,6 +26,7 @@ from ._anndata import (
     registry_gene_names,
     registry_known_labels,
 )
+from ._batches import check_known_batches
 from ._checkpoint import EpochCheckpoint, latest_checkpoint
 from ._distributed import on_main_process
 from ._plan import validation_early_stopping
@@ -91,6 +93,9 @@ class InferenceMixin:
     """
 
     _counts_input: bool = True
+    #: The module reads each cell's batch when it predicts or embeds: new cells must carry
+    #: batches the model knows (:func:`~scvi_ext.base.check_known_batches`).
+    _batch_at_inference: bool = False
     #: Training minibatches of blocks of consecutive rows for cells on disk.
     _data_splitter_cls = BlockDataSplitter
     #: Set on models made by :meth:`load_query_data`.
@@ -136,6 +141,8 @@ class InferenceMixin:
 
         Models reading something other than the registered matrix override this.
         """
+        if self._batch_at_inference:
+            check_known_batches(adata, self.registry_, type(self).__name__)
         known_labels = registry_known_labels(self.registry_)
         light = detached_anndata(adata, self.setup_args, known_labels, genes=self.gene_names)
         if self._counts_input:
@@ -303,6 +310,10 @@ class InferenceMixin:
         "early_stopping_patience": 20,
     }
 
+    def _smallest_batch_size(self) -> int:
+        """The smallest ``batch_size`` the model trains with (2 for BatchNorm layers)."""
+        return 1
+
     def train(
         self,
         max_epochs: int | None = None,
@@ -363,10 +374,10 @@ class InferenceMixin:
         Raises
         ------
         ValueError
-            ``max_epochs`` below 1, unknown ``plan_kwargs`` keys, no data (``adata=False``),
-            genes of the model's AnnData edited after setup, ``resume`` without a
-            checkpoint in ``checkpoint_dir``, or a datamodule whose genes or registered
-            fields are not the model's.
+            ``max_epochs`` below 1, ``batch_size`` below the model's smallest, unknown
+            ``plan_kwargs`` keys, no data (``adata=False``), genes of the model's AnnData
+            edited after setup, ``resume`` without a checkpoint in ``checkpoint_dir``, or a
+            datamodule whose genes or registered fields are not the model's.
         """
         settings = {
             "max_epochs": max_epochs,
@@ -382,6 +393,13 @@ class InferenceMixin:
         max_epochs = settings["max_epochs"]
         if max_epochs is None or max_epochs < 1:
             raise ValueError(f"max_epochs must be at least 1, not {max_epochs}.")
+        smallest = self._smallest_batch_size()
+        if settings["batch_size"] is not None and settings["batch_size"] < smallest:
+            raise ValueError(
+                f"batch_size={settings['batch_size']} is too small for {type(self).__name__}: "
+                f"its BatchNorm layers need minibatches of at least {smallest} cells; pass "
+                f"batch_size={smallest} or more."
+            )
         plan_kwargs = {**self._default_plan_kwargs(), **(plan_kwargs or {})}
         valid = valid_plan_kwargs(self._training_plan_cls, self.module)
         unknown = sorted(set(plan_kwargs) - valid)
@@ -479,9 +497,23 @@ class InferenceMixin:
         Every process of a DDP run executes the script's ``save``: rank 0 writes, the others
         return once the folder is complete, or raise rank 0's error (e.g. the folder exists
         and ``overwrite`` is False). Call it on every process, not under
-        ``if model.trainer.is_global_zero``.
+        ``if model.trainer.is_global_zero``. With ``overwrite=True`` and no
+        ``save_anndata``, data saved earlier in the folder is removed: ``load`` would attach
+        it to this model.
         """
-        on_main_process(super().save, os.fspath(dir_path), *args, **kwargs)
+        on_main_process(self._save_replacing_stale_data, os.fspath(dir_path), *args, **kwargs)
+
+    def _save_replacing_stale_data(self, dir_path: str, *args, **kwargs) -> None:
+        super().save(dir_path, *args, **kwargs)
+        arguments = inspect.signature(BaseModelClass.save).bind(self, dir_path, *args, **kwargs)
+        arguments.apply_defaults()
+        if arguments.arguments["save_anndata"]:
+            return
+        prefix = arguments.arguments["prefix"] or ""
+        for name in (SAVE_KEYS.ADATA_FNAME, SAVE_KEYS.MDATA_FNAME):
+            stale = os.path.join(dir_path, f"{prefix}{name}")
+            if os.path.exists(stale):
+                os.remove(stale)
 
     @classmethod
     def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None, **kwargs):
@@ -493,8 +525,10 @@ class InferenceMixin:
             Folder written by ``save``.
         adata
             AnnData to attach (``None``: the one saved with the model, ``False``: none).
-            With other genes, or the same in another order, the model holds a light
-            copy matched to its genes (``model.adata``) and the user's AnnData is untouched.
+            With other genes, the same in another order, without the labels column or
+            with cell types the model never saw (e.g. a query), the model holds a light
+            copy matched to its genes (``model.adata``; those cells read as unlabeled) and
+            the user's AnnData is untouched.
         **kwargs
             Passed to :meth:`scvi.model.base.BaseModelClass.load`.
 
@@ -502,7 +536,8 @@ class InferenceMixin:
         ------
         ValueError
             When the saved file cannot be read (it is named) or was written by an
-            incompatible version of the model.
+            incompatible version of the model, or (for a model that reads each cell's
+            batch) when ``adata`` holds batches the model was not trained on.
         """
         dir_path = os.fspath(dir_path)
         model_file = os.path.join(dir_path, f"{kwargs.get('prefix') or ''}model.pt")
@@ -515,10 +550,13 @@ class InferenceMixin:
             ) from error
         if adata is not None and adata is not False:
             setup_args = registry["setup_args"]
+            if isinstance(adata, AnnData):  # the cells become the model's, in its batches
+                check_known_batches(adata, registry, cls.__name__, cls._batch_at_inference)
             if cls._counts_input:
                 genes = registry_gene_names(registry)
-                if not adata.var_names.astype(str).equals(genes):
-                    known_labels = registry_known_labels(registry)
+                known_labels = registry_known_labels(registry)
+                labels_to_map = _labels_to_map(adata, setup_args, known_labels)
+                if labels_to_map or not adata.var_names.astype(str).equals(genes):
                     adata = detached_anndata(adata, setup_args, known_labels, genes=genes)
                 validate_counts(adata, setup_args.get("layer"))
         try:
@@ -614,6 +652,18 @@ class InferenceMixin:
 
 
 __all__ = ["InferenceMixin", "valid_plan_kwargs"]
+
+
+def _labels_to_map(adata: AnnData, setup_args: dict, known_labels: list[str] | None) -> bool:
+    """``adata`` lacks the labels column or holds cell types the model never saw: both
+    become the unlabeled category on a light copy (:func:`detached_anndata`)."""
+    labels_key = setup_args.get("labels_key")
+    if labels_key is None or known_labels is None:
+        return False
+    if labels_key not in adata.obs:
+        return True
+    known = {*known_labels, str(setup_args.get("unlabeled_category"))}
+    return not set(adata.obs[labels_key].astype(str).unique()) <= known
 
 
 def _sorted_order(indices: Sequence[int] | None) -> np.ndarray | None:

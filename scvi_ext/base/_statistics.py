@@ -35,12 +35,13 @@ def class_weights(codes: np.ndarray, n_classes: int) -> torch.Tensor:
     """Inverse-frequency weights ``(1/N_i) / sum_j (1/N_j)`` of the classes in ``codes``.
 
     Codes of ``n_classes`` or more (e.g. the unlabeled category) are not counted; classes
-    absent from ``codes`` get weight 0.
+    absent from ``codes`` get weight 0 (all classes, when no code is below ``n_classes``).
     """
     codes = np.asarray(codes, dtype=np.int64)
     counts = np.bincount(codes[codes < n_classes], minlength=n_classes)
     inverse = np.where(counts > 0, 1.0 / np.maximum(counts, 1), 0.0)
-    return torch.as_tensor(inverse / inverse.sum(), dtype=torch.float32)
+    total = inverse.sum()
+    return torch.as_tensor(inverse / total if total > 0 else inverse, dtype=torch.float32)
 
 
 def labelled_class_weights(

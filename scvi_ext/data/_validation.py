@@ -212,6 +212,19 @@ def validate_labels(adata: ad.AnnData, labels_key: str, unlabeled_category: str 
             f"the unlabeled category{hint}, e.g. adata.obs['{labels_key}'] = "
             f"adata.obs['{labels_key}'].astype(object).fillna('{fill_value}')."
         )
+    if isinstance(labels.dtype, pd.CategoricalDtype):
+        unused = [
+            name
+            for name in labels.cat.categories.difference(pd.unique(labels.dropna()))
+            if str(name) != str(unlabeled_category)
+        ]
+        if unused:
+            raise ValueError(
+                f"adata.obs['{labels_key}'] has categories that no cell carries ({unused[:5]}): "
+                "the model would learn them as cell types without cells. Drop them first: "
+                f"adata.obs['{labels_key}'] = adata.obs['{labels_key}']"
+                ".cat.remove_unused_categories()."
+            )
     classes = pd.unique(np.asarray(labels, dtype=object))
     if unlabeled_category is not None:
         classes = [label for label in classes if str(label) != str(unlabeled_category)]
