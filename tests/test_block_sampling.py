@@ -143,6 +143,9 @@ def test_slice_reads_equal_anndata_reads(files):
         assert got.shape == (len(rows), backed.n_vars)
         if len(rows):
             assert (got != expected).nnz == 0
+    in_memory = backed.X[np.arange(backed.n_obs)]
+    repeated = np.array([7, 3, 7, 7, 4, 3])  # e.g. predict(indices=...) with repeats
+    assert (reader[repeated] != in_memory[repeated]).nnz == 0
 
 
 def _scnym(adata, **kwargs):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import warnings
 
+import h5py
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
+from anndata.abc import CSCDataset, CSRDataset
 from scvi import REGISTRY_KEYS
 
 from scvi_ext.data import CollectionCounts, check_backed_open, is_collection, validate_gene_overlap
@@ -44,11 +46,32 @@ def registry_gene_names(registry: dict) -> pd.Index:
     return pd.Index([str(name) for name in state["column_names"]])
 
 
+def _csc_columns_in_memory(matrix: CSCDataset, columns: np.ndarray, name: str) -> sp.csr_matrix:
+    """The columns ``columns`` (sorted, unique) of a backed CSC matrix, read into memory.
+
+    A CSC file stores cells by gene, so no minibatch of cells can be read without reading
+    every column; reading the model's columns once costs what one minibatch would.
+    """
+    warnings.warn(
+        f"{name} stores its counts on disk as CSC (by gene), whose cells cannot be read a "
+        f"minibatch at a time: the model's {len(columns)} genes are read into memory. To "
+        "read cells from disk, write the counts as CSR (adata.X = "
+        "scipy.sparse.csr_matrix(adata.X) before write_h5ad).",
+        UserWarning,
+        stacklevel=4,
+    )
+    return sp.csr_matrix(matrix[:, columns])
+
+
 def align_genes(matrix, var_names: pd.Index, genes: pd.Index, name: str = "adata"):
     """The columns of ``matrix`` (cells x ``var_names``) reordered to ``genes``, matched by name.
 
     Genes of ``genes`` absent from ``var_names`` become zero columns (with a warning); extra
-    genes are dropped. ``matrix`` is returned as it is when the genes already match.
+    genes are dropped. ``matrix`` is returned as it is when the genes already match. A
+    matrix on disk (a backed AnnData's CSR or dense ``X``, a collection's counts) stays
+    there: the result is a :class:`~scvi_ext.data.CollectionCounts` that reads each
+    minibatch's rows by slices and takes their genes then; a backed CSC matrix (which
+    cannot be read by rows) has the model's genes read into memory, with a warning.
 
     Raises
     ------
@@ -68,7 +91,13 @@ def align_genes(matrix, var_names: pd.Index, genes: pd.Index, name: str = "adata
     report = validate_gene_overlap(genes, var_names, MIN_GENE_FRACTION)
     columns = var_names.get_indexer(genes)
     present = columns >= 0
-    on_files = isinstance(matrix, CollectionCounts)
+    if isinstance(matrix, CSCDataset):
+        kept = np.unique(columns[present])
+        matrix = _csc_columns_in_memory(matrix, kept, name)
+        columns = np.where(present, np.searchsorted(kept, columns), -1)
+    on_files = isinstance(matrix, CSRDataset | h5py.Dataset)
+    if on_files:  # a collection's counts, or a backed matrix as a collection of one file
+        matrix = CollectionCounts.from_backed(matrix)
     if present.all():
         logger.info("Genes of %s matched to the model's by name (reordered or subset).", name)
         return matrix.with_genes(columns) if on_files else matrix[:, columns]
@@ -82,7 +111,7 @@ def align_genes(matrix, var_names: pd.Index, genes: pd.Index, name: str = "adata
         return matrix.with_genes(columns)
     selection = sp.csr_matrix(
         (np.ones(int(present.sum())), (columns[present], np.flatnonzero(present))),
-        shape=(len(var_names), len(genes)),
+        shape=(matrix.shape[1], len(genes)),
     )
     return sp.csr_matrix(matrix) @ selection
 
@@ -141,7 +170,9 @@ def detached_anndata(
     """A light AnnData that shares (or aligns) the count matrix of ``adata`` and owns its ``obs``.
 
     scvi registration writes ``_scvi_*`` columns and ``uns`` entries into the AnnData it is
-    given; working on this object keeps the user's AnnData untouched. A collection of
+    given; working on this object keeps the user's AnnData untouched. A backed matrix stays
+    on disk (a dense one is read through :class:`~scvi_ext.data.CollectionCounts`, whose
+    rows may be asked in any order). A collection of
     files (:func:`~scvi_ext.data.read_collection`) gives a collection over the same files
     with its own ``obs``, read with the model's genes by name. Labels absent from
     ``known_labels`` (cell types the reference never saw) and a missing labels column
@@ -171,6 +202,8 @@ def detached_anndata(
     var_names = adata.var_names
     if genes is not None and matrix is not None:
         matrix, var_names = align_genes(matrix, adata.var_names, genes), genes
+    if isinstance(matrix, h5py.Dataset):  # rows read by slices, in any order (h5py: sorted)
+        matrix = CollectionCounts.from_backed(matrix)
     var = pd.DataFrame(index=pd.Index(var_names).copy())
     if layer is None:
         return AnnData(X=matrix, obs=obs, var=var)

@@ -15,7 +15,45 @@ from anndata.experimental import AnnCollection
 from anndata.io import read_elem, sparse_dataset
 from scvi.dataloaders import CollectionAdapter
 
-from ._slice_read import SliceReadCSR
+from ._slice_read import SliceReadCSR, row_runs
+
+
+class DenseRowReader:
+    """Rows of a dense cells x genes h5py dataset, read by slices and returned as CSR.
+
+    Each run of rows (see :func:`~scvi_ext.data._slice_read.row_runs`) is one slice read of
+    whole rows, so a minibatch never reads more than its runs; h5py's own fancy indexing
+    would need sorted columns, and a column selection would read every cell.
+
+    Parameters
+    ----------
+    matrix
+        A 2-D h5py dataset (a backed AnnData's dense ``X``).
+    """
+
+    def __init__(self, matrix: h5py.Dataset):
+        if matrix.ndim != 2:
+            raise ValueError(f"expected a cells x genes dataset, got shape {matrix.shape}")
+        self.matrix = matrix
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Rows x genes."""
+        return self.matrix.shape
+
+    def __getitem__(self, index) -> sp.csr_matrix:
+        """Rows ``index`` (as :meth:`CollectionCounts.__getitem__` takes) as a CSR matrix."""
+        rows = _row_indices(index, self.shape[0])
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        blocks = []
+        for start, stop in row_runs(sorted_rows):
+            first, last = np.searchsorted(sorted_rows, [start, stop])
+            blocks.append(self.matrix[start:stop][sorted_rows[first:last] - start])
+        if not blocks:
+            return sp.csr_matrix((0, self.shape[1]), dtype=self.matrix.dtype)
+        dense = np.concatenate(blocks)
+        return sp.csr_matrix(dense[np.argsort(order)])
 
 
 class CollectionCounts(CSRDataset):
@@ -25,16 +63,24 @@ class CollectionCounts(CSRDataset):
     consecutive rows) and their genes taken in the collection's order, by name; genes a
     file lacks read as zero counts. Nothing but each file's ``indptr`` is held in memory.
 
+    One backed matrix (a backed AnnData's ``X``, CSR or dense) read with other genes is a
+    collection of one file: :meth:`from_backed`.
+
     Parameters
     ----------
     readers
-        One reader per file, in the collection's order of cells.
+        One reader per file, in the collection's order of cells (:class:`SliceReadCSR`, or
+        :class:`DenseRowReader` for a dense matrix).
     columns
         Per file, the file's column of each of the collection's genes (-1: absent), or
         ``None`` when the file's genes are the collection's, in order.
     """
 
-    def __init__(self, readers: Sequence[SliceReadCSR], columns: Sequence[np.ndarray | None]):
+    def __init__(
+        self,
+        readers: Sequence[SliceReadCSR | DenseRowReader],
+        columns: Sequence[np.ndarray | None],
+    ):
         self.readers = list(readers)
         self.columns = list(columns)
         self.starts = np.cumsum([0] + [reader.shape[0] for reader in self.readers])
@@ -50,6 +96,28 @@ class CollectionCounts(CSRDataset):
     def dtype(self) -> np.dtype:
         """The values' type (the first file's)."""
         return self.readers[0].matrix.dtype
+
+    @classmethod
+    def from_backed(cls, matrix: CSRDataset | h5py.Dataset) -> CollectionCounts:
+        """One backed matrix (CSR, or dense cells x genes) as the counts of a one-file
+        collection, its rows read from disk by slices.
+
+        Raises
+        ------
+        TypeError
+            When ``matrix`` is neither a backed CSR matrix nor a 2-D h5py dataset.
+        """
+        if isinstance(matrix, CollectionCounts):
+            return matrix
+        if isinstance(matrix, SliceReadCSR):
+            reader = matrix
+        elif isinstance(matrix, CSRDataset):
+            reader = SliceReadCSR(matrix)
+        elif isinstance(matrix, h5py.Dataset):
+            reader = DenseRowReader(matrix)
+        else:
+            raise TypeError(f"cannot read rows of a {type(matrix).__name__} from disk")
+        return cls([reader], [None])
 
     def with_genes(self, positions: np.ndarray) -> CollectionCounts:
         """The same files read with the collection's genes ``positions`` (-1: a zero column)."""
@@ -80,20 +148,20 @@ class CollectionCounts(CSRDataset):
         return sp.csr_matrix(block @ selection)
 
     def __getitem__(self, index) -> sp.csr_matrix:
-        """Rows ``index`` (integer, slice, integer or boolean array) as a CSR matrix."""
+        """Rows ``index`` (integer, slice, integer or boolean array; in any order, repeated
+        or not) as a CSR matrix."""
         rows = _row_indices(index, self.shape[0])
-        order = np.argsort(rows, kind="stable")
-        sorted_rows = rows[order]
-        parts = np.searchsorted(self.starts, sorted_rows, side="right") - 1
+        unique_rows, position = np.unique(rows, return_inverse=True)  # each row read once
+        parts = np.searchsorted(self.starts, unique_rows, side="right") - 1
         blocks = []
         for part in np.unique(parts).tolist():
-            local = sorted_rows[parts == part] - self.starts[part]
+            local = unique_rows[parts == part] - self.starts[part]
             blocks.append(self._genes_of(part, self.readers[part][local]))
         if not blocks:
             return sp.csr_matrix((0, self.shape[1]), dtype=self.dtype)
         result = sp.vstack(blocks, format="csr")
-        if np.any(np.diff(order) < 0):
-            result = result[np.argsort(order)]
+        if len(unique_rows) < len(rows) or np.any(np.diff(rows) < 0):
+            result = result[position.ravel()]
         return result
 
 

@@ -51,10 +51,14 @@ class SliceReadCSR(CSRDataset):
         return self.matrix.to_memory()
 
     def __getitem__(self, index):
-        """Rows ``index`` (integer array or list) as a CSR matrix; other indices: anndata's."""
+        """Rows ``index`` (integer array or list; in any order, repeated or not) as a CSR
+        matrix; other indices: anndata's."""
         if not isinstance(index, list | np.ndarray) or np.asarray(index).dtype == bool:
             return self.matrix[index]
         rows = np.asarray(index, dtype=np.int64)
+        unique_rows, position = np.unique(rows, return_inverse=True)
+        if len(unique_rows) < len(rows):  # each row read once, then repeated
+            return self[unique_rows][position.ravel()]
         order = None
         if len(rows) > 1 and np.any(np.diff(rows) < 0):
             order = np.argsort(rows, kind="stable")
