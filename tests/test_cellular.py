@@ -265,6 +265,31 @@ def test_query_with_new_batches(trained, adata):
     )
 
 
+def test_a_frozen_query_model_predicts_as_the_reference_and_refuses_to_train(trained, adata):
+    query = adata[:60].copy()
+    query.obs["batch"] = "new_donor"
+    model = CELLULAR.load_query_data(query, trained)
+    np.testing.assert_allclose(model.predict_proba(query), trained.predict_proba(query), atol=1e-6)
+    with pytest.raises(ValueError, match="query model has no trainable weight.*unfrozen=True"):
+        model.train(max_epochs=1, **TRAIN)
+
+
+def test_a_query_model_without_labelled_cells_refuses_to_train(trained, adata):
+    """Every CELLULAR loss reads cell types: without any, training would only produce NaN."""
+    query = adata[:60].copy()
+    query.obs["batch"] = "new_donor"
+    query.obs["cell_type"] = "a type the reference never saw"
+    with pytest.warns(UserWarning, match="treated as 'Unknown'"):
+        model = CELLULAR.load_query_data(query, trained, unfrozen=True)
+    with pytest.raises(ValueError, match="query model has no labelled cell to train on"):
+        model.train(max_epochs=1, **TRAIN)
+    labelled = adata[:60].copy()
+    labelled.obs["batch"] = "new_donor"
+    model = CELLULAR.load_query_data(labelled, trained, unfrozen=True)
+    model.train(max_epochs=1, batch_size=32, **TRAIN)
+    assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
+
+
 def test_loss_term_switches(adata):
     data = adata.copy()
     CELLULAR.setup_anndata(data, labels_key="cell_type", batch_key="batch")
@@ -320,3 +345,22 @@ def test_kang_donors_left_out_donor():
     accuracy = (model.predict(query) == truth).mean()
     n_types = len(np.unique(truth))
     assert accuracy > max(0.6, 2.0 / n_types)
+
+
+def test_loading_with_cells_of_new_batches_points_to_inference(trained, adata, tmp_path):
+    """load makes the cells the model's own data, in its batches; inference on them, which
+    ignores the batch, is what the message points to."""
+    trained.save(tmp_path / "cellular")
+    query = adata[:60].copy()
+    query.obs["batch"] = "new_donor"
+    with pytest.raises(
+        ValueError,
+        match=r"batches this CELLULAR was not trained on \(\['new_donor'\].*adata=False",
+    ):
+        CELLULAR.load(tmp_path / "cellular", adata=query)
+    loaded = CELLULAR.load(tmp_path / "cellular", adata=False)
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(query),
+        trained.get_latent_representation(adata[:60].copy()),
+        atol=1e-6,
+    )

@@ -183,6 +183,70 @@ def test_pca_and_layer_inputs(data):
         clf.predict(broken)
 
 
+def test_a_representation_in_a_dataframe_is_matched_by_column_name(cellular, data):
+    reference, query = data
+    named = reference.copy()
+    columns = [f"dim_{i}" for i in range(8)]
+    named.obsm["X_emb"] = pd.DataFrame(
+        cellular.get_latent_representation(reference), index=named.obs_names, columns=columns
+    )
+    LatentClassifier.setup_anndata(named, labels_key="cell_type", obsm_key="X_emb")
+    clf = LatentClassifier(named, n_hidden1=16, n_hidden2=16)
+    clf.train(max_epochs=1, **TRAIN)
+    latent = cellular.get_latent_representation(query)
+    as_array = query.copy()
+    as_array.obsm["X_emb"] = latent
+    expected = clf.predict_proba(as_array)
+    shuffled = query.copy()
+    shuffled.obsm["X_emb"] = pd.DataFrame(latent, index=query.obs_names, columns=columns)
+    shuffled.obsm["X_emb"] = shuffled.obsm["X_emb"][columns[::-1]]
+    np.testing.assert_array_equal(clf.predict_proba(shuffled), expected)
+    shuffled.obsm["X_emb"].columns = [f"pc_{i}" for i in range(8)]
+    with pytest.raises(ValueError, match=r"has columns \['pc_0'.*trained on \['dim_0'"):
+        clf.predict(shuffled)
+    narrow = query.copy()
+    narrow.obsm["X_emb"] = latent[:, :5]
+    with pytest.raises(ValueError, match=r"adata.obsm\['X_emb'\] has 5 columns, the classifier"):
+        clf.predict(narrow)
+
+
+def test_a_dataframe_representation_for_a_classifier_trained_on_an_array(cellular, data):
+    reference, query = data
+    emb = reference.copy()
+    emb.obsm["X_emb"] = cellular.get_latent_representation(reference)
+    LatentClassifier.setup_anndata(emb, labels_key="cell_type", obsm_key="X_emb")
+    clf = LatentClassifier(emb, n_hidden1=16, n_hidden2=16)
+    clf.train(max_epochs=1, **TRAIN)
+    as_array = query.copy()
+    as_array.obsm["X_emb"] = cellular.get_latent_representation(query)
+    as_frame = query.copy()
+    as_frame.obsm["X_emb"] = pd.DataFrame(as_array.obsm["X_emb"], index=query.obs_names)
+    np.testing.assert_array_equal(clf.predict_proba(as_frame), clf.predict_proba(as_array))
+    with pytest.raises(
+        ValueError, match="batch_size=1 is too small for LatentClassifier: its BatchNorm"
+    ):
+        clf.train(max_epochs=1, batch_size=1, **TRAIN)
+
+
+def test_overwriting_a_saved_classifier_drops_its_upstream_model(classifier, data, tmp_path):
+    """A classifier on a representation saved over one with an upstream model must not load
+    with that upstream model, which would embed the cells in place of their representation."""
+    reference, query = data
+    classifier.save(tmp_path / "clf")
+    pca = reference.copy()
+    pca.obsm["X_pca"] = np.asarray(sc.pp.pca(np.log1p(pca.X.toarray()), n_comps=8))
+    LatentClassifier.setup_anndata(pca, labels_key="cell_type", obsm_key="X_pca")
+    on_pca = LatentClassifier(pca, n_hidden1=16, n_hidden2=16)
+    on_pca.train(max_epochs=1, **TRAIN)
+    on_pca.save(tmp_path / "clf", overwrite=True)
+    assert not (tmp_path / "clf" / "upstream").exists()
+    loaded = LatentClassifier.load(tmp_path / "clf")
+    assert loaded.upstream_model is None
+    query = query.copy()
+    query.obsm["X_pca"] = np.random.default_rng(0).normal(size=(query.n_obs, 8))
+    np.testing.assert_array_equal(loaded.predict_proba(query), on_pca.predict_proba(query))
+
+
 def test_query_neighbours_flags_a_type_left_out_of_training(data):
     reference, query = data
     left_out = sorted(reference.obs["cell_type"].unique())[0]

@@ -319,6 +319,45 @@ def test_query_mapping_matches_genes_by_name(sim_adata):
     np.testing.assert_allclose(shuffled.predict_proba(), aligned.predict_proba(), atol=1e-6)
 
 
+def test_prediction_ignores_domains_and_names_unknown_or_missing_batches(sim_adata):
+    """Domains steer the adversary only: a query's new (or absent) domain changes nothing.
+    Batches are a covariate of the first layer: new or missing ones are clear errors."""
+    sim_adata.obs["tech"] = np.where(query_mask(sim_adata), "10x", "smart-seq")
+    ScNym.setup_anndata(
+        sim_adata,
+        labels_key="labels",
+        batch_key="batch",
+        domain_key="tech",
+        unlabeled_category="Unknown",
+    )
+    model = ScNym(sim_adata, n_hidden=16)
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    query = sim_adata[query_mask(sim_adata)].copy()
+    expected = model.predict_proba(query)
+    new_domain = query.copy()
+    new_domain.obs["tech"] = "drop-seq"
+    np.testing.assert_array_equal(model.predict_proba(new_domain), expected)
+    del new_domain.obs["tech"]
+    np.testing.assert_array_equal(model.predict_proba(new_domain), expected)
+    new_batch = query.copy()
+    new_batch.obs["batch"] = "donor_9"
+    with pytest.raises(ValueError, match=r"batches this ScNym was not trained on \(\['donor_9'\]"):
+        model.predict(new_batch)
+    del new_batch.obs["batch"]
+    with pytest.raises(ValueError, match="adata.obs has no column 'batch' \\(the batch_key"):
+        model.get_latent_representation(new_batch)
+
+
+def test_minibatches_of_one_cell_are_refused_when_a_side_is_empty(sim_adata):
+    labelled = sim_adata[~query_mask(sim_adata)].copy()
+    ScNym.setup_anndata(labelled, labels_key="cell_type", unlabeled_category=None)
+    with pytest.raises(
+        ValueError,
+        match="batch_size=1 is too small for ScNym: its BatchNorm layers need minibatches of at least 2",
+    ):
+        ScNym(labelled, n_hidden=8).train(max_epochs=1, batch_size=1)
+
+
 # ---------------------------------------------------------------- bad inputs
 def _with_x(adata, transform):
     bad = adata.copy()

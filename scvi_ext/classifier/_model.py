@@ -6,6 +6,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -99,6 +100,29 @@ def _check_finite(matrix, where: str) -> None:
         raise ValueError(f"{where} has dtype {values.dtype}; a numeric representation is needed.")
     if not np.isfinite(values).all():
         raise ValueError(f"{where} has NaN or infinite values; fix or remove those cells.")
+
+
+def _representation_columns(matrix, where: str, columns: pd.Index):
+    """The representation of new cells as the classifier reads it: ``len(columns)`` columns,
+    those of a DataFrame matched by name when the classifier was set up with named ones."""
+    if isinstance(matrix, pd.DataFrame):
+        names = matrix.columns.astype(str)
+        if names.is_unique and set(names) == set(columns):
+            return matrix.set_axis(names, axis=1)[list(columns)].to_numpy()
+        positional = list(columns) == [str(i) for i in range(len(columns))]
+        if not positional:
+            raise ValueError(
+                f"{where} has columns {list(names[:5])}..., the classifier was trained on "
+                f"{list(columns[:5])}...; pass the same representation, with the same columns."
+            )
+        matrix = matrix.to_numpy()
+    if matrix.ndim != 2 or matrix.shape[1] != len(columns):
+        width = matrix.shape[1] if matrix.ndim == 2 else matrix.ndim
+        raise ValueError(
+            f"{where} has {width} columns, the classifier was trained on {len(columns)}; "
+            "pass the same representation (e.g. the same embedding model or PCA loadings)."
+        )
+    return matrix
 
 
 def embed_with(model: BaseModelClass, adata: AnnData, batch_size: int | None = None) -> np.ndarray:
@@ -306,11 +330,15 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
             light.obsm[obsm_key] = embed_with(self.upstream_model, adata)
         else:
             matrix, where = _feature_matrix(adata, obsm_key, None)
+            matrix = _representation_columns(matrix, where, self.gene_names)
             _check_finite(matrix, where)
             light.obsm[obsm_key] = matrix
         return light
 
     # ------------------------------------------------------------------ training
+    def _smallest_batch_size(self) -> int:
+        return 2  # BatchNorm layers
+
     def _default_plan_kwargs(self) -> dict:
         tuned = getattr(self, "tuned_params_", None) or {}
         return {"lr": tuned["lr"]} if "lr" in tuned else {}
@@ -518,10 +546,15 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
         self, dir_path: str, overwrite: bool, save_anndata: bool, **kwargs
     ) -> None:
         super().save(dir_path, overwrite=overwrite, save_anndata=save_anndata, **kwargs)
+        upstream_path = os.path.join(dir_path, UPSTREAM_FOLDER)
+        # an overwritten folder may hold the upstream model of another classifier, which
+        # load would attach to this one
+        shutil.rmtree(upstream_path, ignore_errors=True)
+        if os.path.exists(os.path.join(dir_path, UPSTREAM_FILE)):
+            os.remove(os.path.join(dir_path, UPSTREAM_FILE))
         if self.upstream_model is None:
             return
         upstream_cls = type(self.upstream_model)
-        upstream_path = os.path.join(dir_path, UPSTREAM_FOLDER)
         self.upstream_model.save(upstream_path, overwrite=True, save_anndata=False)
         upstream_adata = self.upstream_model.adata
         if upstream_adata is not None:

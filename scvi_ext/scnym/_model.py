@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pandas as pd
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data.fields import CategoricalObsField
@@ -13,6 +14,7 @@ from scvi_ext.base import (
     ClassifierMixin,
     EmbeddingMixin,
     PairedDataSplitter,
+    labelled_mask,
     register_labelled_anndata,
     setup_anndata_method,
 )
@@ -58,6 +60,7 @@ class ScNym(
     _data_splitter_cls = PairedDataSplitter
     #: The reference code's 100 epochs, the paper's minibatch of 256; 10% of the labelled
     #: cells validate (their best epoch's weights are kept), no early stopping.
+    _batch_at_inference = True  # the batch is a covariate of the first layer
     train_defaults = {
         "max_epochs": 100,
         "train_size": 0.9,
@@ -118,6 +121,26 @@ class ScNym(
             dropout_rate=dropout_rate,
         )
         self.init_params_ = self._get_init_params(locals())
+
+    def _smallest_batch_size(self) -> int:
+        """Each step normalises a labelled and a query minibatch together (BatchNorm): two
+        cells at ``batch_size=1``, unless the AnnData lacks one of the two kinds of cells."""
+        if self.adata_manager is not None:
+            labelled = labelled_mask(self.adata_manager)
+            if labelled.any() and not labelled.all():
+                return 1
+        return 2
+
+    def _light_copy(self, adata: AnnData) -> AnnData:
+        """The base's light copy (batches checked: the first layer reads them). Domains only
+        steer the adversary during training, so any domain (or none) is accepted here."""
+        light = super()._light_copy(adata)
+        domain_key = self.setup_args.get("domain_key")
+        if domain_key is not None:
+            state = self.registry_["field_registries"][DOMAIN_KEY]["state_registry"]
+            first_domain = state["categorical_mapping"][0]
+            light.obs[domain_key] = pd.Categorical([first_domain] * light.n_obs)
+        return light
 
     @classmethod
     def load_query_data(cls, adata: AnnData, reference_model, **kwargs) -> ScNym:
