@@ -12,7 +12,7 @@ from conftest import ddp_rank_results, requires_shared_data
 
 from scvi_ext.base import ClassifierModule, EmbeddingModule, InferenceModule
 from scvi_ext.data import simulate
-from scvi_ext.gmvae import GMVAE, pyro_enumerated_elbo
+from scvi_ext.gmvae import GMVAE, GMVAEModule, pyro_enumerated_elbo
 from scvi_ext.model import LatentClassifier
 
 SMALL = {"n_latent": 8, "n_hidden": 32, "n_components": 6}
@@ -277,6 +277,92 @@ def test_training_and_embedding_on_backed_anndata(tmp_path):
     assert model.predict_cluster(backed_query).shape == (query.n_obs,)
     backed.file.close()
     backed_query.file.close()
+
+
+def test_transform_batch_decodes_as_that_batch_and_encodes_each_cell_with_its_own():
+    """As scVI's: with ``encode_covariates=True`` the posterior still reads the cell's own
+    batch; only the decoder reads ``transform_batch``."""
+    module = GMVAEModule(n_input=20, n_batch=3, encode_covariates=True, **SMALL).eval()
+    own_batch = torch.tensor([[1], [2], [1]])
+    tensors = {"X": torch.ones(3, 20), "batch": own_batch}
+    seen: dict[str, torch.Tensor] = {}
+    encode, decode = module.encode, module.decode
+
+    def recording_encode(x, batch_index):
+        seen["encoder"] = batch_index.clone()
+        return encode(x, batch_index)
+
+    def recording_decode(z, batch_index, library):
+        seen["decoder"] = batch_index.clone()
+        return decode(z, batch_index, library)
+
+    module.encode, module.decode = recording_encode, recording_decode
+    module.normalized_expression(tensors, transform_batch=0)
+    assert torch.equal(seen["encoder"], own_batch)
+    assert torch.equal(seen["decoder"], torch.zeros_like(own_batch))
+
+
+def test_normalized_expression_arguments_are_checked(reference_model):
+    model, _, query = reference_model
+    with pytest.raises(ValueError, match="n_samples must be an integer of at least 1, not 0"):
+        model.get_normalized_expression(query, n_samples=0)
+    with pytest.raises(ValueError, match="library_size must be a number > 0 or 'latent'"):
+        model.get_normalized_expression(query, library_size="observed")
+    with pytest.raises(ValueError, match="library_size must be a number > 0 or 'latent'"):
+        model.get_normalized_expression(query, library_size=0)
+    gene = str(query.var_names[1])
+    one_gene = model.get_normalized_expression(query, gene_list=gene)  # a name, not letters
+    assert list(one_gene.columns) == [gene]
+
+
+def test_cells_of_unknown_batches_point_to_load_query_data(reference_model, tmp_path):
+    """New batches, a missing batch column or NaN batches are refused with a message at
+    inference and at load, not with scvi's ``extend_categories`` error or a TypeError."""
+    model, _, query = reference_model
+    new_batches = query.copy()
+    new_batches.obs["batch"] = "new_" + new_batches.obs["batch"].astype(str)
+    unknown = r"has batches this GMVAE was not trained on \(\['new_batch_0', 'new_batch_1'\]"
+    with pytest.raises(ValueError, match=unknown + r".*GMVAE.load_query_data\(adata, model\)"):
+        model.get_latent_representation(new_batches)
+    without_batch = query.copy()
+    del without_batch.obs["batch"]
+    with pytest.raises(ValueError, match=r"adata.obs has no column 'batch' \(the batch_key of"):
+        model.predict_cluster(without_batch)
+    with pytest.raises(ValueError, match="no column 'batch', the reference's batch_key; add"):
+        GMVAE.load_query_data(without_batch, model)
+    missing = query.copy()
+    missing.obs["batch"] = missing.obs["batch"].astype(object)
+    missing.obs.iloc[0, missing.obs.columns.get_loc("batch")] = np.nan
+    with pytest.raises(
+        ValueError, match=r"\['batch'\] \(the batch_key of this GMVAE\) has 1 missing"
+    ):
+        model.get_elbo(missing)
+    model.save(tmp_path / "gmvae")
+    with pytest.raises(ValueError, match=unknown):
+        GMVAE.load(tmp_path / "gmvae", adata=new_batches)
+    assert "_scvi_uuid" not in new_batches.uns
+
+
+def test_pyro_training_after_a_first_training_runs_in_train_mode():
+    """scvi leaves the module in eval mode after training (and load, query mapping): the
+    Pyro plan puts the networks back in train mode (dropout, BatchNorm statistics)."""
+    from lightning.pytorch.callbacks import Callback
+
+    class RecordMode(Callback):
+        def __init__(self):
+            self.modes: list[bool] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.modes.append(pl_module.module.gmvae.training)
+
+    reference, _ = _simulated()
+    GMVAE.setup_anndata(reference, batch_key="batch")
+    model = GMVAE(reference, **SMALL)
+    model.train(**{**FAST, "max_epochs": 1})
+    assert not model.module.training  # scvi's eval mode after training
+    recorder = RecordMode()
+    model.train(**{**FAST, "max_epochs": 1}, backend="pyro", callbacks=[recorder])
+    assert recorder.modes and all(recorder.modes)
 
 
 def test_component_balance_penalty_is_zero_for_balanced_use_and_log_k_for_one_component():

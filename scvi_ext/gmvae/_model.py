@@ -21,13 +21,12 @@ from scvi.model.base import (
     PyroSviTrainMixin,
     UnsupervisedTrainingMixin,
 )
-from scvi.train import PyroTrainingPlan
 
 from scvi_ext.base import EmbeddingMixin, register_labelled_anndata, setup_anndata_method
 from scvi_ext.data import validate_counts, validate_obs_key
 
 from ._module import PYRO_NEEDS_MIXTURE, GMVAEModule, GMVAEPyroModule, Likelihood, Posterior
-from ._plan import GMVAETrainingPlan
+from ._plan import GMVAEPyroTrainingPlan, GMVAETrainingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +94,10 @@ class GMVAE(
 
     _module_cls = GMVAEModule
     _training_plan_cls = GMVAETrainingPlan
+    #: New cells' batches must be the model's (the decoder reads them; scvi's registration
+    #: needs them): checked by the base at inference and load, with a pointer to
+    #: :meth:`load_query_data` (:func:`~scvi_ext.base.check_known_batches`).
+    _batch_at_inference = True
     #: The seed's: 100 epochs, 80:20 split; minibatch 128; learning rate 1e-4 (plan).
     train_defaults = {
         "max_epochs": 100,
@@ -179,6 +182,24 @@ class GMVAE(
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
+
+    # ------------------------------------------------------------------ data at the door
+    @classmethod
+    def load_query_data(cls, adata: AnnData, reference_model: str | BaseModelClass, **kwargs):
+        """scArches query model for cells of new batches
+        (:meth:`scvi_ext.base.InferenceMixin.load_query_data`); the query's batch column
+        (the reference's ``batch_key``) must exist and be filled. Known and new batches may
+        mix."""
+        reference = cls._as_reference(reference_model)
+        batch_key = cls._reference_registry(reference)["setup_args"].get("batch_key")
+        if batch_key is not None:
+            if batch_key not in adata.obs:
+                raise ValueError(
+                    f"adata.obs has no column '{batch_key}', the reference's batch_key; add "
+                    "the query cells' batches (new batch names are mapped as new batches)."
+                )
+            validate_obs_key(adata, batch_key, "batch_key")
+        return super().load_query_data(adata, reference, **kwargs)
 
     # ------------------------------------------------------------------ training
     def _default_plan_kwargs(self) -> dict:
@@ -285,7 +306,7 @@ class GMVAE(
         self._check_registered_genes(self.adata)
         pyro.clear_param_store()  # the store is global: no parameters of another model
         torch_module, pyro_module = self.module, GMVAEPyroModule(self.module)
-        plan = PyroTrainingPlan(
+        plan = GMVAEPyroTrainingPlan(
             pyro_module,
             loss_fn=pyro.infer.TraceEnum_ELBO(max_plate_nesting=1),
             optim_kwargs={"lr": plan_kwargs["lr"], "eps": plan_kwargs["eps"]},
@@ -392,6 +413,19 @@ class GMVAE(
         return_numpy
             Return an array instead of a cells x genes DataFrame.
         """
+        if isinstance(gene_list, str):
+            gene_list = [gene_list]
+        if not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be an integer of at least 1, not {n_samples!r}.")
+        if library_size != "latent" and (
+            isinstance(library_size, str | bool)
+            or not isinstance(library_size, int | float | np.number)
+            or not library_size > 0
+        ):
+            raise ValueError(
+                f"library_size must be a number > 0 or 'latent' (each cell's observed total "
+                f"count), not {library_size!r}."
+            )
         batch_code = None
         if transform_batch is not None:
             mapping = self.batch_categories

@@ -377,11 +377,11 @@ class GMVAEModule(BaseModuleClass):
     ) -> torch.Tensor:
         """``E_q[softmax(decoder(z, batch))]``: each component's decoding weighted by
         ``q(y | x)``, averaged over ``n_samples`` draws of z; ``transform_batch`` decodes
-        every cell as that batch."""
+        every cell as that batch (as scVI: the encoder still reads the cell's own batch)."""
         x, batch_index = (tensors[REGISTRY_KEYS.X_KEY], tensors[REGISTRY_KEYS.BATCH_KEY])
+        encoded = self.encode(x, batch_index)
         if transform_batch is not None:
             batch_index = torch.full_like(batch_index, transform_batch)
-        encoded = self.encode(x, batch_index)
         qz = Normal(encoded["qz_mean"], encoded["qz_scale"], validate_args=False)
         z = qz.sample((n_samples,))  # samples, K, cells, L
         ones = torch.ones(*x.shape[:-1], 1, device=x.device)

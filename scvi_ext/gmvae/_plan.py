@@ -4,6 +4,7 @@ optional larger learning rate for the mixture's own parameters."""
 from __future__ import annotations
 
 import torch
+from scvi.train import PyroTrainingPlan
 from scvi.train._trainingplans import _compute_kl_weight
 
 from scvi_ext.base import BaseTrainingPlan
@@ -84,3 +85,18 @@ class GMVAETrainingPlan(BaseTrainingPlan):
             self.min_kl_weight,
         )
         return {"kl_weight": float(weight)}
+
+
+class GMVAEPyroTrainingPlan(PyroTrainingPlan):
+    """scvi-tools' :class:`~scvi.train.PyroTrainingPlan`, with the networks in train mode at
+    every epoch.
+
+    scvi leaves the module in eval mode after ``train()``, ``load()`` and
+    ``load_query_data()``, and Lightning does not switch it back: without this, a Pyro
+    training after any of them runs with dropout off and BatchNorm statistics frozen.
+    """
+
+    def on_train_epoch_start(self) -> None:
+        """Train mode at every epoch (dropout on, BatchNorm statistics updated)."""
+        super().on_train_epoch_start()
+        self.module.train()
