@@ -195,6 +195,62 @@ def test_save_load_gives_identical_match_matrices(trained, tmp_path):
         model.save(folder)
 
 
+def test_load_matches_the_features_of_the_given_mudata_by_name(trained, tmp_path):
+    """A MuData with the features in another order, or a subset of them, is read by name
+    at load (not registered in its own order): the loaded model matches as the original
+    and the user's MuData is untouched."""
+    model, _, held_out = trained
+    folder = tmp_path / "matcher"
+    model.save(folder)
+    rna, atac = held_out.mod["rna"], held_out.mod["atac"]
+    reversed_features = MuData({"rna": rna[:, ::-1].copy(), "atac": atac[:, ::-1].copy()})
+    loaded = CrossAttentionMatcher.load(folder, adata=reversed_features)
+    assert list(loaded.feature_names("rna")) == list(model.feature_names("rna"))
+    np.testing.assert_array_equal(
+        loaded.match(held_out, top_k=20).toarray(), model.match(held_out, top_k=20).toarray()
+    )
+    np.testing.assert_allclose(
+        loaded.get_latent_representation(modality="atac"),
+        model.get_latent_representation(held_out, modality="atac"),
+        atol=1e-6,
+    )
+    assert list(reversed_features.mod["rna"].var_names) == list(rna.var_names[::-1])
+    assert "_scvi_uuid" not in reversed_features.uns
+    fewer_genes = MuData({"rna": rna[:, 10:].copy(), "atac": atac.copy()})
+    with pytest.warns(UserWarning, match="the RNA modality lacks 10 of the model's 120 genes"):
+        loaded = CrossAttentionMatcher.load(folder, adata=fewer_genes)
+    np.testing.assert_array_equal(
+        loaded.match(loaded.adata, top_k=20).toarray(),
+        model.match(fewer_genes, top_k=20).toarray(),
+    )
+
+
+def test_editing_the_registered_features_after_setup_is_a_clear_error():
+    mdata = simulate_paired(n_cells=60, n_genes=20, n_peaks=50)
+    CrossAttentionMatcher.setup_mudata(mdata)
+    model = CrossAttentionMatcher(mdata, **SMALL)
+    mdata.mod["rna"] = mdata.mod["rna"][:, ::-1].copy()
+    with pytest.raises(ValueError, match="The RNA modality of the MuData registered with this"):
+        model.train(max_epochs=1, batch_size=32)
+
+
+def test_setup_and_matching_inputs_that_cannot_be_read_say_what_to_change(trained):
+    model, _, held_out = trained
+    rna, atac = held_out.mod["rna"], held_out.mod["atac"]
+    reordered = MuData({"rna": rna.copy(), "atac": atac[::-1].copy()})
+    with pytest.raises(ValueError, match="hold the same cells in different orders"):
+        CrossAttentionMatcher.setup_mudata(reordered)
+    with pytest.raises(ValueError, match=r"batch_key 'rna:nope' is not a column of mdata.obs"):
+        CrossAttentionMatcher.setup_mudata(held_out.copy(), batch_key="rna:nope")
+    missing_batch = held_out.copy()
+    missing_batch.obs["run"] = "a"
+    missing_batch.obs.iloc[:3, missing_batch.obs.columns.get_loc("run")] = np.nan
+    with pytest.raises(ValueError, match="batch_key 'run' has 3 missing"):
+        CrossAttentionMatcher.setup_mudata(missing_batch, batch_key="run")
+    with pytest.raises(ValueError, match="The RNA AnnData has no cells"):
+        model.match(rna[:0], atac)
+
+
 def test_trains_and_matches_from_a_backed_mudata_read_only(trained, tmp_path):
     """A backed h5mu: matching equals the in-memory matching; training reads the counts
     from disk (the registered matrix is the file's, minibatches in blocks of rows) and

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Literal
 
@@ -60,6 +61,15 @@ def _check_paired_mudata(mdata: MuData, modalities: dict) -> None:
                 f"Pass modalities={{'{argument}': <name of the {role} modality>}}."
             )
     rna, atac = (mdata.mod[modalities[argument]] for argument in MODALITY_ROLES)
+    same_cells = rna.n_obs == atac.n_obs == mdata.n_obs and rna.obs_names.is_unique
+    if same_cells and not rna.obs_names.equals(atac.obs_names):
+        if set(rna.obs_names) == set(atac.obs_names):
+            raise ValueError(
+                "The RNA and ATAC modalities hold the same cells in different orders (e.g. "
+                f"{list(rna.obs_names[:2])} vs {list(atac.obs_names[:2])}). Training reads "
+                "row i of both as one pair: put the ATAC cells in the RNA order, e.g. "
+                "mdata = mudata.MuData({'rna': rna, 'atac': atac[rna.obs_names].copy()})."
+            )
     if not rna.obs_names.equals(atac.obs_names) or rna.n_obs != mdata.n_obs:
         raise ValueError(
             f"The RNA and ATAC modalities hold different cells ({rna.n_obs} and {atac.n_obs} "
@@ -68,6 +78,95 @@ def _check_paired_mudata(mdata: MuData, modalities: dict) -> None:
             "the same order in both, e.g. mdata = mdata[shared_cells].copy() with "
             "mudata.MuData(..., axis=0) after intersecting obs_names."
         )
+
+
+def _check_batch_column(mdata: MuData, batch_key: str, modality: str | None) -> None:
+    """The batch column exists (in ``mdata.obs``, or in ``modality``'s ``obs``) without NaN."""
+    if modality is not None and modality not in mdata.mod:
+        raise ValueError(
+            f"modalities['batch_key'] names '{modality}', which is not a modality of the MuData "
+            f"(modalities: {list(mdata.mod)})."
+        )
+    if modality is None:
+        obs, where = mdata.obs, "mdata.obs"
+    else:
+        obs, where = mdata.mod[modality].obs, f"mdata.mod['{modality}'].obs"
+    if batch_key not in obs.columns:
+        available = [str(column) for column in obs.columns if not str(column).startswith("_")]
+        raise ValueError(
+            f"batch_key '{batch_key}' is not a column of {where} (columns: {available[:10]}). "
+            "A column of a modality is named '<modality>:<column>' in mdata.obs, e.g. "
+            "batch_key='rna:batch'."
+        )
+    n_missing = int(obs[batch_key].isna().sum())
+    if n_missing:
+        raise ValueError(
+            f"batch_key '{batch_key}' has {n_missing} missing (NaN) values in {where}; fill "
+            "them (e.g. with 'unknown') or remove those cells."
+        )
+
+
+def _aligned_mudata(mdata: MuData, registry: dict) -> MuData:
+    """``mdata``, or a light MuData whose RNA and ATAC features are the model's (``registry``),
+    matched by name (missing ones read as zeros with a warning; extra ones dropped).
+
+    The light MuData holds the aligned count matrices and copies of the ``obs``; the
+    user's MuData is not modified.
+
+    Raises
+    ------
+    ValueError
+        When fewer than :data:`~scvi_ext.base.MIN_GENE_FRACTION` of a modality's features
+        are present, or the features of a backed modality differ from the model's.
+    """
+    setup_args = registry["setup_args"]
+    modalities = {**DEFAULT_MODALITIES, **(setup_args.get("modalities") or {})}
+    names = [modalities[argument] for argument in MODALITY_ROLES]
+    if any(name not in mdata.mod for name in names):
+        return mdata  # setup_mudata names the missing modality
+    field_keys = {"rna_layer": REGISTRY_KEYS.X_KEY, "atac_layer": REGISTRY_KEYS.ATAC_X_KEY}
+    aligned, changed = {}, False
+    for argument, role in MODALITY_ROLES.items():
+        name, layer = modalities[argument], setup_args.get(argument)
+        state = registry["field_registries"][field_keys[argument]]["state_registry"]
+        features = pd.Index([str(feature) for feature in state["column_names"]])
+        modality = mdata.mod[name]
+        if modality.var_names.astype(str).equals(features):
+            aligned[name] = modality
+            continue
+        changed = True
+        if modality.isbacked:
+            raise ValueError(
+                f"The {role} modality '{name}' is backed and its features are not the model's "
+                "(in the model's order); write it with the model's features first, e.g. "
+                f"mdata.mod['{name}'][:, model.feature_names('{role.lower()}')], or load it "
+                "into memory."
+            )
+        validate_counts(modality, layer)  # names a missing layer
+        matrix = modality.X if layer is None else modality.layers[layer]
+        matrix = align_genes(matrix, modality.var_names, features, f"the {role} modality")
+        var = pd.DataFrame(index=features.copy())
+        obs = modality.obs.copy()
+        aligned[name] = (
+            AnnData(X=matrix, obs=obs, var=var)
+            if layer is None
+            else AnnData(X=None, obs=obs, var=var, layers={layer: matrix})
+        )
+    if not changed:
+        return mdata
+    for name, modality in aligned.items():  # the unchanged one: its obs copied too
+        if modality is mdata.mod[name] and not modality.isbacked:
+            aligned[name] = AnnData(X=modality.X, obs=modality.obs.copy(), var=modality.var)
+            aligned[name].layers.update(dict(modality.layers))
+    batch_modality = modalities.get("batch_key")
+    if batch_modality is not None and batch_modality in mdata.mod and batch_modality not in names:
+        other = mdata.mod[batch_modality]
+        aligned[batch_modality] = AnnData(obs=other.obs.copy(), var=other.var.copy())
+    light = MuData(aligned)
+    for column in mdata.obs.columns:  # columns of the MuData's own obs (e.g. a batch)
+        if column not in light.obs.columns and mdata.obs_names.equals(light.obs_names):
+            light.obs[column] = mdata.obs[column].to_numpy()
+    return light
 
 
 class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModelClass):
@@ -254,6 +353,8 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         _check_paired_mudata(mdata, modalities)
         for argument, layer in (("rna_layer", rna_layer), ("atac_layer", atac_layer)):
             validate_counts(mdata.mod[modalities[argument]], layer)
+        if batch_key is not None:
+            _check_batch_column(mdata, batch_key, modalities.get("batch_key"))
         fields = [
             MuDataLayerField(
                 REGISTRY_KEYS.X_KEY,
@@ -276,6 +377,46 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         manager = AnnDataManager(fields=fields, setup_method_args=setup_method_args)
         manager.register_fields(mdata, **kwargs)
         cls.register_manager(manager)
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike, adata: MuData | None = None, **kwargs):
+        """Load a saved matcher; the features of ``adata`` are matched to the model's by name.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by ``save``.
+        adata
+            MuData to attach (``None``: the one saved with the model, ``False``: none). When
+            a modality's features differ from the model's (another order, a subset or a
+            superset), the model holds a light MuData on its features, matched by name
+            (missing ones read as zeros, with a warning), and the user's MuData is untouched.
+        **kwargs
+            Passed to :meth:`scvi_ext.base.InferenceMixin.load`.
+        """
+        if isinstance(adata, MuData):
+            try:
+                registry = cls.load_registry(os.fspath(dir_path), prefix=kwargs.get("prefix"))
+            except Exception:  # the base's load names the damaged file
+                registry = None
+            if registry is not None:
+                adata = _aligned_mudata(adata, registry)
+        return super().load(dir_path, adata=adata, **kwargs)
+
+    def _check_registered_genes(self, adata: MuData) -> None:
+        """The model's MuData must still have the features it was set up with, in order (and
+        an open file, when backed)."""
+        super()._check_registered_genes(adata)
+        for modality in ("rna", "atac"):
+            data = adata.mod[self._modality_name(modality)]
+            features = self.feature_names(modality)
+            if data.n_vars != len(features) or not data.var_names.astype(str).equals(features):
+                raise ValueError(
+                    f"The {modality.upper()} modality of the MuData registered with this "
+                    f"CrossAttentionMatcher changed after setup: it has {data.n_vars} features, "
+                    f"the model {len(features)} (e.g. {list(features[:3])}), or another order. "
+                    "Register the edited MuData with setup_mudata and build a new model."
+                )
 
     @classmethod
     def setup_anndata(cls, adata: AnnData, **kwargs):
@@ -414,6 +555,10 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         with a warning; fewer than half shared is an error); counts are validated.
         """
         self._check_trained()
+        if adata.n_obs == 0:
+            raise ValueError(
+                f"The {modality.upper()} AnnData has no cells; pass at least one cell."
+            )
         layer = self.setup_args.get(f"{modality}_layer")
         validate_counts(adata, layer)
         matrix = adata.X if layer is None else adata.layers[layer]
