@@ -1,6 +1,7 @@
 """CAN: the model contract (tests of tests/test_contract.py), capsules, attention, transfer."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import scvi
 import torch
@@ -211,6 +212,28 @@ def test_query_mapping_trains_the_last_layer_only(reference_model):
     assert "_scvi_uuid" not in query.uns
     frozen = CAN.load_query_data(query, model, freeze_classifier=True)
     assert not any(p.requires_grad for p in frozen.module.parameters())
+
+
+def test_a_query_model_that_would_learn_nothing_refuses_to_train(reference_model):
+    """Before, both trained for the epochs asked and changed no weight, in silence."""
+    model, _, query = reference_model
+    frozen = CAN.load_query_data(query, model, freeze_classifier=True)
+    with pytest.raises(ValueError, match=r"This CAN has no trainable weight \(load_query_data"):
+        frozen.train(max_epochs=1, enable_progress_bar=False)
+    unlabelled = query.copy()
+    unlabelled.obs["cell_type"] = "a type the reference never saw"
+    query_model = CAN.load_query_data(unlabelled, model)
+    with pytest.raises(ValueError, match=r"no labelled cell to train on: every cell of adata"):
+        query_model.train(max_epochs=1, enable_progress_bar=False)
+
+
+def test_saliency_of_a_query_with_reversed_genes_names_the_same_genes(reference_model):
+    model, _, query = reference_model
+    arguments = {"n_steps": 2, "n_cells": 10, "n_top": 100, "cell_types": ["type_0"]}
+    table = saliency(model, query, **arguments)
+    reversed_table = saliency(model, query[:, ::-1].copy(), **arguments)
+    pd.testing.assert_frame_equal(reversed_table, table)
+    assert list(table["gene"]) != list(query.var_names)  # ranked, not in the file's order
 
 
 def test_balanced_classes_weight_the_loss_by_inverse_type_frequency_refitted_per_train():

@@ -270,7 +270,7 @@ def test_a_frozen_query_model_predicts_as_the_reference_and_refuses_to_train(tra
     query.obs["batch"] = "new_donor"
     model = CELLULAR.load_query_data(query, trained)
     np.testing.assert_allclose(model.predict_proba(query), trained.predict_proba(query), atol=1e-6)
-    with pytest.raises(ValueError, match="query model has no trainable weight.*unfrozen=True"):
+    with pytest.raises(ValueError, match="This CELLULAR has no trainable weight.*unfrozen=True"):
         model.train(max_epochs=1, **TRAIN)
 
 
@@ -281,7 +281,7 @@ def test_a_query_model_without_labelled_cells_refuses_to_train(trained, adata):
     query.obs["cell_type"] = "a type the reference never saw"
     with pytest.warns(UserWarning, match="treated as 'Unknown'"):
         model = CELLULAR.load_query_data(query, trained, unfrozen=True)
-    with pytest.raises(ValueError, match="query model has no labelled cell to train on"):
+    with pytest.raises(ValueError, match="This CELLULAR has no labelled cell to train on"):
         model.train(max_epochs=1, **TRAIN)
     labelled = adata[:60].copy()
     labelled.obs["batch"] = "new_donor"

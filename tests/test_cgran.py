@@ -1,6 +1,7 @@
 """CGRAN (issue 13): the contract's tests, local attention, embeddings, transfer, markers."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import scvi
 import torch
@@ -365,6 +366,49 @@ def test_transfer_settings_move_the_parameters_the_paper_says(reference_model, s
     assert query_model.transfer_setting_ == setting
 
 
+def test_a_saved_setting_a_query_model_loads_with_its_classifier_alone_trainable(
+    reference_model, tmp_path
+):
+    """Before, load made every weight trainable again: a second train() of a setting A
+    model moved the attention blocks."""
+    model, _, query = reference_model
+    query_model = CGRAN.load_query_data(query, model, setting="A")
+    query_model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    query_model.save(tmp_path / "setting_a", save_anndata=True)
+    loaded = CGRAN.load(tmp_path / "setting_a")
+    assert loaded.transfer_setting_ == "A"
+    trainable = {name for name, p in loaded.module.named_parameters() if p.requires_grad}
+    assert trainable == {"classifier.weight", "classifier.bias"}
+    before = {key: value.clone() for key, value in loaded.module.state_dict().items()}
+    loaded.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    after = loaded.module.state_dict()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed == {"classifier.weight", "classifier.bias"}
+
+
+@pytest.mark.parametrize("setting", ["A", "C"])
+def test_a_query_model_without_labelled_cells_refuses_to_train(reference_model, setting):
+    """Before, setting A refitted the cell and gene vectors on the query and trained nothing
+    on them (loss 0): predictions from blocks fitted to other vectors, in silence."""
+    model, _, query = reference_model
+    unlabelled = query.copy()
+    del unlabelled.obs["cell_type"]
+    query_model = CGRAN.load_query_data(unlabelled, model, setting=setting)
+    with pytest.raises(ValueError, match=r"has no labelled cell to train on: every cell of "):
+        query_model.train(max_epochs=1, enable_progress_bar=False)
+    assert not bool(query_model.module.embedding_fitted) or setting == "C"
+
+
+def test_a_query_model_with_every_weight_frozen_refuses_to_train(reference_model):
+    model, _, query = reference_model
+    query_model = CGRAN.load_query_data(query, model, setting="C")
+    query_model.module.requires_grad_(False)
+    with pytest.raises(
+        ValueError, match=r"has no trainable weight \(load_query_data froze them all\)"
+    ):
+        query_model.train(max_epochs=1, enable_progress_bar=False)
+
+
 # ---- markers (section 5.5) and gene-gene attention (figure 4b)
 def test_marker_genes_follow_section_5_5_on_attention_that_marks_the_simulated_markers(
     reference_model, monkeypatch
@@ -379,7 +423,7 @@ def test_marker_genes_follow_section_5_5_on_attention_that_marks_the_simulated_m
     attention[:, :3] += 0.5  # genes 0-2: high attention in every cell: HAGs, not differential
     attention += 0.3 * (marker_of[None, :] == types[:, None])  # each type's own markers
     monkeypatch.setattr(
-        CGRAN, "get_attention", lambda self, adata=None, indices=None, **_: attention[indices]
+        CGRAN, "_attention_array", lambda self, adata=None, indices=None, *_: attention[indices]
     )
     n_markers = 15
     table = model.marker_genes(top_k=3 + n_markers, min_fraction=0.7, batch_size=100)
@@ -403,7 +447,7 @@ def test_marker_genes_follow_section_5_5_on_attention_that_marks_the_simulated_m
 def test_marker_genes_of_a_trained_model_come_from_its_attention(reference_model):
     model, _, _ = reference_model
     table = model.marker_genes(top_k=10, min_fraction=0.5)
-    attention = model.get_attention()
+    attention = model.get_attention().to_numpy()
     cell_types = model.adata.obs["cell_type"].to_numpy()
     row = table.iloc[0]
     in_type = attention[cell_types == row["cell_type"]]
@@ -411,6 +455,25 @@ def test_marker_genes_of_a_trained_model_come_from_its_attention(reference_model
     top = np.argsort(-in_type, axis=1)[:, :10]
     np.testing.assert_allclose(row["fraction"], (top == gene).any(axis=1).mean())
     np.testing.assert_allclose(row["mean_attention"], in_type[:, gene].mean(), rtol=1e-5)
+
+
+def test_marker_genes_of_a_model_without_data_read_the_cells_given(reference_model, tmp_path):
+    """Before, marker_genes() of a model loaded with adata=False raised AttributeError."""
+    model, reference, query = reference_model
+    model.save(tmp_path / "cgran")
+    without_data = CGRAN.load(tmp_path / "cgran", adata=False)
+    with pytest.raises(ValueError, match=r"loaded without data \(adata=False\)"):
+        without_data.marker_genes(top_k=10, min_fraction=0.5)
+    expected = model.marker_genes(top_k=10, min_fraction=0.5)
+    pd.testing.assert_frame_equal(
+        without_data.marker_genes(top_k=10, min_fraction=0.5, adata=reference), expected
+    )
+    reversed_reference = reference[:, ::-1].copy()
+    pd.testing.assert_frame_equal(
+        model.marker_genes(top_k=10, min_fraction=0.5, adata=reversed_reference), expected
+    )
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, not 0"):
+        model.marker_genes(batch_size=0)
 
 
 def test_gene_gene_attention_is_a_genes_by_genes_table_of_rows_summing_to_one(reference_model):
@@ -427,7 +490,26 @@ def test_get_attention_is_cells_by_genes(reference_model):
     model, _, query = reference_model
     attention = model.get_attention(query)
     assert attention.shape == (query.n_obs, query.n_vars)
-    assert (attention >= 0).all() and (attention <= 1).all()
+    assert ((attention >= 0) & (attention <= 1)).to_numpy().all()
+
+
+def test_attention_of_a_query_with_reversed_genes_is_labelled_by_the_models_genes(
+    reference_model,
+):
+    """The columns are the model's genes whatever the query's order, and say so: before,
+    an unlabelled array read against the reversed query's var_names named every gene
+    wrongly."""
+    model, _, query = reference_model
+    reversed_genes = query[:, ::-1].copy()
+    attention = model.get_attention(query, indices=[4, 0, 4])
+    reversed_attention = model.get_attention(reversed_genes, indices=[4, 0, 4])
+    assert list(attention.columns) == list(model.gene_names)
+    assert list(attention.index) == list(query.obs_names[[4, 0, 4]])
+    pd.testing.assert_frame_equal(reversed_attention, attention)
+    np.testing.assert_allclose(attention.iloc[1], model.get_attention(query).iloc[0], rtol=1e-5)
+    by_gene = reversed_attention[reversed_genes.var_names]  # the user's order, by name
+    np.testing.assert_array_equal(by_gene.to_numpy(), attention.to_numpy()[:, ::-1])
+    assert not np.array_equal(by_gene.to_numpy(), attention.to_numpy())
 
 
 # ---- bad inputs
@@ -451,6 +533,16 @@ def test_bad_arguments_are_refused_with_what_to_change(reference_model):
         model.gene_gene_attention(["gene_1", "NOT_A_GENE", "CD3E"])
     with pytest.raises(ValueError, match="distinct names"):
         model.gene_gene_attention(["gene_1", "gene_1"])
+    with pytest.raises(ValueError, match=r"a list of gene names, not the string 'gene_1'"):
+        model.gene_gene_attention("gene_1")  # before: Unknown genes ['g', 'e', ...]
+    with pytest.raises(ValueError, match="indices selects no cell"):
+        model.gene_gene_attention(["gene_1"], indices=[])  # before: torch.cat error
+    with pytest.raises(ValueError, match=r"head_dims must hold one width per attention block"):
+        CGRAN(reference, **{**SMALL, "head_dims": 8})  # before: TypeError, int not iterable
+    with pytest.raises(ValueError, match=r"group_size must be a positive integer, not 2.5"):
+        CGRAN(reference, **{**SMALL, "group_size": 2.5})
+    with pytest.raises(ValueError, match=r"n_embedding must be a positive integer, not 0"):
+        CGRAN(reference, **{**SMALL, "n_embedding": 0})
     with pytest.raises(ValueError, match=r"setting must be one of \['A', 'B', 'C'\]"):
         CGRAN.load_query_data(query, model, setting="D")
     with pytest.raises(ValueError, match="top_k must be between 1 and the number of genes"):

@@ -162,6 +162,14 @@ def test_query_accuracy_well_above_chance_and_latent_has_one_row_per_cell(refere
     assert "_scvi_uuid" not in query.uns  # the user's AnnData is untouched
 
 
+def test_indices_selecting_no_cell_are_refused(reference_model):
+    model, _, _ = reference_model
+    with pytest.raises(ValueError, match="indices selects no cell; pass at least one index"):
+        model.predict(indices=[])
+    with pytest.raises(ValueError, match="indices selects no cell"):
+        model.get_latent_representation(indices=np.array([], dtype=int))
+
+
 def test_query_with_genes_reversed_gets_the_same_probabilities(reference_model):
     model, _, query = reference_model
     reversed_genes = query[:, ::-1].copy()

@@ -45,6 +45,23 @@ def test_bad_saliency_arguments(trained_model):
         saliency(trained_model, method="guided")
     with pytest.raises(ValueError, match="Unknown cell types"):
         saliency(trained_model, cell_types=["neuron"])
+    for name in ("n_steps", "n_cells", "n_top"):  # before: NaN scores, a loader error, []
+        with pytest.raises(ValueError, match=f"{name} must be a positive integer, not 0"):
+            saliency(trained_model, **{name: 0})
+
+
+def test_saliency_of_cell_types_without_cells_says_so(trained_model, sim_adata):
+    """Before: pandas' "No objects to concatenate"."""
+    labelled = sim_adata[sim_adata.obs["labels"] != "Unknown"]
+    first, second = sorted(labelled.obs["labels"].unique())[:2]
+    only_first = labelled[labelled.obs["labels"] == first].copy()
+    with pytest.raises(ValueError, match=rf"No cell of adata is labelled any of \['{second}'\]"):
+        saliency(trained_model, only_first, cell_types=[second], by="label")
+    with pytest.warns(UserWarning, match=rf"No cell is labelled \['{second}'\]; saliency leaves"):
+        table = saliency(
+            trained_model, only_first, cell_types=[first, second], by="label", n_steps=2
+        )
+    assert set(table["cell_type"]) == {first}
 
 
 @pytest.mark.parametrize("method", ["integrated", "expected"])

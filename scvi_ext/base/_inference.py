@@ -32,7 +32,7 @@ from ._distributed import on_main_process
 from ._plan import validation_early_stopping
 from ._sampler import read_rows_as_slices
 from ._soma import SOMA_SOURCE_ATTRIBUTE, SomaDataModule, soma_source
-from ._splitter import BlockDataSplitter
+from ._splitter import BlockDataSplitter, labelled_mask
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,9 @@ class InferenceMixin:
     #: The module reads each cell's batch when it predicts or embeds: new cells must carry
     #: batches the model knows (:func:`~scvi_ext.base.check_known_batches`).
     _batch_at_inference: bool = False
+    #: Every term of the training loss reads cell types: training without a labelled cell
+    #: is refused (it would learn nothing).
+    _loss_needs_labels: bool = False
     #: Training minibatches of blocks of consecutive rows for cells on disk.
     _data_splitter_cls = BlockDataSplitter
     #: Set on models made by :meth:`load_query_data`.
@@ -262,6 +265,8 @@ class InferenceMixin:
         """
         if not while_training:
             self._check_trained()
+        if indices is not None and len(indices) == 0:
+            raise ValueError("indices selects no cell; pass at least one index (or None: all).")
         was_training = self.module.training
         self.module.eval()
         device = module_device(self.module)
@@ -313,6 +318,27 @@ class InferenceMixin:
     def _smallest_batch_size(self) -> int:
         """The smallest ``batch_size`` the model trains with (2 for BatchNorm layers)."""
         return 1
+
+    def _check_something_to_learn(self) -> None:
+        """Refuse a training that would learn nothing: every weight frozen (a query model
+        of ``load_query_data``), or no labelled cell for a loss that reads cell types only
+        (:attr:`_loss_needs_labels`)."""
+        name = type(self).__name__
+        if not any(parameter.requires_grad for parameter in self.module.parameters()):
+            raise ValueError(
+                f"This {name} has no trainable weight (load_query_data froze them all); it "
+                "predicts and embeds as it is, without train(). To fine-tune, map the query "
+                "with load_query_data(..., unfrozen=True), or without freeze_classifier=True."
+            )
+        if self._loss_needs_labels and self.adata_manager is not None:
+            if not labelled_mask(self.adata_manager).any():
+                raise ValueError(
+                    f"This {name} has no labelled cell to train on: every cell of adata.obs"
+                    f"['{self.setup_args['labels_key']}'] is '{self.unlabeled_category}', "
+                    "missing or a cell type the model never saw, and its loss reads cell "
+                    "types only. Give some cells their types to fine-tune, or use the model "
+                    "as it is to predict."
+                )
 
     def train(
         self,
@@ -375,7 +401,8 @@ class InferenceMixin:
         ------
         ValueError
             ``max_epochs`` below 1, ``batch_size`` below the model's smallest, unknown
-            ``plan_kwargs`` keys, no data (``adata=False``), genes of the model's AnnData
+            ``plan_kwargs`` keys, nothing to learn (every weight frozen, or no labelled
+            cell for a loss of cell types only), no data (``adata=False``), genes of the model's AnnData
             edited after setup, ``resume`` without a checkpoint in ``checkpoint_dir``, or a
             datamodule whose genes or registered fields are not the model's.
         """
@@ -433,6 +460,7 @@ class InferenceMixin:
             raise ValueError(f"This {type(self).__name__} has no data to train on (adata=False).")
         else:
             self._check_registered_genes(self.adata)
+            self._check_something_to_learn()
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir of the interrupted run.")
         if checkpoint_dir is not None:

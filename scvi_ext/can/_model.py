@@ -69,6 +69,7 @@ class CAN(
 
     _module_cls = CANModule
     _training_plan_cls = BaseTrainingPlan
+    _loss_needs_labels = True  # cross-entropy only
     #: Paper 5.3: 50 epochs, no early stopping; the last epoch's weights are kept. The paper
     #: gives no minibatch size: we use 32 (chosen before the eps fix below, when it gave Adam
     #: enough steps). 10% of the labelled cells validate (not in the paper: the softmax

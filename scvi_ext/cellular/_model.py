@@ -119,6 +119,7 @@ class CELLULAR(
 
     _module_cls = CELLULARModule
     _training_plan_cls = CELLULARTrainingPlan
+    _loss_needs_labels = True  # every loss term reads cell types
     #: The reference code's: 50 epochs, minibatch 256, 80:20 split, early stopping
     #: patience 20 (see :meth:`~scvi_ext.base.InferenceMixin.train`).
     train_defaults = {
@@ -254,36 +255,6 @@ class CELLULAR(
             saved["gene_sets"] = resolved_sets
 
     # ------------------------------------------------------------------ training
-    def train(self, *args, **kwargs):
-        """Train; see :meth:`~scvi_ext.base.InferenceMixin.train` (same arguments).
-
-        A query model (:meth:`load_query_data`) trains only with ``unfrozen=True`` and
-        only on its labelled cells: every loss term reads cell types.
-
-        Raises
-        ------
-        ValueError
-            For a query model with every weight frozen, or without labelled cells.
-        """
-        if self.is_query_model and self.adata_manager is not None:
-            if not any(parameter.requires_grad for parameter in self.module.parameters()):
-                raise ValueError(
-                    "This CELLULAR query model has no trainable weight: its encoder reads no "
-                    "batch, so load_query_data freezes every weight, and the model embeds "
-                    "and predicts the query as it is (no train() needed). To fine-tune on "
-                    "the query's labelled cells, use CELLULAR.load_query_data(adata, "
-                    "reference, unfrozen=True)."
-                )
-            if not labelled_mask(self.adata_manager).any():
-                labels_key = self.setup_args["labels_key"]
-                raise ValueError(
-                    "This CELLULAR query model has no labelled cell to train on: every cell "
-                    f"of adata.obs['{labels_key}'] is '{self.unlabeled_category}' or a cell "
-                    "type the reference never saw, and every CELLULAR loss reads cell types. "
-                    "Use the query model without training to embed and predict the query."
-                )
-        return super().train(*args, **kwargs)
-
     def fit_statistics(self, n_pca_components: int | None = None) -> None:
         """Fit the module's statistics, reading the counts minibatch by minibatch.
 

@@ -41,6 +41,10 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {list(choices)}, not {value!r}.")
 
 
+def _is_positive_int(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1
+
+
 class CGRAN(
     LabelledCountsSetupMixin,
     ClassifierMixin,
@@ -96,6 +100,7 @@ class CGRAN(
 
     _module_cls = CGRANModule
     _training_plan_cls = BaseTrainingPlan
+    _loss_needs_labels = True  # cross-entropy only
     #: The paper's 75 epochs (Adam, lr 1e-4: :meth:`_default_plan_kwargs`); no early
     #: stopping; the last epoch's weights are kept. 10% of the cells validate (not in the
     #: paper: the softmax temperature is calibrated on them, ``validation_loss`` is logged).
@@ -127,7 +132,15 @@ class CGRAN(
         _check_choice("grouping", grouping, GROUPINGS)
         _check_choice("attention", attention, ATTENTIONS)
         n_genes = self.summary_stats.n_vars
-        if group_size < 1 or group_size > n_genes:
+        if isinstance(head_dims, int | np.integer):
+            raise ValueError(
+                f"head_dims must hold one width per attention block, e.g. head_dims=(8, 4), "
+                f"not the number {head_dims}."
+            )
+        for name, value in {"group_size": group_size, "n_embedding": n_embedding}.items():
+            if not _is_positive_int(value):
+                raise ValueError(f"{name} must be a positive integer, not {value!r}.")
+        if group_size > n_genes:
             raise ValueError(
                 f"group_size ({group_size}) must be between 1 and the number of genes "
                 f"({n_genes}); use a smaller group_size or more genes."
@@ -137,12 +150,12 @@ class CGRAN(
                 f"n_embedding ({n_embedding}) is larger than the number of genes ({n_genes}); "
                 "use a smaller n_embedding or more genes."
             )
-        head_dims = tuple(int(dim) for dim in head_dims)
-        if not head_dims or min(head_dims) < 1 or n_heads < 1:
+        if not head_dims or not all(map(_is_positive_int, (*head_dims, n_heads))):
             raise ValueError(
-                f"n_heads ({n_heads}) and every head_dims width ({head_dims}) must be positive, "
-                "one width per attention block, e.g. head_dims=(8, 4)."
+                f"n_heads ({n_heads}) and every head_dims width ({head_dims}) must be positive "
+                "integers, one width per attention block, e.g. head_dims=(8, 4)."
             )
+        head_dims = tuple(int(dim) for dim in head_dims)
         self.module = self._module_cls(
             n_input=n_genes,
             n_labels=len(self.label_names),
@@ -228,7 +241,7 @@ class CGRAN(
         adata: AnnData | None = None,
         indices: Sequence[int] | None = None,
         batch_size: int | None = None,
-    ) -> np.ndarray:
+    ) -> pd.DataFrame:
         """Cell-to-gene attention: the last block's cell-token weights, mean over heads.
 
         Parameters
@@ -242,25 +255,36 @@ class CGRAN(
 
         Returns
         -------
-        Cells x genes (columns in the order of ``model.gene_names``). Local attention rows
+        Cells x genes, indexed by cell names, columns ``model.gene_names`` (the model's
+        genes in its order, whatever the order of ``adata``'s genes). Local attention rows
         are L2-normalised over the cell and all genes.
         """
+        attention = self._attention_array(adata, indices, batch_size)
+        cells = self.cell_names(adata, indices)
+        return pd.DataFrame(attention, index=cells, columns=self.gene_names.copy())
+
+    def _attention_array(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """:meth:`get_attention` as an array (cells x the model's genes)."""
         return self.map_minibatches(self.module.cell_gene_attention, adata, indices, batch_size)
 
-    def _cell_types(self, adata: AnnData | None) -> np.ndarray:
-        """Each cell's type: its label when known to the model, else its prediction."""
+    def _cell_types(self, registered: AnnData) -> np.ndarray:
+        """Each cell's type: its label when known to the model, else its prediction.
+
+        ``registered`` is registered with the model (:meth:`registered_anndata`): labels the
+        model never saw and a missing labels column are its unlabeled category there.
+        """
         names = self.label_names
-        if adata is None:
-            codes = self.adata_manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY).ravel()
-            labels = names[np.clip(codes, 0, len(names) - 1)].astype(object)
-            known = codes < len(names)
-        else:
-            labels_key = self.setup_args["labels_key"]
-            column = adata.obs.get(labels_key)
-            labels = np.asarray(column.astype(str) if column is not None else [""] * adata.n_obs)
-            known = np.isin(labels, names)
+        manager = self.get_anndata_manager(registered, required=True)
+        codes = manager.get_from_registry(REGISTRY_KEYS.LABELS_KEY).ravel()
+        known = codes < len(names)
+        labels = names[np.clip(codes, 0, len(names) - 1)].astype(object)
         if not known.all():
-            labels = np.where(known, labels, np.asarray(self.predict(adata)))
+            labels = np.where(known, labels, np.asarray(self.predict(registered)))
         return labels.astype(str)
 
     def marker_genes(
@@ -301,20 +325,10 @@ class CGRAN(
             raise ValueError(f"top_k must be between 1 and the number of genes ({n_genes}).")
         if not 0 < min_fraction <= 1:
             raise ValueError(f"min_fraction must be in (0, 1], not {min_fraction}.")
+        if not _is_positive_int(batch_size):
+            raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}.")
         self._check_trained()
-        cell_types = self._cell_types(adata)
-        types, codes = np.unique(cell_types, return_inverse=True)
-        in_top = np.zeros((len(types), n_genes))
-        attention_sums = np.zeros((len(types), n_genes))
-        for start in range(0, len(codes), batch_size):
-            chunk = np.arange(start, min(start + batch_size, len(codes)))
-            attention = self.get_attention(adata, indices=chunk, batch_size=batch_size)
-            top = np.argpartition(-attention, top_k - 1, axis=1)[:, :top_k]
-            hits = np.zeros_like(attention)
-            np.put_along_axis(hits, top, 1.0, axis=1)
-            np.add.at(in_top, codes[chunk], hits)
-            np.add.at(attention_sums, codes[chunk], attention)
-        n_cells = np.bincount(codes, minlength=len(types)).astype(float)
+        in_top, attention_sums, types, n_cells = self._top_k_counts(adata, top_k, batch_size)
         fraction = in_top / n_cells[:, None]
         high = fraction >= min_fraction
         rows = []
@@ -350,6 +364,28 @@ class CGRAN(
         )
         return table.reset_index(drop=True)
 
+    def _top_k_counts(
+        self, adata: AnnData | None, top_k: int, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per cell type (rows): how many cells hold each gene in their top-k list, the sum
+        of each gene's attention; the types and their numbers of cells."""
+        n_genes = len(self.gene_names)
+        with self.registered_anndata(adata) as registered:  # genes matched and checked once
+            cell_types = self._cell_types(registered)
+            types, codes = np.unique(cell_types, return_inverse=True)
+            in_top = np.zeros((len(types), n_genes))
+            attention_sums = np.zeros((len(types), n_genes))
+            for start in range(0, len(codes), batch_size):
+                chunk = np.arange(start, min(start + batch_size, len(codes)))
+                attention = self._attention_array(registered, chunk, batch_size)
+                top = np.argpartition(-attention, top_k - 1, axis=1)[:, :top_k]
+                hits = np.zeros_like(attention)
+                np.put_along_axis(hits, top, 1.0, axis=1)
+                np.add.at(in_top, codes[chunk], hits)
+                np.add.at(attention_sums, codes[chunk], attention)
+        n_cells = np.bincount(codes, minlength=len(types)).astype(float)
+        return in_top, attention_sums, types, n_cells
+
     def gene_gene_attention(
         self,
         genes: Sequence[str],
@@ -378,6 +414,11 @@ class CGRAN(
         -------
         Genes x genes; row ``i`` is how gene ``i`` attends to the others (rows sum to 1).
         """
+        if isinstance(genes, str):
+            raise ValueError(
+                f"genes must be a list of gene names, not the string {genes!r}; e.g. "
+                f"genes=[{genes!r}]."
+            )
         genes = [str(gene) for gene in genes]
         unknown = [gene for gene in genes if gene not in self.gene_names]
         if unknown:
@@ -387,6 +428,8 @@ class CGRAN(
             )
         if not genes or len(set(genes)) < len(genes):
             raise ValueError(f"genes must be a non-empty list of distinct names, not {genes}.")
+        if indices is not None and len(indices) == 0:
+            raise ValueError("indices selects no cell; pass at least one, or None for all.")
         n_blocks = len(self.module.blocks)
         if not -n_blocks <= block < n_blocks:
             raise ValueError(f"block must be between {-n_blocks} and {n_blocks - 1}.")
@@ -442,7 +485,22 @@ class CGRAN(
         if setting in ("A", "B"):
             model._check_enough_cells(model.adata.n_obs)
             model.module.embedding_fitted.fill_(False)
-        if setting == "A":
-            for name, parameter in model.module.named_parameters():
+        model._freeze_for_transfer_setting()
+        return model
+
+    def _freeze_for_transfer_setting(self) -> None:
+        """Setting A trains the last layer (``classifier``) only."""
+        if getattr(self, "transfer_setting_", None) == "A":
+            for name, parameter in self.module.named_parameters():
                 parameter.requires_grad = name.startswith("classifier.")
+
+    @classmethod
+    def load(cls, dir_path, adata: AnnData | None = None, **kwargs) -> CGRAN:
+        """Load a saved CGRAN; see :meth:`~scvi_ext.base.InferenceMixin.load`.
+
+        A query model of transfer setting A (:meth:`load_query_data`) is loaded with its
+        classifier alone trainable, as it was saved.
+        """
+        model = super().load(dir_path, adata=adata, **kwargs)
+        model._freeze_for_transfer_setting()
         return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -92,12 +93,23 @@ def saliency(
 
     Returns
     -------
-    Long table with columns ``cell_type``, ``rank`` (1 = most salient), ``gene``, ``score``.
+    Long table with columns ``cell_type``, ``rank`` (1 = most salient), ``gene`` (the
+    model's genes, matched to ``adata``'s by name), ``score``. A cell type without cells
+    (predicted or labelled as it) is left out, with a warning.
+
+    Raises
+    ------
+    ValueError
+        When no cell of ``adata`` is predicted as (or labelled, ``by="label"``) any of
+        ``cell_types``.
     """
     if method not in ("integrated", "expected"):
         raise ValueError(f"method must be 'integrated' or 'expected', not '{method}'.")
     if by not in ("prediction", "label"):
         raise ValueError(f"by must be 'prediction' or 'label', not '{by}'.")
+    for name, value in {"n_steps": n_steps, "n_cells": n_cells, "n_top": n_top}.items():
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, not {value!r}.")
     names = list(model.label_names)
     cell_types = names if cell_types is None else list(cell_types)
     unknown = sorted(set(cell_types) - set(names))
@@ -133,44 +145,70 @@ def _saliency_table(
             manager.get_state_registry(REGISTRY_KEYS.LABELS_KEY).categorical_mapping
         )
         groups = mapping[codes]
+    selected = "labelled" if by == "label" else "predicted as"
+    missing = [cell_type for cell_type in cell_types if not (groups == cell_type).any()]
+    if len(missing) == len(cell_types):
+        raise ValueError(
+            f"No cell of adata is {selected} any of {cell_types}: nothing to explain. "
+            + (
+                "Pass cells with these labels, or by='prediction'."
+                if by == "label"
+                else "Pass cells the model predicts as these types, or by='label'."
+            )
+        )
+    if missing:
+        warnings.warn(
+            f"No cell is {selected} {missing}; saliency leaves them out.",
+            UserWarning,
+            stacklevel=3,
+        )
 
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     module = model.module
     was_training = module.training
     module.eval()
-    device = next(module.parameters()).device
+    try:
+        device = next(module.parameters()).device
 
-    def load(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        tensors = next(model.iter_minibatches(registered, indices, batch_size=len(indices)))
-        x = module.normalize(tensors[REGISTRY_KEYS.X_KEY].to(device))
-        return x, tensors[REGISTRY_KEYS.BATCH_KEY].to(device)
+        def load(indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            tensors = next(model.iter_minibatches(registered, indices, batch_size=len(indices)))
+            x = module.normalize(tensors[REGISTRY_KEYS.X_KEY].to(device))
+            return x, tensors[REGISTRY_KEYS.BATCH_KEY].to(device)
 
-    baseline_idx = rng.choice(registered.n_obs, size=min(registered.n_obs, 500), replace=False)
-    baselines, _ = load(np.sort(baseline_idx))
-    if method == "integrated":
-        baselines = torch.zeros_like(baselines[:1])
-    genes = np.asarray(registered.var_names)
-    tables = []
-    for cell_type in cell_types:
-        members = np.flatnonzero(groups == cell_type)
-        if len(members) == 0:
-            continue
-        chosen = np.sort(rng.choice(members, size=min(n_cells, len(members)), replace=False))
-        x, batch_index = load(chosen)
-        scores = _attributions(
-            module, x, batch_index, names.index(cell_type), baselines, n_steps, generator, method
-        ).mean(dim=0)
-        order = torch.argsort(scores, descending=True)[:n_top].cpu().numpy()
-        tables.append(
-            pd.DataFrame(
-                {
-                    "cell_type": cell_type,
-                    "rank": np.arange(1, len(order) + 1),
-                    "gene": genes[order],
-                    "score": scores.detach().cpu().numpy()[order],
-                }
+        baseline_idx = rng.choice(registered.n_obs, size=min(registered.n_obs, 500), replace=False)
+        baselines, _ = load(np.sort(baseline_idx))
+        if method == "integrated":
+            baselines = torch.zeros_like(baselines[:1])
+        genes = np.asarray(registered.var_names)
+        tables = []
+        for cell_type in cell_types:
+            members = np.flatnonzero(groups == cell_type)
+            if len(members) == 0:
+                continue
+            chosen = np.sort(rng.choice(members, size=min(n_cells, len(members)), replace=False))
+            x, batch_index = load(chosen)
+            scores = _attributions(
+                module,
+                x,
+                batch_index,
+                names.index(cell_type),
+                baselines,
+                n_steps,
+                generator,
+                method,
+            ).mean(dim=0)
+            order = torch.argsort(scores, descending=True)[:n_top].cpu().numpy()
+            tables.append(
+                pd.DataFrame(
+                    {
+                        "cell_type": cell_type,
+                        "rank": np.arange(1, len(order) + 1),
+                        "gene": genes[order],
+                        "score": scores.detach().cpu().numpy()[order],
+                    }
+                )
             )
-        )
-    module.train(was_training)
+    finally:
+        module.train(was_training)
     return pd.concat(tables, ignore_index=True)
