@@ -356,3 +356,21 @@ result = model.predict(query).shape[0]
 
 def test_cpu_ddp_with_two_processes_trains_and_both_ranks_predict(tmp_path):
     assert ddp_rank_results(DDP_SCRIPT, tmp_path) == [str(_simulated()[1].n_obs)] * 2
+
+
+def test_a_saved_query_model_loads_as_one_and_warns_that_training_moves_every_weight(
+    reference_model, tmp_path
+):
+    """scvi saves weights, not which of them the query mapping froze: a loaded frozen query
+    model says so when trained, and keeps the query models' defaults (no weight decay)."""
+    model, _, query = reference_model
+    query = query.copy()
+    query.obs["batch"] = "new_" + query.obs["batch"].astype(str)
+    Toy.load_query_data(query, model).save(tmp_path / "frozen")
+    loaded = Toy.load(tmp_path / "frozen", adata=query)
+    assert loaded.is_query_model
+    with pytest.warns(UserWarning, match=r"saved as a query model .*Toy.load_query_data\(adata"):
+        loaded.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    Toy.load_query_data(query, model, unfrozen=True).save(tmp_path / "unfrozen")
+    loaded = Toy.load(tmp_path / "unfrozen", adata=query)
+    assert loaded.is_query_model and not loaded._query_freezing_lost  # nothing was frozen

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
@@ -461,6 +462,16 @@ class InferenceMixin:
         else:
             self._check_registered_genes(self.adata)
             self._check_something_to_learn()
+        if getattr(self, "_query_freezing_lost", False):
+            name = type(self).__name__
+            warnings.warn(
+                f"This {name} was saved as a query model (load_query_data). Loading restores "
+                "its weights, not which of them the query mapping froze, so this training "
+                "moves every weight. To train only the query mapping's weights, map again: "
+                f"{name}.load_query_data(adata, reference_model).",
+                UserWarning,
+                stacklevel=2,
+            )
         if resume and checkpoint_dir is None:
             raise ValueError("resume=True needs the checkpoint_dir of the interrupted run.")
         if checkpoint_dir is not None:
@@ -588,7 +599,7 @@ class InferenceMixin:
                     adata = detached_anndata(adata, setup_args, known_labels, genes=genes)
                 validate_counts(adata, setup_args.get("layer"))
         try:
-            return super().load(dir_path, adata=adata, **kwargs)
+            model = super().load(dir_path, adata=adata, **kwargs)
         except RuntimeError as error:
             if "state_dict" not in str(error):
                 raise
@@ -597,6 +608,11 @@ class InferenceMixin:
                 f"{cls.__name__} (its weights differ: {str(error)[:300]}). Train and save "
                 "it again with this version."
             ) from error
+        mapping = getattr(model, "query_mapping_", None)
+        if mapping is not None:  # a saved query model (load_query_data)
+            model.is_query_model = True
+            model._query_freezing_lost = mapping == "frozen"
+        return model
 
     # ------------------------------------------------------------------ query mapping
     @staticmethod
@@ -676,6 +692,8 @@ class InferenceMixin:
         validate_counts(light, registry["setup_args"].get("layer"))
         model = super().load_query_data(light, reference_model, **kwargs)
         model.is_query_model = True
+        # saved with the model: a loaded query model knows it is one (see train)
+        model.query_mapping_ = "unfrozen" if kwargs.get("unfrozen", False) else "frozen"
         return model
 
 
