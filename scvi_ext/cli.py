@@ -35,24 +35,43 @@ class CLIError(Exception):
     """A user error: reported on stderr without a traceback."""
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the ``sys.stderr`` of the moment, not the one at the first ``main()``
+    (a closed stream after a test or notebook swapped it, and a logging error)."""
+
+    @property
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def _configure_logging() -> None:
     logger = logging.getLogger("scvi_ext")
     logger.setLevel(logging.INFO)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[scvi-ext] %(message)s"))
         logger.addHandler(handler)
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected 0 or a positive integer, got {text}")
     return value
@@ -63,12 +82,18 @@ def _command_line(argv: list[str]) -> str:
 
 
 def _parse_value(text: str) -> Any:
-    """A Python literal (number, ``True``, ``None``, tuple...), else the text itself."""
+    """A Python literal (number, ``True``, ``None``, tuple...), else the text itself.
+
+    Text that opens like a list, tuple, dict or quoted string must parse: ``[1, 2`` is
+    a ``ValueError``, not the string ``"[1, 2"``.
+    """
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as error:
+        if text.strip()[:1] in ("[", "(", "{", "'", '"'):
+            raise ValueError(f"{text!r} is not a valid Python literal") from error
         return text
 
 
@@ -77,9 +102,18 @@ def _key_values(options: Iterable[str], flag: str) -> dict[str, Any]:
     parsed: dict[str, Any] = {}
     for option in options:
         key, separator, value = option.partition("=")
-        if not separator or not key:
+        key = key.strip()
+        if not separator or not key.isidentifier():
             raise CLIError(f"{flag} takes KEY=VALUE, not {option!r}.")
-        parsed[key] = _parse_value(value)
+        if key in parsed:
+            raise CLIError(f"{flag} {key} given twice; give each option once.")
+        try:
+            parsed[key] = _parse_value(value)
+        except ValueError as error:
+            raise CLIError(
+                f"{flag} {option!r}: {error}; quote strings inside lists, e.g. "
+                "KEY=\"['a', 'b']\" or KEY=a,b."
+            ) from error
     return parsed
 
 
@@ -111,9 +145,15 @@ def _method_options(
     methods = list(methods)
     kwargs: dict[str, dict[str, Any]] = {name: {} for name in methods}
     if max_epochs is not None:
-        for name in methods:
-            if _takes_max_epochs(METHODS[name]):
-                kwargs[name]["max_epochs"] = max_epochs
+        takers = [name for name in methods if _takes_max_epochs(METHODS[name])]
+        if not takers:
+            raise CLIError(
+                f"--max-epochs: none of the methods run ({', '.join(methods)}) trains "
+                "for epochs; leave it out."
+            )
+        for name in takers:
+            kwargs[name]["max_epochs"] = max_epochs
+    given: set[tuple[str, str]] = set()
     for option in options:
         name, dot, key_value = option.partition(".")
         if not dot or name not in METHODS:
@@ -121,7 +161,16 @@ def _method_options(
                 f"--method-option takes METHOD.KEY=VALUE with a method of "
                 f"{', '.join(METHODS)}, not {option!r}."
             )
-        kwargs.setdefault(name, {}).update(_key_values([key_value], "--method-option"))
+        if name not in kwargs:
+            raise CLIError(
+                f"--method-option {option!r}: {name} is not among the methods run "
+                f"({', '.join(methods)}); add it to --methods or drop the option."
+            )
+        for key, value in _key_values([key_value], "--method-option").items():
+            if (name, key) in given:
+                raise CLIError(f"--method-option {name}.{key} given twice; give it once.")
+            given.add((name, key))
+            kwargs[name][key] = value
     return kwargs
 
 
@@ -136,6 +185,34 @@ def _kang_missing_reason() -> str | None:
     except FileNotFoundError as error:
         return str(error)
     return f"{DATASETS['kang_ifnb']} is not in the data folder {data_dir}."
+
+
+def _check_outdir(outdir: str | Path, task: str, overwrite: bool) -> None:
+    """Refuse a report folder whose files would be replaced or mixed without asking.
+
+    A folder holding the report of the same task is rerun in place (a study like
+    ``scale`` reuses its measurements there); one holding another task's report, or a
+    ``summary.md`` that is not a benchmark report, needs ``--overwrite``.
+    """
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise CLIError(f"--outdir {outdir} is a file, not a folder; choose another --outdir.")
+    summary = outdir / "summary.md"
+    if overwrite or not summary.is_file():
+        return
+    first_line = (summary.read_text(errors="replace").splitlines() or [""])[0]
+    if first_line == f"# Benchmark: {task}":
+        logging.getLogger("scvi_ext.cli").info(
+            "Replacing the previous %s report in %s.", task, outdir
+        )
+        return
+    prefix = "# Benchmark: "
+    held = first_line.removeprefix(prefix) if first_line.startswith(prefix) else None
+    what = f"the report of {held!r}" if held else "a summary.md that is not a benchmark report"
+    raise CLIError(
+        f"--outdir {outdir} holds {what}; its files would be replaced or mixed with those "
+        f"of {task!r}. Choose another --outdir, or pass --overwrite."
+    )
 
 
 def _demo(args: argparse.Namespace, argv: list[str]) -> int:
@@ -176,6 +253,7 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
             f"Demo: one seed; scANVI = scVI {scvi_epochs} epochs + scANVI 20 epochs "
             "(the benchmark default is scVI 200 epochs, reduced here to keep the demo short)."
         )
+    _check_outdir(args.outdir, task, args.overwrite)
     print(f"Annotation transfer on {description}.", flush=True)
     results = run_benchmark(
         task,
@@ -203,9 +281,68 @@ def _read_inputs(args: argparse.Namespace) -> tuple[Any, Any, Path]:
             raise CLIError(f"{flag} file not found: {path}")
     if out_path.resolve() in (reference_path.resolve(), query_path.resolve()):
         raise CLIError("--out must be a new file, not one of the inputs.")
+    if out_path.is_dir():
+        raise CLIError(f"--out {out_path} is a folder; give the path of an .h5ad file.")
     if out_path.exists() and not args.overwrite:
         raise CLIError(f"--out {out_path} already exists; pass --overwrite to replace it.")
-    return ad.read_h5ad(reference_path), ad.read_h5ad(query_path), out_path
+    inputs = []
+    for flag, path in (("--reference", reference_path), ("--query", query_path)):
+        try:
+            inputs.append(ad.read_h5ad(path))
+        except OSError as error:  # not an HDF5 file, unreadable
+            raise CLIError(f"{flag} {path} could not be read as an .h5ad file: {error}") from error
+    return inputs[0], inputs[1], out_path
+
+
+def _counts(adata: Any, layer: str | None, flag: str, path: str) -> Any:
+    """``adata`` with the counts of ``layer`` in ``X`` (a new object; ``adata`` unchanged)."""
+    import anndata as ad
+
+    if layer is None:
+        return adata
+    if layer not in adata.layers:
+        raise CLIError(
+            f"--layer {layer!r} is not a layer of {flag} {path} "
+            f"(layers: {list(adata.layers) or 'none'})."
+        )
+    return ad.AnnData(X=adata.layers[layer], obs=adata.obs, var=adata.var)
+
+
+def _check_counts(adata: Any, flag: str, path: str, layer: str | None) -> None:
+    """Raw counts in the cells and genes the model trains on, or a message naming the file."""
+    from scvi_ext.data import validate_counts
+
+    try:
+        validate_counts(adata)
+    except ValueError as error:
+        where = f"layer {layer!r}" if layer else "X"
+        raise CLIError(
+            f"{flag} {path}, {where} on the training genes: {error} On the command line, "
+            "--layer NAME reads the counts of a layer of both inputs."
+        ) from error
+
+
+def _check_labels(reference: Any, labels_key: str, unlabeled_category: str) -> None:
+    """At least two labels besides the unlabeled category, or a message naming them."""
+    labels = reference.obs[labels_key].dropna().astype(str)
+    names = sorted(set(labels) - {unlabeled_category})
+    if len(names) < 2:
+        raise CLIError(
+            f"--labels-key {labels_key!r} has {len(names)} label(s) {names} besides "
+            f"--unlabeled-category {unlabeled_category!r}; a classifier needs at least two."
+        )
+
+
+def _check_free_keys(query: Any, key: str) -> None:
+    """Refuse to replace annotations the query already holds."""
+    columns = [f"{key}_prediction", f"{key}_confidence", f"{key}_novelty"]
+    taken = [f"obs[{column!r}]" for column in columns if column in query.obs]
+    taken += [f"obsm['X_{key}']"] if f"X_{key}" in query.obsm else []
+    if taken:
+        raise CLIError(
+            f"The query already has {', '.join(taken)} (an earlier annotation?); pass "
+            "--key-added NAME to write the new one under other names."
+        )
 
 
 def _shared_genes(reference: Any, query: Any) -> Any:
@@ -240,20 +377,29 @@ def _annotate(args: argparse.Namespace, argv: list[str]) -> int:
     _check_keywords(model_cls.__init__, model_kwargs, "--model-option")
     train_kwargs = _key_values(args.train_option, "--train-option")
     if args.max_epochs is not None:
+        if "max_epochs" in train_kwargs:
+            raise CLIError("Give --max-epochs or --train-option max_epochs=..., not both.")
         train_kwargs["max_epochs"] = args.max_epochs
+    key = args.key_added or args.model.lower()
+    if not key.isidentifier():
+        raise CLIError(f"--key-added {key!r}: use letters, digits and underscores.")
     reference, query, out_path = _read_inputs(args)
     if args.labels_key not in reference.obs:
         raise CLIError(
             f"--labels-key {args.labels_key!r} is not a column of the reference obs "
             f"(columns: {list(reference.obs.columns)})."
         )
+    _check_labels(reference, args.labels_key, args.unlabeled_category)
+    _check_free_keys(query, key)
+    reference_counts = _counts(reference, args.layer, "--reference", args.reference)
+    query_counts = _counts(query, args.layer, "--query", args.query)
     if args.batch_key is not None:
         for name, adata in (("reference", reference), ("query", query)):
             if args.batch_key not in adata.obs:
                 raise CLIError(
                     f"--batch-key {args.batch_key!r} is not a column of the {name} obs."
                 )
-    shared = _shared_genes(reference, query)
+    shared = _shared_genes(reference_counts, query_counts)
     logger = logging.getLogger("scvi_ext.cli")
     logger.info(
         "Reference %d cells, query %d cells, %d shared genes (of %d / %d).",
@@ -264,10 +410,12 @@ def _annotate(args: argparse.Namespace, argv: list[str]) -> int:
         query.n_vars,
     )
 
-    genes = shared[reference_hvgs(reference[:, shared], args.n_top_genes or None)]
+    _check_counts(reference_counts[:, shared], "--reference", args.reference, args.layer)
+    _check_counts(query_counts[:, shared], "--query", args.query, args.layer)
+    genes = shared[reference_hvgs(reference_counts[:, shared], args.n_top_genes or None)]
     adata = concat_reference_query(
-        reference[:, genes],
-        query[:, genes],
+        reference_counts[:, genes],
+        query_counts[:, genes],
         args.labels_key,
         unlabeled_category=args.unlabeled_category,
         batch_key=args.batch_key,
@@ -293,7 +441,6 @@ def _annotate(args: argparse.Namespace, argv: list[str]) -> int:
     # annotate the query rows of the training AnnData, then copy what it wrote
     query_cells = adata[reference.n_obs :].copy()
     obs_before, obsm_before = set(query_cells.obs.columns), set(query_cells.obsm)
-    key = args.model.lower()
     model.annotate(query_cells, key_added=key)
     annotated = query.copy()
     for column in query_cells.obs.columns:
@@ -317,6 +464,9 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
         DEFAULT_METHODS,
         STUDIES,
         TASKS,
+        NoMethodRanError,
+        OptionError,
+        check_benchmark_options,
         run_benchmark,
         run_study,
         summary_table,
@@ -326,19 +476,23 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
         available = ", ".join(sorted([*TASKS, *STUDIES]))
         raise CLIError(f"Unknown task {args.task!r}; available: {available}.")
     outdir = args.outdir or f"scvi_ext_outputs/benchmark_{args.task}"
+    task_options = _key_values(args.task_option, "--task-option")
     if args.task in STUDIES:
         if args.methods or args.max_epochs or args.method_option:
             raise CLIError(
                 f"--methods, --max-epochs and --method-option apply to annotation tasks; "
                 f"{args.task!r} is a study: set its options with --task-option KEY=VALUE."
             )
+        _check_outdir(outdir, args.task, args.overwrite)
+        # Two studies (latent_inputs, gmvae_components) check their options inside their
+        # run, so errors of the run itself are reported as user errors here.
         try:
             run_study(
                 args.task,
                 seeds=args.seeds,
                 outdir=outdir,
                 command=_command_line(argv),
-                options=_key_values(args.task_option, "--task-option"),
+                options=task_options,
             )
         except (FileNotFoundError, TypeError, ValueError) as error:
             raise CLIError(str(error)) from error
@@ -347,16 +501,23 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
     methods = args.methods or list(DEFAULT_METHODS)
     method_kwargs = _method_options(methods, args.max_epochs, args.method_option)
     try:
+        # every option is checked before anything runs or is written
+        check_benchmark_options(args.task, args.seeds, methods, method_kwargs, task_options)
+    except OptionError as error:
+        raise CLIError(str(error)) from error
+    _check_outdir(outdir, args.task, args.overwrite)
+    try:
         results = run_benchmark(
             args.task,
             seeds=args.seeds,
             methods=methods,
             outdir=outdir,
             method_kwargs=method_kwargs,
-            task_kwargs=_key_values(args.task_option, "--task-option"),
+            task_kwargs=task_options,
             command=_command_line(argv),
         )
-    except (FileNotFoundError, TypeError, ValueError) as error:
+    # missing data, options the task refuses, every method skipped (not installed)
+    except (FileNotFoundError, OptionError, NoMethodRanError) as error:
         raise CLIError(str(error)) from error
     print(summary_table(results))
     print(f"\nReport written to {Path(outdir).resolve()}/summary.md")
@@ -389,11 +550,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Epochs of every model (max_epochs of each method: CELLULAR, ScNym, scVI).",
     )
-    demo.add_argument("--seed", type=int, default=0, help="Random seed (default 0).")
+    demo.add_argument("--seed", type=_non_negative_int, default=0, help="Random seed (default 0).")
     demo.add_argument(
         "--quick",
         action="store_true",
         help="Tiny settings (2 epochs; small simulated data without the shared datasets).",
+    )
+    demo.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Write into an --outdir that holds another task's report (the simulated or "
+        "the Kang demo's).",
     )
     demo.set_defaults(handler=_demo)
 
@@ -403,15 +570,20 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train --model on reference + query (query cells unlabeled), then write a copy "
             "of the query with what the model's annotate() writes: obs '<key>_prediction', "
-            "'<key>_confidence', '<key>_novelty' and obsm 'X_<key>', where key is the "
-            "lower-case model name (e.g. scnym). Both inputs need raw counts in X; the model "
-            "trains on the most variable of their shared genes (--n-top-genes)."
+            "'<key>_confidence', '<key>_novelty' and obsm 'X_<key>', where key is "
+            "--key-added or the lower-case model name (e.g. scnym). Both inputs need raw "
+            "counts in X (or --layer); the model trains on the most variable of their "
+            "shared genes (--n-top-genes). Neither input is modified."
         ),
     )
     annotate.add_argument("--reference", required=True, help="Labelled reference .h5ad.")
     annotate.add_argument("--query", required=True, help="Query .h5ad to annotate.")
     annotate.add_argument("--labels-key", required=True, help="Label column of reference obs.")
-    annotate.add_argument("--out", required=True, help="Output .h5ad (a new file).")
+    annotate.add_argument(
+        "--out",
+        required=True,
+        help="Output .h5ad: a new file, or --overwrite to replace one (never an input).",
+    )
     annotate.add_argument(
         "--model",
         choices=ANNOTATE_MODELS,
@@ -455,7 +627,21 @@ def build_parser() -> argparse.ArgumentParser:
     annotate.add_argument(
         "--batch-key", default=None, help="obs column of batches, in both inputs."
     )
-    annotate.add_argument("--seed", type=int, default=0, help="Random seed (default 0).")
+    annotate.add_argument(
+        "--layer",
+        default=None,
+        help="Layer of both inputs holding the raw counts (default: X).",
+    )
+    annotate.add_argument(
+        "--key-added",
+        default=None,
+        metavar="KEY",
+        help="Prefix of the written obs/obsm keys (default: the lower-case model name); "
+        "names already in the query are refused.",
+    )
+    annotate.add_argument(
+        "--seed", type=_non_negative_int, default=0, help="Random seed (default 0)."
+    )
     annotate.add_argument("--overwrite", action="store_true", help="Replace an existing --out.")
     annotate.set_defaults(handler=_annotate)
 
@@ -472,7 +658,13 @@ def build_parser() -> argparse.ArgumentParser:
             f"({', '.join(sorted(STUDIES))}). Default: kang_ifnb."
         ),
     )
-    benchmark.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds.")
+    benchmark.add_argument(
+        "--seeds",
+        type=_non_negative_int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="Seeds, each once (default: 0 1 2).",
+    )
     benchmark.add_argument(
         "--methods",
         nargs="+",
@@ -506,6 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="METHOD.KEY=VALUE",
         help="Option of one method, e.g. scanvi.scanvi_max_epochs=5 or "
         "scnym.n_top_genes=None (repeatable).",
+    )
+    benchmark.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Write into an --outdir that holds another task's report, or a summary.md "
+        "of something else (a rerun of the same task replaces its report without it).",
     )
     benchmark.set_defaults(handler=_benchmark)
     return parser

@@ -11,17 +11,22 @@ import scanpy as sc
 from scvi_ext.benchmark import (
     DEFAULT_METHODS,
     METHODS,
+    STUDIES,
     TASKS,
     MethodResult,
     MethodUnavailableError,
+    OptionError,
+    Study,
     concat_reference_query,
     query_label_ceiling,
     reference_hvgs,
     register_method,
     run_benchmark,
+    run_study,
     score_predictions,
     summary_table,
 )
+from scvi_ext.benchmark._runner import check_option_type
 from scvi_ext.data import datasets_available, log_normalised_anndata
 
 TINY_TASK = {"n_cells": 400, "n_genes": 200, "n_cell_types": 4}
@@ -299,3 +304,76 @@ def test_score_predictions_reports_the_ece_before_calibration():
     )
     plain = score_predictions(truth, MethodResult("m", predictions, calibrated, 1.0))
     assert "ece_uncalibrated" not in plain
+
+
+def test_runner_checks_every_option_before_writing(tmp_path):
+    outdir = tmp_path / "bench"
+    tiny = {"n_cells": 100, "n_genes": 50, "n_cell_types": 2}
+    cases = [
+        ({"seeds": [0, 1, 0]}, "Seed(s) [0] given twice"),
+        ({"seeds": [-1]}, "Seeds must be integers from 0 to 2**32 - 1, not [-1]."),
+        ({"methods": ["scnym", "scnym"]}, "Method(s) ['scnym'] given twice"),
+        ({"methods": []}, "Give at least one method."),
+        (
+            {"method_kwargs": {"scanvi": {"max_epochs": 2}}},
+            "Options for scanvi, which is not among the methods run (logistic_regression)",
+        ),
+        (
+            {"method_kwargs": {"logistic_regression": {"seed": 3}}},
+            "options of method 'logistic_regression': seed not accepted; options: "
+            "n_top_genes, max_iter.",
+        ),
+        (
+            {"method_kwargs": {"logistic_regression": {"max_iter": True}}},
+            "max_iter must be an integer (default: 1000), not True.",
+        ),
+        (
+            {"task_kwargs": {**tiny, "query_fraction": "half"}},
+            "options of task 'simulated': query_fraction must be a number (default: 0.5), "
+            "not 'half'.",
+        ),
+        (
+            {"task_kwargs": {**tiny, "no_such_option": 1}},
+            "Task 'simulated' with options",  # simulated passes **kwargs on to simulate
+        ),
+    ]
+    for options, message in cases:
+        kwargs = {"seeds": [0], "methods": ["logistic_regression"], "task_kwargs": tiny}
+        with pytest.raises(OptionError, match=re.escape(message)):
+            run_benchmark("simulated", outdir=outdir, **{**kwargs, **options})
+        assert not outdir.exists()
+    assert issubclass(OptionError, ValueError)
+
+
+def test_option_types_follow_the_defaults():
+    check_option_type("o", "ks", 10, (10, 25))  # one item for a tuple
+    check_option_type("o", "ks", [10, 25, 50], (10, 25))
+    check_option_type("o", "lr", 1, 0.5)  # an integer where a float is expected
+    check_option_type("o", "path", 3, None)  # nothing checked without a default
+    check_option_type("o", "names", ("a", 1), ())
+    for name, value, default, kind in [
+        ("ks", (10, "x"), (10,), "an integer"),
+        ("flag", 1, True, "True or False"),
+        ("n", True, 3, "an integer"),
+        ("lr", "fast", 0.5, "a number"),
+        ("name", 3, "cpu", "a string"),
+    ]:
+        message = f"o: {name} must be {kind} (default: {default!r}), not {value!r}."
+        with pytest.raises(OptionError, match=re.escape(message)):
+            check_option_type("o", name, value, default)
+
+
+def test_run_study_checks_seeds_and_option_types(tmp_path, monkeypatch):
+    def run(seed, epochs=2, sizes=(10, 20)):
+        return {"scores": pd.DataFrame({"method": ["a"], "accuracy": [0.5]})}
+
+    monkeypatch.setitem(STUDIES, "toy", Study(run, "A toy study.", {}))
+    outdir = tmp_path / "study"
+    with pytest.raises(OptionError, match=re.escape("Seed(s) [1] given twice")):
+        run_study("toy", seeds=[1, 1], outdir=outdir)
+    message = "--task-option: epochs must be an integer (default: 2), not '2'."
+    with pytest.raises(OptionError, match=re.escape(message)):
+        run_study("toy", seeds=[0], outdir=outdir, options={"epochs": "2"})
+    assert not outdir.exists()
+    tables = run_study("toy", seeds=[0], outdir=outdir, options={"sizes": 30, "epochs": 1})
+    assert list(tables["scores"]["seed"]) == [0]

@@ -7,7 +7,7 @@ import anndata as ad
 import numpy as np
 import pytest
 
-from scvi_ext.benchmark import METHODS
+from scvi_ext.benchmark import METHODS, MethodUnavailableError
 from scvi_ext.cli import main
 from scvi_ext.data import simulate
 
@@ -215,3 +215,232 @@ def test_benchmark_help_lists_the_registered_methods(capsys):
         assert method in text
     assert "Methods (default: scnym, " in text
     assert re.search(r"also: [^)]*\bcgran\b", text)  # methods not run unasked
+
+
+@pytest.fixture
+def annotate_paths(tmp_path, h5ad_inputs):
+    """The fixture's inputs, their hashes and an output path."""
+    hashes = {path: _sha256(path) for path in h5ad_inputs}
+    return (*h5ad_inputs, tmp_path / "out.h5ad", hashes)
+
+
+def _log_normalised_copy(path, out_path, counts_layer: bool = False):
+    adata = ad.read_h5ad(path)
+    if counts_layer:
+        adata.layers["counts"] = adata.X.copy()
+    adata.X = np.log1p(adata.X.toarray() if hasattr(adata.X, "toarray") else adata.X)
+    adata.write_h5ad(out_path)
+    return out_path
+
+
+def test_annotate_refuses_unusable_inputs_before_training(tmp_path, annotate_paths, capsys):
+    reference_path, query_path, out_path, hashes = annotate_paths
+    log_query = _log_normalised_copy(query_path, tmp_path / "log_query.h5ad")
+    one_label = ad.read_h5ad(reference_path)
+    one_label.obs["cell_type"] = "T cell"
+    one_label.write_h5ad(tmp_path / "one_label.h5ad")
+    annotated = ad.read_h5ad(query_path)
+    annotated.obs["scnym_prediction"] = "earlier"
+    annotated.write_h5ad(tmp_path / "annotated_query.h5ad")
+    (tmp_path / "notes.txt").write_text("not an h5ad")
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+
+    cases = [
+        (
+            (reference_path, log_query, out_path),
+            [],
+            f"--query {log_query}, X on the training genes: adata.X contains non-integer values",
+        ),
+        (
+            (tmp_path / "one_label.h5ad", query_path, out_path),
+            [],
+            "--labels-key 'cell_type' has 1 label(s) ['T cell'] besides --unlabeled-category "
+            "'Unknown'; a classifier needs at least two.",
+        ),
+        (
+            (reference_path, tmp_path / "annotated_query.h5ad", out_path),
+            [],
+            "The query already has obs['scnym_prediction'] (an earlier annotation?); pass "
+            "--key-added NAME",
+        ),
+        (
+            (reference_path, tmp_path / "notes.txt", out_path),
+            [],
+            f"--query {tmp_path / 'notes.txt'} could not be read as an .h5ad file",
+        ),
+        (
+            (reference_path, query_path, folder),
+            ["--overwrite"],
+            f"--out {folder} is a folder; give the path of an .h5ad file.",
+        ),
+        (
+            (reference_path, query_path, out_path),
+            ["--layer", "counts"],
+            f"--layer 'counts' is not a layer of --reference {reference_path} (layers: none).",
+        ),
+        (
+            (reference_path, query_path, out_path),
+            ["--train-option", "max_epochs=3"],
+            "Give --max-epochs or --train-option max_epochs=..., not both.",
+        ),
+    ]
+    for paths, extra, message in cases:
+        assert main(_annotate_args(*paths, *extra)) == 2, message
+        error = capsys.readouterr().err
+        assert message in error
+        assert "Traceback" not in error
+    with pytest.raises(SystemExit) as exit_info:
+        main(_annotate_args(reference_path, query_path, out_path, "--seed", "-1"))
+    assert exit_info.value.code == 2
+    assert "argument --seed: expected 0 or a positive integer, got -1" in capsys.readouterr().err
+    assert not out_path.exists() and list(folder.iterdir()) == []
+    assert {path: _sha256(path) for path in hashes} == hashes
+
+
+def test_annotate_reads_counts_from_a_layer_and_keeps_earlier_annotations(
+    tmp_path, annotate_paths, capsys
+):
+    reference_path, query_path, out_path, _ = annotate_paths
+    log_reference = _log_normalised_copy(reference_path, tmp_path / "ref.h5ad", True)
+    query = ad.read_h5ad(_log_normalised_copy(query_path, tmp_path / "query.h5ad", True))
+    query.obs["scnym_prediction"] = "earlier"
+    query.uns["note"] = "kept"
+    query.write_h5ad(tmp_path / "query.h5ad")
+    hashes = {path: _sha256(path) for path in (log_reference, tmp_path / "query.h5ad")}
+    args = _annotate_args(log_reference, tmp_path / "query.h5ad", out_path, "--max-epochs", "1")
+    assert main([*args, "--layer", "counts", "--key-added", "again"]) == 0
+    assert "ScNym on 99 genes" in capsys.readouterr().out
+
+    annotated = ad.read_h5ad(out_path)
+    added = {"again_prediction", "again_confidence", "again_novelty"}
+    assert set(annotated.obs.columns) == set(query.obs.columns) | added
+    assert (annotated.obs["scnym_prediction"] == "earlier").all()
+    assert set(annotated.obsm) == {"X_again"} and annotated.uns["note"] == "kept"
+    np.testing.assert_array_equal(annotated.X, query.X)  # log values, as given
+    assert (annotated.layers["counts"] != query.layers["counts"]).nnz == 0
+    assert {path: _sha256(path) for path in hashes} == hashes
+
+
+BENCH = ["benchmark", "--task", "simulated", "--seeds", "0", "--methods", "logistic_regression"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seeds", "0", "0"], "Seed(s) [0] given twice"),
+        (["--methods", "scnym", "scnym"], "Method(s) ['scnym'] given twice"),
+        (
+            ["--method-option", "scanvi.max_epochs=3"],
+            "--method-option 'scanvi.max_epochs=3': scanvi is not among the methods run "
+            "(logistic_regression); add it to --methods or drop the option.",
+        ),
+        (
+            ["--max-epochs", "3"],
+            "--max-epochs: none of the methods run (logistic_regression) trains for epochs",
+        ),
+        (
+            ["--method-option", "logistic_regression.max_iter=abc"],
+            "options of method 'logistic_regression': max_iter must be an integer "
+            "(default: 1000), not 'abc'.",
+        ),
+        (
+            ["--task-option", "n_cells=2e2"],
+            "options of task 'simulated': n_cells must be an integer (default: 2000), not 200.0.",
+        ),
+        (
+            ["--task-option", "n_genes=[1,2"],
+            "--task-option 'n_genes=[1,2': '[1,2' is not a valid Python literal",
+        ),
+        (
+            ["--task-option", "n_cells=200", "--task-option", "n_cells=300"],
+            "--task-option n_cells given twice",
+        ),
+        (
+            ["--task", "kang_ifnb", "--task-option", "n_cells=200"],
+            "options of task 'kang_ifnb': n_cells not accepted; options: none.",
+        ),
+        (
+            ["--task-option", "query_fraction=1.0"],
+            "Task 'simulated' with options {'query_fraction': 1.0}: No cell has "
+            "obs['condition'] == 'reference'",
+        ),
+        (
+            ["--task", "scale", "--task-option", "epochs=abc"],
+            "--task-option: epochs must be an integer (default: 1), not 'abc'.",
+        ),
+    ],
+)
+def test_benchmark_refuses_bad_options_before_running(tmp_path, capsys, extra, message):
+    outdir = tmp_path / "bench"
+    base = ["benchmark", "--seeds", "0"] if "--task" in extra else BENCH
+    assert main([*base, "--outdir", str(outdir), *extra]) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert not outdir.exists()
+
+
+def test_benchmark_refuses_a_negative_seed(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*BENCH, "--outdir", str(tmp_path / "bench"), "--seeds", "-1"])
+    assert exit_info.value.code == 2
+    assert "argument --seeds: expected 0 or a positive integer, got -1" in capsys.readouterr().err
+
+
+def test_benchmark_asks_before_mixing_reports(tmp_path, capsys):
+    outdir = tmp_path / "bench"
+    outdir.mkdir()
+    other = "# Benchmark: kang_donors_embedding\n\nearlier results\n"
+    (outdir / "summary.md").write_text(other)
+    (outdir / "embedding_quality_per_seed.csv").write_text("method,seed\n")
+    argv = [*BENCH, "--outdir", str(outdir), "--task-option", "n_cells=200"]
+
+    assert main(argv) == 2
+    assert (
+        f"--outdir {outdir} holds the report of 'kang_donors_embedding'; its files would be "
+        "replaced or mixed with those of 'simulated'. Choose another --outdir, or pass "
+        "--overwrite." in capsys.readouterr().err
+    )
+    assert (outdir / "summary.md").read_text() == other
+    assert not (outdir / "results_per_seed.csv").exists()
+    (outdir / "summary.md").write_text("# My notes\n")
+    assert main(argv) == 2
+    assert "holds a summary.md that is not a benchmark report" in capsys.readouterr().err
+    assert (outdir / "summary.md").read_text() == "# My notes\n"
+
+    assert main([*argv, "--overwrite"]) == 0
+    assert (outdir / "summary.md").read_text().startswith("# Benchmark: simulated\n")
+    assert main([*argv, "--seeds", "1"]) == 0  # the same task again: replaced in place
+    assert "Seeds: 1." in (outdir / "summary.md").read_text()
+    file_path = tmp_path / "a_file"
+    file_path.write_text("x")
+    assert main([*BENCH, "--outdir", str(file_path)]) == 2
+    assert f"--outdir {file_path} is a file, not a folder" in capsys.readouterr().err
+
+
+def test_benchmark_reports_missing_data_and_keeps_tracebacks_of_failures(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("SCVI_EXT_DATA", str(tmp_path))
+    outdir = tmp_path / "bench"
+    argv = ["benchmark", "--task", "kang_ifnb", "--seeds", "0", "--outdir", str(outdir)]
+    assert main([*argv, "--methods", "logistic_regression"]) == 2
+    error = capsys.readouterr().err
+    assert f"Dataset file 'kang_ifnb_pbmc_1975.h5ad' not found in {tmp_path}" in error
+    assert not outdir.exists()
+
+    def broken(reference, query, labels_key, seed):
+        raise ValueError("a bug in the method, not a user error")
+
+    def unavailable(reference, query, labels_key, seed):
+        raise MethodUnavailableError("its package is not installed")
+
+    monkeypatch.setitem(METHODS, "broken", broken)
+    monkeypatch.setitem(METHODS, "unavailable", unavailable)
+    argv = ["benchmark", "--task", "simulated", "--seeds", "0", "--outdir", str(outdir)]
+    argv += ["--task-option", "n_cells=100"]
+    assert main([*argv, "--methods", "unavailable"]) == 2
+    message = "No method could run: {'unavailable': 'its package is not installed'}."
+    assert message in capsys.readouterr().err
+    with pytest.raises(ValueError, match="a bug in the method"):
+        main([*argv, "--methods", "broken"])

@@ -34,7 +34,15 @@ from ._methods import (
     reference_hvgs,
     register_method,
 )
-from ._runner import run_benchmark, score_predictions, set_seed, summary_table
+from ._runner import (
+    NoMethodRanError,
+    OptionError,
+    check_benchmark_options,
+    run_benchmark,
+    score_predictions,
+    set_seed,
+    summary_table,
+)
 from ._studies import AUROC_COLUMNS, STUDIES, Study, register_study, run_study
 from ._tasks import TASK_METHOD_KWARGS, TASKS, kang_donors_lodo, register_task, split_by_column
 from ._throughput import training_throughput
@@ -51,8 +59,11 @@ __all__ = [
     "UNLABELED_CATEGORY",
     "MethodResult",
     "MethodUnavailableError",
+    "NoMethodRanError",
+    "OptionError",
     "Study",
     "cellular_method",
+    "check_benchmark_options",
     "concat_reference_query",
     "embedding_quality",
     "kang_donors_lodo",

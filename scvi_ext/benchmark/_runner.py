@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import platform
@@ -40,6 +41,147 @@ SUMMARY_COLUMNS = (
     ("train_seconds", "train s", ".1f"),
     ("cells_per_second", "cells/s", ".0f"),
 )
+
+
+class OptionError(ValueError):
+    """A benchmark option (seed, method, task or study option) that cannot be used."""
+
+
+class NoMethodRanError(RuntimeError):
+    """Every method of a benchmark was skipped (e.g. its optional dependency is missing)."""
+
+
+_KINDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
+
+
+def check_option_type(what: str, name: str, value: Any, default: Any) -> None:
+    """Refuse ``value`` when it is not of the type of ``default``.
+
+    A tuple or list default takes one item or a sequence of items of its first item's
+    type; a float default takes an integer; a bool is never an integer. Nothing is
+    checked for a ``None`` or empty default, or one of another type.
+    """
+    if isinstance(default, tuple | list):
+        items = value if isinstance(value, tuple | list) else (value,)
+        example = default[0] if default else None
+    else:
+        items, example = (value,), default
+    expected = type(example)
+    if expected not in _KINDS:
+        return
+    accepted = (int, float) if expected is float else expected
+    for item in items:
+        if not isinstance(item, accepted) or (expected is not bool and isinstance(item, bool)):
+            raise OptionError(
+                f"{what}: {name} must be {_KINDS[expected]} (default: {default!r}), not {value!r}."
+            )
+
+
+def check_options(
+    function: Any, options: dict[str, Any], what: str, skip: tuple[str, ...] = ()
+) -> None:
+    """Refuse options that ``function`` does not take, or of another type than its default.
+
+    Parameters
+    ----------
+    function
+        The task, method or study function the options are for.
+    options
+        Keyword arguments meant for ``function``.
+    what
+        How the error names the options, e.g. ``"options of task 'simulated'"``.
+    skip
+        Parameters the options must not set (given by the runner).
+
+    Raises
+    ------
+    OptionError
+        Naming the option and the accepted ones (or the expected type).
+    """
+    parameters = inspect.signature(function).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    named = {
+        name: p.default
+        for name, p in parameters.items()
+        if name not in skip
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    }
+    unknown = [] if takes_any else sorted(set(options) - set(named))
+    given_skipped = sorted(set(options) & set(skip))
+    if given_skipped or unknown:
+        raise OptionError(
+            f"{what}: {', '.join(given_skipped or unknown)} not accepted; options: "
+            f"{', '.join(named) or 'none'}."
+        )
+    for name, value in options.items():
+        if name in named and named[name] is not inspect.Parameter.empty:
+            check_option_type(what, name, value, named[name])
+
+
+def check_seeds(seeds: list[int]) -> None:
+    """Refuse no seeds, a negative or non-integer seed, and a repeated one."""
+    if not seeds:
+        raise OptionError("Give at least one seed.")
+    bad = [
+        seed
+        for seed in seeds
+        if isinstance(seed, bool)
+        or not isinstance(seed, int | np.integer)
+        or not 0 <= seed < 2**32
+    ]
+    if bad:
+        raise OptionError(f"Seeds must be integers from 0 to 2**32 - 1, not {bad}.")
+    repeated = sorted({seed for seed in seeds if list(seeds).count(seed) > 1})
+    if repeated:
+        raise OptionError(
+            f"Seed(s) {repeated} given twice: each seed would count as another run in the "
+            "mean ± sd; give each seed once."
+        )
+
+
+def check_benchmark_options(
+    task: str,
+    seeds: list[int],
+    methods: list[str],
+    method_kwargs: dict[str, dict[str, Any]],
+    task_kwargs: dict[str, Any],
+) -> None:
+    """Check every option of :func:`run_benchmark` before anything runs.
+
+    Raises
+    ------
+    OptionError
+        An unknown task or method, a method given twice, options for a method that is
+        not run, an option a method or the task does not take or of the wrong type, and
+        bad seeds (:func:`check_seeds`).
+    """
+    from ._tasks import TASKS
+
+    if task not in TASKS:
+        raise OptionError(f"Unknown task {task!r}; available: {sorted(TASKS)}.")
+    if not methods:
+        raise OptionError("Give at least one method.")
+    unknown = [name for name in methods if name not in METHODS]
+    if unknown:
+        raise OptionError(f"Unknown methods {unknown}; available: {sorted(METHODS)}.")
+    repeated = sorted({name for name in methods if methods.count(name) > 1})
+    if repeated:
+        raise OptionError(f"Method(s) {repeated} given twice; give each method once.")
+    check_seeds(seeds)
+    not_run = sorted(set(method_kwargs) - set(methods))
+    if not_run:
+        raise OptionError(
+            f"Options for {', '.join(not_run)}, which is not among the methods run "
+            f"({', '.join(methods)}): add it to the methods or drop its options."
+        )
+    for name, options in method_kwargs.items():
+        check_options(
+            METHODS[name],
+            options,
+            f"options of method {name!r}",
+            skip=("reference", "query", "labels_key", "seed"),
+        )
+    check_options(TASKS[task], task_kwargs, f"options of task {task!r}")
 
 
 def set_seed(seed: int) -> None:
@@ -274,6 +416,15 @@ def run_benchmark(
         query's own labels (:func:`~scvi_ext.benchmark.query_label_ceiling`),
         what the labels allow without a reference-to-query shift.
 
+    Raises
+    ------
+    OptionError
+        (a ``ValueError``) Before anything runs, for the options
+        :func:`check_benchmark_options` refuses; and when the task function refuses its
+        options.
+    FileNotFoundError
+        The task's dataset is not in the data folder.
+
     Returns
     -------
     One row per method and seed: the metrics of
@@ -285,20 +436,13 @@ def run_benchmark(
 
     from ._tasks import TASK_METHOD_KWARGS, TASKS
 
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; available: {sorted(TASKS)}.")
     methods = list(DEFAULT_METHODS if methods is None else methods)
-    unknown = [name for name in methods if name not in METHODS]
-    if unknown:
-        raise ValueError(f"Unknown methods {unknown}; available: {sorted(METHODS)}.")
-    if not seeds:
-        raise ValueError("Give at least one seed.")
-    task_defaults, user_options = TASK_METHOD_KWARGS.get(task, {}), method_kwargs or {}
+    user_options, task_kwargs = method_kwargs or {}, task_kwargs or {}
+    check_benchmark_options(task, list(seeds), methods, user_options, task_kwargs)
+    task_defaults = TASK_METHOD_KWARGS.get(task, {})
     method_kwargs = {
         name: {**task_defaults.get(name, {}), **user_options.get(name, {})} for name in methods
     }
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
     if command is None:
         command = (
             f"run_benchmark(task={task!r}, seeds={list(seeds)}, methods={methods}, "
@@ -307,8 +451,13 @@ def run_benchmark(
 
     machine = machine_info()  # before the methods run: some change torch's thread count
     n_threads = torch.get_num_threads()
-    reference, query, labels_key = TASKS[task](**(task_kwargs or {}))
+    try:
+        reference, query, labels_key = TASKS[task](**task_kwargs)
+    except (TypeError, ValueError) as error:  # e.g. a donor that is not in the data
+        raise OptionError(f"Task {task!r} with options {task_kwargs}: {error}") from error
     y_true = query.obs[labels_key].astype(str).to_numpy()
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)  # after the task: no empty folder on errors
     split = {
         "n_reference": reference.n_obs,
         "n_query": query.n_obs,
@@ -350,7 +499,7 @@ def run_benchmark(
                 )
 
     if not first_seed_results:
-        raise RuntimeError(f"No method could run: {skipped}.")
+        raise NoMethodRanError(f"No method could run: {skipped}.")
     results = pd.DataFrame(rows)
     results["cells_per_second"] = results["cells_per_second"].astype(float)
     results.to_csv(outdir / "results_per_seed.csv", index=False)

@@ -19,7 +19,7 @@ import pandas as pd
 from scvi_ext.classifier import NOVELTY_METHODS
 
 from ._plots import plot_study
-from ._runner import _format_cell, machine_info, set_seed
+from ._runner import _format_cell, check_option_type, check_seeds, machine_info, set_seed
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +28,24 @@ StudyFunction = Callable[..., dict[str, pd.DataFrame]]
 
 
 def _check_options(run: StudyFunction, options: dict) -> None:
-    """Refuse options that ``run`` does not take, naming those it does."""
+    """Refuse options that ``run`` does not take, naming those it does, and options of
+    another type than their default (:func:`check_option_type`)."""
     parameters = inspect.signature(run).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    accepted = [name for name in parameters if name not in ("seed", "outdir")]
-    unknown = sorted(set(options) - set(accepted))
+    accepted = {
+        name: p.default
+        for name, p in parameters.items()
+        if name not in ("seed", "outdir") and p.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    unknown = [] if takes_any else sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(
             f"Option(s) {', '.join(unknown)} not accepted by this study; options: "
             f"{', '.join(accepted) or 'none'}."
         )
+    for name, value in options.items():
+        if accepted.get(name, inspect.Parameter.empty) is not inspect.Parameter.empty:
+            check_option_type("--task-option", name, value, accepted[name])
 
 
 @dataclass(frozen=True)
@@ -205,7 +212,8 @@ def run_study(
         Command line recorded in the report.
     options
         Keyword arguments of the study's ``run`` (e.g. smaller sizes); an unknown key is
-        a ``TypeError`` naming the accepted ones.
+        a ``TypeError`` naming the accepted ones, a value of another type than the
+        default a ``ValueError``.
 
     Returns
     -------
@@ -213,8 +221,7 @@ def run_study(
     """
     if name not in STUDIES:
         raise ValueError(f"Unknown study {name!r}; available: {sorted(STUDIES)}.")
-    if not seeds:
-        raise ValueError("Give at least one seed.")
+    check_seeds(list(seeds))
     study = STUDIES[name]
     options = dict(options or {})
     _check_options(study.run, options)
