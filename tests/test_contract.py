@@ -374,3 +374,16 @@ def test_a_saved_query_model_loads_as_one_and_warns_that_training_moves_every_we
     Toy.load_query_data(query, model, unfrozen=True).save(tmp_path / "unfrozen")
     loaded = Toy.load(tmp_path / "unfrozen", adata=query)
     assert loaded.is_query_model and not loaded._query_freezing_lost  # nothing was frozen
+
+
+def test_query_mapping_needs_the_batch_column_filled(reference_model):
+    model, _, query = reference_model
+    no_batch = query.copy()
+    del no_batch.obs["batch"]
+    with pytest.raises(ValueError, match="no column 'batch', the reference's batch_key; add"):
+        Toy.load_query_data(no_batch, model)
+    missing = query.copy()
+    missing.obs["batch"] = missing.obs["batch"].astype(object)
+    missing.obs.iloc[0, missing.obs.columns.get_loc("batch")] = np.nan
+    with pytest.raises(ValueError, match="missing"):
+        Toy.load_query_data(missing, model)

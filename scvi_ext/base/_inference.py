@@ -19,7 +19,12 @@ from scvi.model.base import BaseModelClass
 from scvi.model.base._constants import SAVE_KEYS
 from scvi.train import TrainingPlan
 
-from scvi_ext.data import check_backed_open, validate_counts, validate_gene_overlap
+from scvi_ext.data import (
+    check_backed_open,
+    validate_counts,
+    validate_gene_overlap,
+    validate_obs_key,
+)
 
 from ._anndata import (
     MIN_GENE_FRACTION,
@@ -685,6 +690,14 @@ class InferenceMixin:
         """
         reference_model = cls._as_reference(reference_model)
         registry = cls._reference_registry(reference_model)
+        batch_key = registry["setup_args"].get("batch_key")
+        if batch_key is not None and isinstance(adata, AnnData):
+            if batch_key not in adata.obs:
+                raise ValueError(
+                    f"adata.obs has no column '{batch_key}', the reference's batch_key; add "
+                    "the query cells' batches (new batch names are mapped as new batches)."
+                )
+            validate_obs_key(adata, batch_key, "batch_key")  # no missing values
         known_labels = registry_known_labels(registry)
         light = detached_anndata(
             adata, registry["setup_args"], known_labels, genes=registry_gene_names(registry)

@@ -183,24 +183,6 @@ class GMVAE(
         manager.register_fields(adata, **kwargs)
         cls.register_manager(manager)
 
-    # ------------------------------------------------------------------ data at the door
-    @classmethod
-    def load_query_data(cls, adata: AnnData, reference_model: str | BaseModelClass, **kwargs):
-        """scArches query model for cells of new batches
-        (:meth:`scvi_ext.base.InferenceMixin.load_query_data`); the query's batch column
-        (the reference's ``batch_key``) must exist and be filled. Known and new batches may
-        mix."""
-        reference = cls._as_reference(reference_model)
-        batch_key = cls._reference_registry(reference)["setup_args"].get("batch_key")
-        if batch_key is not None:
-            if batch_key not in adata.obs:
-                raise ValueError(
-                    f"adata.obs has no column '{batch_key}', the reference's batch_key; add "
-                    "the query cells' batches (new batch names are mapped as new batches)."
-                )
-            validate_obs_key(adata, batch_key, "batch_key")
-        return super().load_query_data(adata, reference, **kwargs)
-
     # ------------------------------------------------------------------ training
     def _default_plan_kwargs(self) -> dict:
         # Adam's eps: scvi's plans use 0.01, which on this per-cell mean loss slows Adam
