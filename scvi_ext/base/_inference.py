@@ -408,9 +408,10 @@ class InferenceMixin:
         ValueError
             ``max_epochs`` below 1, ``batch_size`` below the model's smallest, unknown
             ``plan_kwargs`` keys, nothing to learn (every weight frozen, or no labelled
-            cell for a loss of cell types only), no data (``adata=False``), genes of the model's AnnData
-            edited after setup, ``resume`` without a checkpoint in ``checkpoint_dir``, or a
-            datamodule whose genes or registered fields are not the model's.
+            cell for a loss of cell types only), no data (``adata=False``), genes of the
+            model's AnnData edited after setup, ``resume`` without a checkpoint in
+            ``checkpoint_dir``, or a datamodule whose genes or registered fields are not
+            the model's.
         """
         settings = {
             "max_epochs": max_epochs,
@@ -580,8 +581,9 @@ class InferenceMixin:
         ------
         ValueError
             When the saved file cannot be read (it is named) or was written by an
-            incompatible version of the model, or (for a model that reads each cell's
-            batch) when ``adata`` holds batches the model was not trained on.
+            incompatible version of the model, or when ``adata`` lacks the model's batch
+            column or holds NaN or batches the model was not trained on
+            (:func:`~scvi_ext.base.check_known_batches`).
         """
         dir_path = os.fspath(dir_path)
         model_file = os.path.join(dir_path, f"{kwargs.get('prefix') or ''}model.pt")
