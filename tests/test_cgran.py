@@ -18,6 +18,7 @@ from scvi_ext.base import (
 from scvi_ext.cgran import (
     CGRAN,
     CGRANModule,
+    affine_local_attention,
     dense_local_attention,
     grouped_local_attention,
     local_mask,
@@ -209,6 +210,44 @@ def test_grouped_local_attention_equals_the_dense_masked_matrix_forward_and_back
         torch.testing.assert_close(grouped_grad, dense_grad, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("spread", [1.0, 4.0])
+@pytest.mark.parametrize(
+    "codes",
+    [
+        torch.arange(23) // 10,
+        torch.tensor([4] * 3 + [0] * 12 + [7] * 1 + [2] * 7),
+        torch.zeros(23, dtype=torch.long),
+    ],
+)
+def test_factorised_first_block_attention_equals_the_grouped_one_forward_and_backward(
+    codes, spread
+):
+    """Tokens ``c + G_j``: the factorised attention gives the grouped one's outputs and
+    gradients, also where a row's scores span over 150 (``spread`` 4)."""
+    generator = torch.Generator().manual_seed(1)
+    cell = torch.randn(3, 3, 2, 4, generator=generator, dtype=torch.float64) * spread
+    gene = torch.randn(3, 2, len(codes), 4, generator=generator, dtype=torch.float64) * spread
+    cell, gene = cell.requires_grad_(), gene.requires_grad_()
+    q, k, v = (cell[:, :, :, None] + torch.nn.functional.pad(gene, (0, 0, 1, 0))[:, None]).unbind(
+        0
+    )
+    groups = padded_groups(codes)
+    if spread > 1:
+        scores = q @ k.mT / 2
+        assert (scores.amax(-1) - scores.amin(-1)).max() > 150
+    factorised = affine_local_attention(cell, gene, groups)
+    grouped = grouped_local_attention(q, k, v, groups)
+    upstream = [torch.randn_like(factorised[0]), torch.randn_like(factorised[1])]
+    gradients = []
+    for outputs, reference in zip(factorised, grouped, strict=True):
+        torch.testing.assert_close(outputs, reference, atol=1e-10, rtol=0)
+    for outputs in (factorised, grouped):
+        total = sum((output * up).sum() for output, up in zip(outputs, upstream, strict=True))
+        gradients.append(torch.autograd.grad(total, [cell, gene]))
+    for factorised_grad, grouped_grad in zip(*gradients, strict=True):
+        torch.testing.assert_close(factorised_grad, grouped_grad, atol=1e-9, rtol=0)
+
+
 def test_local_attention_rows_are_l2_normalised_and_zero_outside_the_group():
     codes = torch.tensor([0, 0, 1, 1, 1, 2])
     q, k, v = _qkv(len(codes))
@@ -222,7 +261,7 @@ def test_local_attention_rows_are_l2_normalised_and_zero_outside_the_group():
     torch.testing.assert_close(cell_weights, weights[:, :, 0])
 
 
-def test_the_whole_module_is_the_same_with_grouped_and_dense_local_attention():
+def test_the_whole_module_is_the_same_with_factorised_grouped_and_dense_local_attention():
     torch.manual_seed(0)
     module = CGRANModule(50, 3, n_embedding=8, group_size=15, n_heads=2, head_dims=(4, 2))
     codes = torch.tensor([3] * 20 + [0] * 5 + [9] * 25)  # k-means-like: unequal, gaps
@@ -230,22 +269,24 @@ def test_the_whole_module_is_the_same_with_grouped_and_dense_local_attention():
     module.eval()
     x = torch.poisson(torch.rand(6, 50) * 4)
     outputs = {}
-    for implementation in ("grouped", "dense"):
+    for implementation in ("factorised", "grouped", "dense"):
         module.local_implementation = implementation
         module.zero_grad()
         logits = module.inference(x)["logits"]
         logits.square().sum().backward()
         grads = [p.grad.clone() for p in module.parameters()]
         outputs[implementation] = (logits.detach(), grads)
-    torch.testing.assert_close(outputs["grouped"][0], outputs["dense"][0], atol=1e-5, rtol=0)
-    for grouped, dense in zip(outputs["grouped"][1], outputs["dense"][1], strict=True):
-        torch.testing.assert_close(grouped, dense, atol=1e-5, rtol=1e-4)
+    for implementation in ("factorised", "grouped"):
+        logits, grads = outputs[implementation]
+        torch.testing.assert_close(logits, outputs["dense"][0], atol=1e-5, rtol=0)
+        for grad, dense in zip(grads, outputs["dense"][1], strict=True):
+            torch.testing.assert_close(grad, dense, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("cell_only", [False, True])
 @pytest.mark.parametrize(
     ("attention", "implementation"),
-    [("local", "grouped"), ("local", "dense"), ("full", "grouped")],
+    [("local", "factorised"), ("local", "grouped"), ("local", "dense"), ("full", "grouped")],
 )
 def test_first_block_without_the_token_sequence_equals_the_layers_on_the_tokens(
     attention, implementation, cell_only
@@ -277,8 +318,14 @@ def test_first_block_without_the_token_sequence_equals_the_layers_on_the_tokens(
     attended = attended.transpose(1, 2).flatten(2)
     plain = torch.nn.functional.normalize(attended + block.residual(tokens), dim=-1)
 
+    factorised = implementation == "factorised"
     fast, fast_weights = block.forward_cell_and_genes(
-        module.cell_vectors(x_normalized), module.gene_vectors, attend, local, cell_only
+        module.cell_vectors(x_normalized),
+        module.gene_vectors,
+        attend,
+        local,
+        cell_only,
+        groups=module._padded_groups if factorised else None,
     )
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
     torch.testing.assert_close(fast_weights, plain_weights, atol=1e-5, rtol=0)
@@ -589,10 +636,12 @@ def test_genes_study_is_registered_and_grouped_attention_needs_less_time_and_mem
     from scvi_ext.benchmark._cgran_scaling import attention_scaling
 
     assert "cgran_genes" in STUDIES
-    table = attention_scaling(genes=[600], n_cells=2, threads=1)
+    table = attention_scaling(genes=[600], n_cells=16, threads=1)
     assert list(table["genes"]) == ["g=600"]
     assert table["memory_ratio"].iloc[0] > 2  # (g + 1)^2 vs g x (group + 1): about 6x
     assert table["speedup"].iloc[0] > 1
+    # no cells x genes x group tensor: below the grouped layer's memory at 16 cells
+    assert table["factorised_peak_mib"].iloc[0] < table["grouped_peak_mib"].iloc[0]
 
 
 # ---- benchmark rows

@@ -403,7 +403,8 @@ def _meta_plan(name: str):
         ),
         "cgran_full": lambda: CGRANModule(20, 3, attention="full", **cgran),
         "cgran_local_dense": lambda: CGRANModule(20, 3, local_implementation="dense", **cgran),
-        "cgran_local_grouped": lambda: CGRANModule(20, 3, **cgran),
+        "cgran_local_factorised": lambda: CGRANModule(20, 3, **cgran),
+        "cgran_local_grouped": lambda: CGRANModule(20, 3, local_implementation="grouped", **cgran),
         "matcher_triplet": lambda: CrossAttentionModule(20, 40, n_hard_candidates=2, **matcher),
         "matcher_infonce": lambda: CrossAttentionModule(
             20, 40, alpha=0.0, objective="infonce", **matcher

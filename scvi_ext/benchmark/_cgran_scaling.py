@@ -1,9 +1,11 @@
 """CGRAN (issue 13): genes study, grouped vs dense local attention, time and memory.
 
 Two tables. ``attention_scaling``: one local attention layer (10 heads of width 8, groups
-of 100 genes), forward + backward, computed group by group (:func:`grouped_local_attention`)
-and as the paper's dense masked (g + 1) x (g + 1) matrix (:func:`dense_local_attention`):
-seconds and peak memory at each number of genes g. Each measurement runs in a fresh
+of 100 genes), forward + backward, computed group by group (:func:`grouped_local_attention`),
+as the paper's dense masked (g + 1) x (g + 1) matrix (:func:`dense_local_attention`) and,
+for the first block's tokens ``c + G_j``, from their affine parts
+(:func:`affine_local_attention`, CGRAN's default there): seconds and peak memory at each
+number of genes g. Each measurement runs in a fresh
 process whose peak resident memory is reset before the layer runs, so peak memory is what
 the layer itself added. ``cgran_genes``: CGRAN trained at each g on one real dataset
 (random 4:1 split), its test accuracy, training seconds and the process's peak memory.
@@ -50,7 +52,14 @@ torch.manual_seed(0)
 codes = torch.arange(n_genes) // int(group_size)
 shape = (n_cells, n_heads, n_genes + 1, head_dim)
 q, k, v = (torch.randn(shape).requires_grad_() for _ in range(3))
-if implementation == "grouped":
+if implementation == "factorised":  # the same layer from the tokens' affine parts
+    q = torch.randn(3, n_cells, n_heads, head_dim).requires_grad_()
+    k = torch.randn(3, n_heads, n_genes, head_dim).requires_grad_()
+    v = torch.zeros(1, requires_grad=True)
+    groups = padded_groups(codes)
+    def layer():
+        return attention.affine_local_attention(q, k, groups)[0]
+elif implementation == "grouped":
     groups = padded_groups(codes)
     def layer():
         return grouped_local_attention(q, k, v, groups)[0]
@@ -95,7 +104,8 @@ def measure_attention(
     threads: int = 2,
 ) -> dict[str, float]:
     """Seconds (best of ``repeats``) and peak MiB of one local attention layer, forward +
-    backward, in a fresh process (``implementation``: ``"grouped"`` or ``"dense"``)."""
+    backward, in a fresh process (``implementation``: ``"factorised"``, ``"grouped"`` or
+    ``"dense"``)."""
     arguments = [implementation, n_genes, n_cells, n_heads, head_dim, group_size, repeats]
     # a fixed mmap threshold: glibc returns every freed large block to the system at once,
     # so the peak resident memory is the peak of live tensors (its default raises the
@@ -129,14 +139,16 @@ def attention_scaling(
     dense_budget_gib: float = 6.0,
     threads: int = 2,
 ) -> pd.DataFrame:
-    """Grouped vs dense local attention at each number of genes (forward + backward).
+    """Factorised, grouped and dense local attention at each number of genes (forward +
+    backward); ``speedup`` and ``memory_ratio`` are dense over grouped, the
+    ``factorised_`` ones dense over factorised.
 
     The dense layer is skipped (NaN) where it would need more than ``dense_budget_gib``.
     """
     rows = []
     for n_genes in genes:
         row: dict[str, float | int | str] = {"genes": f"g={n_genes}", "n_genes": n_genes}
-        for implementation in ("grouped", "dense"):
+        for implementation in ("factorised", "grouped", "dense"):
             fits = dense_bytes(n_genes, n_cells, n_heads) <= dense_budget_gib * 2**30
             if implementation == "dense" and not fits:
                 result = {"seconds": math.nan, "peak_mib": math.nan}
@@ -149,6 +161,8 @@ def attention_scaling(
             row[f"{implementation}_peak_mib"] = result["peak_mib"]
         row["speedup"] = row["dense_seconds"] / row["grouped_seconds"]
         row["memory_ratio"] = row["dense_peak_mib"] / row["grouped_peak_mib"]
+        row["factorised_speedup"] = row["dense_seconds"] / row["factorised_seconds"]
+        row["factorised_memory_ratio"] = row["dense_peak_mib"] / row["factorised_peak_mib"]
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -203,7 +217,7 @@ def cgran_genes(
 
 
 def plot_genes_scaling(attention: pd.DataFrame, path: str | Path) -> None:
-    """Log-log plot of seconds and peak memory against genes, grouped vs dense."""
+    """Log-log plot of seconds and peak memory against genes, each implementation."""
     from ._plots import _new_figure
 
     figure = _new_figure(10, 4)
@@ -212,7 +226,7 @@ def plot_genes_scaling(attention: pd.DataFrame, path: str | Path) -> None:
         [("seconds", "forward + backward seconds"), ("peak_mib", "peak memory (MiB)")],
         strict=True,
     ):
-        for implementation, marker in (("grouped", "o"), ("dense", "s")):
+        for implementation, marker in (("factorised", "^"), ("grouped", "o"), ("dense", "s")):
             axes.loglog(
                 attention["n_genes"], attention[f"{implementation}_{measure}"], marker=marker,
                 label=implementation,
@@ -232,12 +246,21 @@ def plot_genes_scaling(attention: pd.DataFrame, path: str | Path) -> None:
     "cgran_genes",
     "CGRAN and the number of genes (paper figure 3b, extended to 5000). attention_scaling: "
     "one local attention layer (10 heads x 8, groups of 100 genes, a few cells), forward + "
-    "backward, group by group vs the paper's dense masked (g + 1) x (g + 1) matrix: best "
+    "backward, group by group and factorised (the first block's, from the tokens' affine "
+    "parts) vs the paper's dense masked (g + 1) x (g + 1) matrix: best "
     "seconds of 3 and peak memory added, each in a fresh process; dense skipped (NaN) "
     "above its memory budget. cgran_genes: CGRAN (SVD, uniform groups, local attention) "
     "trained on Kang IFN-beta PBMCs (both conditions, random 4:1 split) at each g: test "
     "accuracy, training seconds, process peak memory.",
-    {"attention_scaling": ("speedup", "memory_ratio"), "cgran_genes": ("accuracy",)},
+    {
+        "attention_scaling": (
+            "speedup",
+            "memory_ratio",
+            "factorised_speedup",
+            "factorised_memory_ratio",
+        ),
+        "cgran_genes": ("accuracy",),
+    },
 )
 def genes_study(
     seed: int,

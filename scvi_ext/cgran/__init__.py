@@ -1,6 +1,7 @@
 """CGRAN: Cell-Gene Representation Attention Network (seed paper, section 4.2)."""
 
 from ._attention import (
+    affine_local_attention,
     dense_local_attention,
     full_attention,
     grouped_local_attention,
@@ -13,6 +14,7 @@ from ._module import CGRANModule
 __all__ = [
     "CGRAN",
     "CGRANModule",
+    "affine_local_attention",
     "dense_local_attention",
     "full_attention",
     "grouped_local_attention",

@@ -7,6 +7,11 @@ L2-normalises each row. The softmax denominator cancels in that normalisation, s
 is ``exp(s - max) * F / ||exp(s - max) * F||_2``: a gene row needs only its group and the
 cell token, and :func:`grouped_local_attention` computes it group by group without the
 ``(g + 1) x (g + 1)`` matrix. :func:`dense_local_attention` is the paper's literal form.
+
+In the first block the tokens are ``c + G_j`` and queries, keys and values are affine in
+them, so a score splits into a part shared by every cell and a part per cell and key:
+:func:`affine_local_attention` computes that block's local attention with products of
+the shared part, never forming a cells x genes x group tensor.
 """
 
 from __future__ import annotations
@@ -148,6 +153,84 @@ def grouped_local_attention(
     gene_output = (weights @ with_cell(v)).view(n_cells, n_heads, n_groups * largest, dim)
     gene_output = gene_output.index_select(2, groups.position)
     return torch.cat([cell_output, gene_output], dim=2), cell_weights
+
+
+def affine_local_attention(
+    cell: torch.Tensor, gene: torch.Tensor, groups: PaddedGroups
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local attention (eq. 6-7) of the tokens ``[c, c + G_1, ..., c + G_g]`` from the affine
+    parts of their queries, keys and values.
+
+    ``cell`` holds each cell token's query, key and value (bias included) and ``gene`` each
+    gene vector's offset ``W G_j``, so that token ``j`` has ``q = cell_q + gene_q[j]`` (the
+    cell token: ``cell_q``). Relative to its score with the cell key, which the row
+    normalisation cancels, gene row ``i`` scores key gene ``j`` by ``C[i, j] + t[j]``:
+    ``C = gene_q gene_k^T / sqrt(dim)`` is shared by all cells and ``t = cell_q gene_k^T /
+    sqrt(dim)`` is per cell and key, not per row. The weights ``exp(C[i, j]) exp(t[j])``
+    are then products of a shared (group x group) matrix with per-cell columns: the row
+    norms and the attended values are matrix products over the group's keys for all
+    cells at once, and memory grows with ``cells x genes x dim``, not ``x group``.
+
+    Computed in float64 (autocast off) with each part shifted by its own maximum, so rows
+    are exact unless a row's scores span more than about 350 (float32: 40); trained
+    models score rows within a few units.
+
+    Parameters
+    ----------
+    cell
+        (3, cells, heads, dim): queries, keys and values of the cell tokens.
+    gene
+        (3, heads, genes, dim): the genes' offsets to them.
+    groups
+        The gene groups.
+
+    Returns
+    -------
+    The outputs (cells, heads, 1 + genes, dim) and the cell row's weights
+    (cells, heads, 1 + genes), as :func:`grouped_local_attention`.
+    """
+    cell_q, cell_k, cell_v = cell.unbind(0)
+    gene_q, gene_k, gene_v = gene.unbind(0)
+    n_cells, n_heads, dim = cell_q.shape
+    n_groups, largest = groups.index.shape
+    scale = dim**-0.5
+    key_scores = torch.einsum("bhd,hgd->hgb", cell_q * scale, gene_k)  # t: (heads, genes, cells)
+
+    # the cell row: relative scores [0, t]
+    cell_weights = _l2_normalised_exp(F.pad(key_scores.permute(2, 0, 1), (1, 0)))
+    cell_output = cell_weights.sum(-1, keepdim=True) * cell_v
+    cell_output = cell_output + torch.einsum("bhg,hgd->bhd", cell_weights[..., 1:], gene_v)
+
+    def by_group(tokens: torch.Tensor) -> torch.Tensor:  # (heads, genes, ...) -> (h, G, L, ...)
+        grouped = tokens.index_select(1, groups.index.ravel())
+        return grouped.view(n_heads, n_groups, largest, *tokens.shape[2:])
+
+    with torch.autocast(cell.device.type, enabled=False):
+        wide = torch.float64
+        shared = (by_group(gene_q).to(wide) * scale) @ by_group(gene_k).to(wide).mT  # C
+        per_cell = by_group(key_scores).to(wide)  # (heads, G, L keys, cells)
+        if groups.padding:
+            shared = shared.masked_fill(~groups.valid[None, :, None, :], float("-inf"))
+            per_cell = per_cell.masked_fill(~groups.valid[None, :, :, None], float("-inf"))
+        shared_max = shared.detach().amax(-1, keepdim=True)  # (h, G, L rows, 1)
+        per_cell_max = per_cell.detach().amax(2, keepdim=True)  # (h, G, 1, cells)
+        shared_exp = torch.exp(shared - shared_max)
+        per_cell_exp = torch.exp(per_cell - per_cell_max)
+        # each row is shifted by max(row bound, 0): no term exceeds 1
+        row_bound = shared_max + per_cell_max  # (h, G, L rows, cells)
+        shift = row_bound.clamp_min(0)
+        gene_factor, cell_factor = torch.exp(row_bound - shift), torch.exp(-shift)
+        weight_sum = shared_exp @ per_cell_exp  # sum over the group's keys
+        squared_sum = shared_exp.square() @ per_cell_exp.square()
+        norm = torch.sqrt(cell_factor.square() + gene_factor.square() * squared_sum)
+        values = per_cell_exp[..., None] * by_group(gene_v).to(wide)[:, :, :, None]
+        attended = (shared_exp @ values.flatten(3)).view(*values.shape)  # (h, G, L, cells, d)
+        on_cell = ((cell_factor + gene_factor * weight_sum) / norm).to(cell.dtype)
+        gene_output = ((gene_factor / norm)[..., None] * attended).to(cell.dtype)
+    gene_output = gene_output + on_cell[..., None] * cell_v.permute(1, 0, 2)[:, None, None]
+    gene_output = gene_output.view(n_heads, n_groups * largest, n_cells, dim)
+    gene_output = gene_output.index_select(1, groups.position).permute(2, 0, 1, 3)
+    return torch.cat([cell_output[:, :, None], gene_output], dim=2), cell_weights
 
 
 def dense_local_attention(

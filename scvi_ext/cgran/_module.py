@@ -13,6 +13,8 @@ from torch import nn
 from scvi_ext.base import NonGenerativeModule, classification_loss, log_scaled_counts
 
 from ._attention import (
+    PaddedGroups,
+    affine_local_attention,
     cell_row_attention,
     dense_local_attention,
     full_attention,
@@ -26,7 +28,8 @@ from ._embedding import uniform_groups
 COUNTS_PER_CELL = 1e5
 
 AttentionKind = Literal["local", "full"]
-LocalImplementation = Literal["grouped", "dense"]
+LocalImplementation = Literal["factorised", "grouped", "dense"]
+LOCAL_IMPLEMENTATIONS: tuple[str, ...] = ("factorised", "grouped", "dense")
 
 
 class AttentionBlock(nn.Module):
@@ -54,14 +57,29 @@ class AttentionBlock(nn.Module):
 
         ``attend(q, k, v) -> (outputs, cell weights)``; ``local`` says whether it is local
         attention. With ``cell_only`` only the cell token is updated (the last block: the
-        classifier reads nothing else).
+        classifier reads nothing else), and only its query is computed.
         """
-        q, k, v = self.query_key_value_heads(x)
-        residual = self.residual(x[:, :1] if cell_only else x)
-        return self._output(q, k, v, residual, attend, local, cell_only)
+        if not cell_only:
+            q, k, v = self.query_key_value_heads(x)
+            attended, cell_weights = attend(q, k, v)
+            return self._output(attended, self.residual(x)), cell_weights
+        width = self.n_heads * self.head_dim
+        weight, bias = self.query_key_value.weight, self.query_key_value.bias
+        q = F.linear(x[:, :1], weight[:width], bias[:width])
+        key_value = F.linear(x, weight[width:], bias[width:])
+        k, v = key_value.view(*x.shape[:2], 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = q.view(len(x), 1, self.n_heads, self.head_dim).transpose(1, 2)
+        attended, cell_weights = cell_row_attention(q, k, v, local=local)
+        return self._output(attended, self.residual(x[:, :1])), cell_weights
 
     def forward_cell_and_genes(
-        self, cells: torch.Tensor, genes: torch.Tensor, attend, local: bool, cell_only=False
+        self,
+        cells: torch.Tensor,
+        genes: torch.Tensor,
+        attend,
+        local: bool,
+        cell_only=False,
+        groups: PaddedGroups | None = None,
     ):
         """:meth:`forward` of the tokens ``[c, c + G_1, ..., c + G_g]`` (eq. 5), never formed.
 
@@ -69,27 +87,35 @@ class AttentionBlock(nn.Module):
         ``Linear(c + G_j) = Linear(c) + W G_j``: ``W G`` is computed once for all cells and
         broadcast-added to each cell's ``Linear(c)`` (the cell token's own value). This
         saves the ``cells x genes`` products of the layers, in the forward and the backward.
+        With ``groups`` (local attention), the attention itself is computed from those two
+        parts by :func:`affine_local_attention` and ``attend`` is not used.
         """
         offsets = F.pad(genes, (0, 0, 1, 0))  # (1 + g, d): token 0, the cell, adds nothing
         n_heads, head_dim = self.n_heads, self.head_dim
         by_cell = self.query_key_value(cells).view(len(cells), 3, n_heads, 1, head_dim)
+        residual = self.residual(cells)[:, None]
+        if not cell_only:
+            residual = residual + offsets @ self.residual.weight.T
+        if groups is not None and not cell_only:
+            by_gene = (genes @ self.query_key_value.weight.T).view(-1, 3, n_heads, head_dim)
+            attended, cell_weights = affine_local_attention(
+                by_cell.squeeze(3).movedim(1, 0), by_gene.permute(1, 2, 0, 3), groups
+            )
+            return self._output(attended, residual), cell_weights
         by_token = (offsets @ self.query_key_value.weight.T).view(-1, 3, n_heads, head_dim)
         by_cell = by_cell.movedim(1, 0).contiguous()  # (3, cells, heads, 1, head_dim)
         by_token = by_token.permute(1, 2, 0, 3)[:, None].contiguous()  # (3, 1, heads, tokens, .)
         q, k, v = (by_cell + by_token).unbind(0)  # contiguous, as its terms are
-        residual = self.residual(cells)[:, None]
-        if not cell_only:
-            residual = residual + offsets @ self.residual.weight.T
-        return self._output(q, k, v, residual, attend, local, cell_only)
-
-    def _output(self, q, k, v, residual, attend, local: bool, cell_only: bool):
-        """``L2Norm(Dropout(concat_heads(Attention) + residual))``, cell weights."""
         if cell_only:
             attended, cell_weights = cell_row_attention(q, k, v, local=local)
         else:
             attended, cell_weights = attend(q, k, v)
+        return self._output(attended, residual), cell_weights
+
+    def _output(self, attended: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``L2Norm(Dropout(concat_heads(attended) + residual))``."""
         attended = attended.transpose(1, 2).flatten(2)  # (cells, tokens, heads * head_dim)
-        return F.normalize(self.dropout(attended + residual), dim=-1), cell_weights
+        return F.normalize(self.dropout(attended + residual), dim=-1)
 
 
 class CGRANModule(NonGenerativeModule):
@@ -119,8 +145,10 @@ class CGRANModule(NonGenerativeModule):
     dropout_rate
         Dropout on every block (paper: 0.1).
     local_implementation
-        ``"grouped"`` (group by group) or ``"dense"`` (the masked (g + 1) x (g + 1)
-        matrix, for tests and the scaling study).
+        ``"factorised"`` (the first block by :func:`affine_local_attention`, later blocks
+        group by group), ``"grouped"`` (every block group by group) or ``"dense"`` (the
+        masked (g + 1) x (g + 1) matrix, for tests and the scaling study). All three
+        compute the same attention.
     """
 
     def __init__(
@@ -133,9 +161,14 @@ class CGRANModule(NonGenerativeModule):
         n_heads: int = 10,
         head_dims: tuple[int, int] = (8, 4),
         dropout_rate: float = 0.1,
-        local_implementation: LocalImplementation = "grouped",
+        local_implementation: LocalImplementation = "factorised",
     ):
         super().__init__()
+        if local_implementation not in LOCAL_IMPLEMENTATIONS:
+            raise ValueError(
+                f"local_implementation must be one of {LOCAL_IMPLEMENTATIONS}, "
+                f"not {local_implementation!r}."
+            )
         self.n_labels = n_labels
         self.attention = attention
         self.local_implementation = local_implementation
@@ -209,12 +242,14 @@ class CGRANModule(NonGenerativeModule):
         if n_blocks == 0:
             return self.tokens(x_normalized), []
         first, *rest = self.blocks[:n_blocks]
+        factorised = local and self.local_implementation == "factorised"
         x, cell_weights = first.forward_cell_and_genes(
             self.cell_vectors(x_normalized),
             self.gene_vectors,
             attend,
             local,
             cell_only=len(self.blocks) == 1,
+            groups=self._padded_groups if factorised else None,
         )
         weights = [cell_weights]
         for i, block in enumerate(rest, start=1):
