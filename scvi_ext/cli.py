@@ -467,6 +467,7 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
         NoMethodRanError,
         OptionError,
         check_benchmark_options,
+        check_study_options,
         run_benchmark,
         run_study,
         summary_table,
@@ -483,9 +484,11 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
                 f"--methods, --max-epochs and --method-option apply to annotation tasks; "
                 f"{args.task!r} is a study: set its options with --task-option KEY=VALUE."
             )
+        try:
+            check_study_options(args.task, args.seeds, task_options)
+        except (TypeError, ValueError) as error:
+            raise CLIError(str(error)) from error
         _check_outdir(outdir, args.task, args.overwrite)
-        # Two studies (latent_inputs, gmvae_components) check their options inside their
-        # run, so errors of the run itself are reported as user errors here.
         try:
             run_study(
                 args.task,
@@ -494,7 +497,7 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
                 command=_command_line(argv),
                 options=task_options,
             )
-        except (FileNotFoundError, TypeError, ValueError) as error:
+        except FileNotFoundError as error:  # missing data; other errors keep their traceback
             raise CLIError(str(error)) from error
         print((Path(outdir) / "summary.md").read_text())
         return 0

@@ -191,6 +191,43 @@ def test_cli_runs_a_study_with_its_options_and_rejects_method_options(
     assert "'toy' is a study: set its options with --task-option" in capsys.readouterr().err
 
 
+def test_cli_checks_a_studys_own_options_before_running_and_keeps_run_errors(
+    tmp_path, monkeypatch, capsys
+):
+    """A study taking ``**options`` has them checked before it runs or writes anything;
+    an error inside the run itself is not turned into a one-line user error."""
+    ran = []
+
+    def check(options):
+        if options.get("size", 1) < 1:
+            raise ValueError(f"toy size must be at least 1, not {options['size']}.")
+
+    def run(seed, **options):
+        ran.append(options)
+        if options.get("size") == 7:
+            raise TypeError("a bug inside the study")
+        return {"scores": pd.DataFrame({"method": ["a"], "auroc": [0.5]})}
+
+    monkeypatch.setitem(STUDIES, "toy", Study(run, "A toy study.", {}, check))
+    outdir = tmp_path / "report"
+    argv = ["benchmark", "--task", "toy", "--seeds", "0", "--outdir", str(outdir)]
+    assert main([*argv, "--task-option", "size=0"]) == 2
+    assert "toy size must be at least 1, not 0." in capsys.readouterr().err
+    assert ran == [] and not outdir.exists()
+    assert main([*argv, "--task-option", "size=2"]) == 0
+    with pytest.raises(TypeError, match="a bug inside the study"):
+        main([*argv, "--task-option", "size=7"])
+
+
+def test_latent_inputs_and_gmvae_components_refuse_bad_options_before_loading_data():
+    from scvi_ext.benchmark import check_study_options
+
+    with pytest.raises(ValueError, match=r"latent_inputs datasets: unknown \['pbmc'\]"):
+        check_study_options("latent_inputs", [0], {"datasets": ("pbmc",)})
+    with pytest.raises(ValueError, match=r"Unknown gmvae_components option\(s\) \['kk'\]"):
+        check_study_options("gmvae_components", [0], {"kk": 1})
+
+
 def test_task_method_options_are_merged_under_the_users(tmp_path, monkeypatch):
     seen = {}
 

@@ -43,7 +43,14 @@ from ._runner import (
     set_seed,
     summary_table,
 )
-from ._studies import AUROC_COLUMNS, STUDIES, Study, register_study, run_study
+from ._studies import (
+    AUROC_COLUMNS,
+    STUDIES,
+    Study,
+    check_study_options,
+    register_study,
+    run_study,
+)
 from ._tasks import TASK_METHOD_KWARGS, TASKS, kang_donors_lodo, register_task, split_by_column
 from ._throughput import training_throughput
 
@@ -64,6 +71,7 @@ __all__ = [
     "Study",
     "cellular_method",
     "check_benchmark_options",
+    "check_study_options",
     "concat_reference_query",
     "embedding_quality",
     "kang_donors_lodo",

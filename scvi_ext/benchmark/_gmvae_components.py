@@ -327,4 +327,5 @@ register_study(
     "accuracy on the latent, next to Leiden on the scVI latent. Sizes: --task-option "
     "FIELD=VALUE (GMVAEComponentsOptions; docs/gmvae.md).",
     {"components": ("components_used", "ari", "classifier_accuracy")},
+    check_options=lambda options: study_options(**options),
 )(gmvae_components)

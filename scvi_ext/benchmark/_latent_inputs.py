@@ -689,4 +689,5 @@ register_study(
         "clustering": ("ari", "nmi"),
         "speed": ("cells_per_second",),
     },
+    check_options=lambda options: study_options(**options),
 )(latent_inputs)

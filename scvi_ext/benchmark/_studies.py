@@ -63,11 +63,15 @@ class Study:
         One paragraph for the report.
     headline
         Table name -> the columns drawn in ``<table>.png``.
+    check_options
+        For a ``run`` taking ``**options``: ``check_options(options)`` raises a
+        ``ValueError`` for options the study refuses, before anything runs.
     """
 
     run: StudyFunction
     description: str
     headline: dict[str, tuple[str, ...]]
+    check_options: Callable[[dict], object] | None = None
 
 
 #: Columns of :func:`novel_type_detection`'s per-type table, one per LatentClassifier
@@ -111,9 +115,13 @@ def _throughput(seed: int) -> dict[str, pd.DataFrame]:
 
 
 def register_study(
-    name: str, description: str, headline: dict[str, tuple[str, ...]] | None = None
+    name: str,
+    description: str,
+    headline: dict[str, tuple[str, ...]] | None = None,
+    check_options: Callable[[dict], object] | None = None,
 ) -> Callable[[StudyFunction], StudyFunction]:
-    """Decorator adding ``run(seed, **options) -> {table name: DataFrame}`` to :data:`STUDIES`.
+    """Decorator adding ``run(seed, **options) -> {table name: DataFrame}`` to :data:`STUDIES`
+    (``check_options``: see :class:`Study`).
 
     Examples
     --------
@@ -122,7 +130,7 @@ def register_study(
     """
 
     def decorator(run: StudyFunction) -> StudyFunction:
-        STUDIES[name] = Study(run, description, headline or {})
+        STUDIES[name] = Study(run, description, headline or {}, check_options)
         return run
 
     return decorator
@@ -191,6 +199,18 @@ def summarise_over_seeds(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def check_study_options(name: str, seeds: list[int], options: dict) -> None:
+    """Refuse an unknown study, bad seeds and options the study does not take, before it
+    runs (``TypeError``: an option it does not take; ``ValueError``: the rest)."""
+    if name not in STUDIES:
+        raise ValueError(f"Unknown study {name!r}; available: {sorted(STUDIES)}.")
+    check_seeds(list(seeds))
+    study = STUDIES[name]
+    _check_options(study.run, options)
+    if study.check_options is not None:
+        study.check_options(options)
+
+
 def run_study(
     name: str,
     seeds: list[int],
@@ -211,20 +231,17 @@ def run_study(
     command
         Command line recorded in the report.
     options
-        Keyword arguments of the study's ``run`` (e.g. smaller sizes); an unknown key is
-        a ``TypeError`` naming the accepted ones, a value of another type than the
-        default a ``ValueError``.
+        Keyword arguments of the study's ``run`` (e.g. smaller sizes), checked first by
+        :func:`check_study_options`: an unknown key is a ``TypeError`` naming the
+        accepted ones, a value of another type than the default a ``ValueError``.
 
     Returns
     -------
     Each table with a ``seed`` column, all seeds stacked.
     """
-    if name not in STUDIES:
-        raise ValueError(f"Unknown study {name!r}; available: {sorted(STUDIES)}.")
-    check_seeds(list(seeds))
-    study = STUDIES[name]
     options = dict(options or {})
-    _check_options(study.run, options)
+    check_study_options(name, seeds, options)
+    study = STUDIES[name]
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     folder = {"outdir": outdir} if "outdir" in inspect.signature(study.run).parameters else {}
