@@ -8,6 +8,7 @@ registry other tests see is unchanged), then copies the tests below.
 """
 
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -358,22 +359,39 @@ def test_cpu_ddp_with_two_processes_trains_and_both_ranks_predict(tmp_path):
     assert ddp_rank_results(DDP_SCRIPT, tmp_path) == [str(_simulated()[1].n_obs)] * 2
 
 
-def test_a_saved_query_model_loads_as_one_and_warns_that_training_moves_every_weight(
-    reference_model, tmp_path
-):
-    """scvi saves weights, not which of them the query mapping froze: a loaded frozen query
-    model says so when trained, and keeps the query models' defaults (no weight decay)."""
-    model, _, query = reference_model
+def test_a_saved_query_model_loads_with_the_same_weights_frozen(reference_model, tmp_path):
+    """A query model saved and loaded trains the weights the query mapping left trainable
+    (the new batch columns of the first layer), no others; one saved by an earlier version,
+    which did not record its freezing, warns that every weight moves."""
+    model, reference, query = reference_model
     query = query.copy()
     query.obs["batch"] = "new_" + query.obs["batch"].astype(str)
     Toy.load_query_data(query, model).save(tmp_path / "frozen")
     loaded = Toy.load(tmp_path / "frozen", adata=query)
     assert loaded.is_query_model
-    with pytest.warns(UserWarning, match=r"saved as a query model .*Toy.load_query_data\(adata"):
-        loaded.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    before = {key: value.clone() for key, value in loaded.module.state_dict().items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded.train(max_epochs=2, batch_size=64, enable_progress_bar=False)
+    assert not [w for w in caught if "query model" in str(w.message)]
+    after = loaded.module.state_dict()
+    first = "encoder.fc_layers.Layer 0.0.weight"
+    assert {key for key in before if not torch.equal(before[key], after[key])} == {first}
+    n_reference_columns = reference.n_vars + reference.obs["batch"].nunique()
+    old = slice(0, n_reference_columns)
+    assert torch.equal(before[first][:, old], after[first][:, old])
+
     Toy.load_query_data(query, model, unfrozen=True).save(tmp_path / "unfrozen")
     loaded = Toy.load(tmp_path / "unfrozen", adata=query)
-    assert loaded.is_query_model and not loaded._query_freezing_lost  # nothing was frozen
+    assert loaded.is_query_model
+    assert all(parameter.requires_grad for parameter in loaded.module.parameters())
+
+    earlier = Toy.load_query_data(query, model)
+    earlier.query_mapping_ = "frozen"  # what the earlier version saved
+    earlier.save(tmp_path / "earlier")
+    loaded = Toy.load(tmp_path / "earlier", adata=query)
+    with pytest.warns(UserWarning, match=r"by an earlier version.*Toy.load_query_data\(adata"):
+        loaded.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
 
 
 def test_query_mapping_needs_the_batch_column_filled(reference_model):

@@ -262,7 +262,10 @@ def test_scanvi_and_scnym_share_one_setup(sim_adata):
 
 
 # ---------------------------------------------------------------- query mapping
-def test_scarches_query_mapping_trains_only_new_batch_weights(sim_adata, tmp_path):
+@pytest.mark.parametrize("reloaded", [False, True])
+def test_scarches_query_mapping_trains_only_new_batch_weights(sim_adata, tmp_path, reloaded):
+    """The same weights train in a query model fresh from load_query_data and in one saved
+    and loaded again."""
     query = query_mask(sim_adata)
     reference = sim_adata[~query].copy()
     model = trained(reference, batch_key="batch")
@@ -277,6 +280,9 @@ def test_scarches_query_mapping_trains_only_new_batch_weights(sim_adata, tmp_pat
     with pytest.warns(UserWarning, match="never saw"):
         q = ScNym.load_query_data(query_adata, str(tmp_path / "ref"))
     assert "_scvi_uuid" not in query_adata.uns
+    if reloaded:
+        q.save(tmp_path / "query")
+        q = ScNym.load(tmp_path / "query", adata=query_adata)
 
     before = {k: v.detach().clone() for k, v in q.module.state_dict().items()}
     q.train(

@@ -15,7 +15,8 @@ import torch
 from anndata import AnnData
 from scvi import settings as scvi_settings
 from scvi.data._constants import _SCVI_UUID_KEY
-from scvi.model.base import BaseModelClass
+from scvi.model.base import ArchesMixin, BaseModelClass
+from scvi.model.base._archesmixin import _set_params_online_update
 from scvi.model.base._constants import SAVE_KEYS
 from scvi.train import TrainingPlan
 
@@ -471,10 +472,10 @@ class InferenceMixin:
         if getattr(self, "_query_freezing_lost", False):
             name = type(self).__name__
             warnings.warn(
-                f"This {name} was saved as a query model (load_query_data). Loading restores "
-                "its weights, not which of them the query mapping froze, so this training "
-                "moves every weight. To train only the query mapping's weights, map again: "
-                f"{name}.load_query_data(adata, reference_model).",
+                f"This {name} was saved as a query model (load_query_data) by an earlier "
+                "version, which did not save which weights the query mapping froze, so this "
+                "training moves every weight. To train only the query mapping's weights, map "
+                f"again: {name}.load_query_data(adata, reference_model).",
                 UserWarning,
                 stacklevel=2,
             )
@@ -618,7 +619,11 @@ class InferenceMixin:
         mapping = getattr(model, "query_mapping_", None)
         if mapping is not None:  # a saved query model (load_query_data)
             model.is_query_model = True
-            model._query_freezing_lost = mapping == "frozen"
+            if isinstance(mapping, dict):  # its freezing, as load_query_data set it
+                _set_params_online_update(model.module, **mapping)
+            else:  # saved before the freezing was: "frozen" or "unfrozen"
+                model._query_freezing_lost = mapping == "frozen"
+            model._freeze_for_query()
         return model
 
     # ------------------------------------------------------------------ query mapping
@@ -707,10 +712,25 @@ class InferenceMixin:
         validate_counts(light, registry["setup_args"].get("layer"))
         model = super().load_query_data(light, reference_model, **kwargs)
         model.is_query_model = True
-        # saved with the model: a loaded query model knows it is one (see train)
-        model.query_mapping_ = "unfrozen" if kwargs.get("unfrozen", False) else "frozen"
+        # saved with the model, so that load freezes the same weights again
+        model.query_mapping_ = {
+            name: kwargs.get(name, default) for name, default in _QUERY_FREEZING.items()
+        }
+        model._freeze_for_query()
         return model
 
+    def _freeze_for_query(self) -> None:
+        """The model's own freezing of a query model, after scvi's ``load_query_data`` froze
+        weights as its arguments say; run again by :meth:`load`. Default: none."""
+
+
+#: scvi's ``load_query_data`` arguments that decide which weights a query model trains
+#: (its ``_set_params_online_update``), with their defaults.
+_QUERY_FREEZING: dict[str, bool] = {
+    name: parameter.default
+    for name, parameter in inspect.signature(ArchesMixin.load_query_data).parameters.items()
+    if name == "unfrozen" or name.startswith("freeze_")
+}
 
 __all__ = ["InferenceMixin", "valid_plan_kwargs"]
 

@@ -485,22 +485,12 @@ class CGRAN(
         if setting in ("A", "B"):
             model._check_enough_cells(model.adata.n_obs)
             model.module.embedding_fitted.fill_(False)
-        model._freeze_for_transfer_setting()
+        model._freeze_for_query()
         return model
 
-    def _freeze_for_transfer_setting(self) -> None:
-        """Setting A trains the last layer (``classifier``) only."""
+    def _freeze_for_query(self) -> None:
+        """Transfer setting A trains the last layer (``classifier``) only (also when a saved
+        setting-A query model is loaded)."""
         if getattr(self, "transfer_setting_", None) == "A":
             for name, parameter in self.module.named_parameters():
                 parameter.requires_grad = name.startswith("classifier.")
-
-    @classmethod
-    def load(cls, dir_path, adata: AnnData | None = None, **kwargs) -> CGRAN:
-        """Load a saved CGRAN; see :meth:`~scvi_ext.base.InferenceMixin.load`.
-
-        A query model of transfer setting A (:meth:`load_query_data`) is loaded with its
-        classifier alone trainable, as it was saved.
-        """
-        model = super().load(dir_path, adata=adata, **kwargs)
-        model._freeze_for_transfer_setting()
-        return model

@@ -151,8 +151,9 @@ class ScNym(
         which learns the query's domains. BatchNorm statistics and the classifier are
         frozen (``freeze_classifier=False`` unfreezes the classifier).
         """
-        model = super().load_query_data(adata, reference_model, **kwargs)
-        if not kwargs.get("unfrozen", False):
-            for parameter in model.module.domain_adversary.parameters():
-                parameter.requires_grad = True
-        return model
+        return super().load_query_data(adata, reference_model, **kwargs)
+
+    def _freeze_for_query(self) -> None:
+        """The domain adversary trains in a query model (it learns the query's domains)."""
+        for parameter in self.module.domain_adversary.parameters():
+            parameter.requires_grad = True
