@@ -403,5 +403,5 @@ def test_query_mapping_needs_the_batch_column_filled(reference_model):
     missing = query.copy()
     missing.obs["batch"] = missing.obs["batch"].astype(object)
     missing.obs.iloc[0, missing.obs.columns.get_loc("batch")] = np.nan
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(ValueError, match=r"batch_key 'batch' has 1 missing \(NaN\) values"):
         Toy.load_query_data(missing, model)
