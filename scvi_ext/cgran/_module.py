@@ -146,9 +146,10 @@ class CGRANModule(NonGenerativeModule):
         Dropout on every block (paper: 0.1).
     local_implementation
         ``"factorised"`` (the first block by :func:`affine_local_attention`, later blocks
-        group by group), ``"grouped"`` (every block group by group) or ``"dense"`` (the
-        masked (g + 1) x (g + 1) matrix, for tests and the scaling study). All three
-        compute the same attention.
+        group by group; on an MPS device, without float64, group by group too),
+        ``"grouped"`` (every block group by group) or ``"dense"`` (the masked
+        (g + 1) x (g + 1) matrix, for tests and the scaling study). All three compute the
+        same attention.
     """
 
     def __init__(
@@ -242,7 +243,9 @@ class CGRANModule(NonGenerativeModule):
         if n_blocks == 0:
             return self.tokens(x_normalized), []
         first, *rest = self.blocks[:n_blocks]
+        # the factorised form computes in float64, which Apple's MPS devices do not have
         factorised = local and self.local_implementation == "factorised"
+        factorised = factorised and x_normalized.device.type != "mps"
         x, cell_weights = first.forward_cell_and_genes(
             self.cell_vectors(x_normalized),
             self.gene_vectors,
