@@ -120,6 +120,28 @@ def test_backed_queries_with_other_genes_give_the_in_memory_outputs(
     assert _digest(path) == before
 
 
+def test_a_backed_csc_file_with_the_models_genes_is_read_once_and_refused_for_training(
+    data, models, tmp_path
+):
+    """A CSC file cannot be read by cells (anndata would read all of it per minibatch):
+    with the model's own genes too, inference and load read it into memory once, with a
+    warning and the in-memory outputs; training from it is refused with the fix."""
+    path = _write(data[1], tmp_path / "query.h5ad", "csc")
+    expected = _outputs(models, ad.read_h5ad(path))
+    backed = ad.read_h5ad(path, backed="r")
+    with pytest.warns(UserWarning, match=CSC):
+        observed = _outputs(models, backed)
+    for name in expected:
+        np.testing.assert_array_equal(observed[name], expected[name])
+    models["can"].save(tmp_path / "can")
+    with pytest.warns(UserWarning, match=CSC):
+        loaded = CAN.load(tmp_path / "can", adata=backed)
+    np.testing.assert_array_equal(loaded.predict_proba(), expected["can"])
+    with pytest.raises(ValueError, match=r"adata.X is stored on disk as CSC \(by gene\): its"):
+        CAN.setup_anndata(backed, labels_key="cell_type")
+    backed.file.close()
+
+
 @pytest.mark.parametrize("missing", [False, True], ids=["reordered", "missing"])
 @pytest.mark.parametrize("storage", ["csr", "dense"])
 def test_backed_queries_stay_on_disk_and_are_read_a_minibatch_at_a_time(

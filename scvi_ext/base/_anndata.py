@@ -63,6 +63,15 @@ def _csc_columns_in_memory(matrix: CSCDataset, columns: np.ndarray, name: str) -
     return sp.csr_matrix(matrix[:, columns])
 
 
+def holds_backed_csc(adata: AnnData, layer: str | None) -> bool:
+    """The counts of ``adata`` (``X`` or ``layers[layer]``) are a CSC matrix on disk (a
+    closed file is refused first: reading ``X`` would reopen it)."""
+    check_backed_open(adata)
+    if layer is None:
+        return isinstance(adata.X, CSCDataset)
+    return layer in adata.layers and isinstance(adata.layers[layer], CSCDataset)
+
+
 def align_genes(matrix, var_names: pd.Index, genes: pd.Index, name: str = "adata"):
     """The columns of ``matrix`` (cells x ``var_names``) reordered to ``genes``, matched by name.
 
@@ -202,6 +211,8 @@ def detached_anndata(
     var_names = adata.var_names
     if genes is not None and matrix is not None:
         matrix, var_names = align_genes(matrix, adata.var_names, genes), genes
+    if isinstance(matrix, CSCDataset):  # kept by align_genes: the genes matched
+        matrix = _csc_columns_in_memory(matrix, np.arange(matrix.shape[1]), "adata")
     if isinstance(matrix, h5py.Dataset):  # rows read by slices, in any order (h5py: sorted)
         matrix = CollectionCounts.from_backed(matrix)
     var = pd.DataFrame(index=pd.Index(var_names).copy())

@@ -30,6 +30,7 @@ from scvi_ext.data import (
 from ._anndata import (
     MIN_GENE_FRACTION,
     detached_anndata,
+    holds_backed_csc,
     registry_gene_names,
     registry_known_labels,
 )
@@ -603,7 +604,13 @@ class InferenceMixin:
                 genes = registry_gene_names(registry)
                 known_labels = registry_known_labels(registry)
                 labels_to_map = _labels_to_map(adata, setup_args, known_labels)
-                if labels_to_map or not adata.var_names.astype(str).equals(genes):
+                other_genes = not adata.var_names.astype(str).equals(genes)
+                # a CSC file cannot be read by cells: the light copy reads it once
+                if (
+                    labels_to_map
+                    or other_genes
+                    or holds_backed_csc(adata, setup_args.get("layer"))
+                ):
                     adata = detached_anndata(adata, setup_args, known_labels, genes=genes)
                 validate_counts(adata, setup_args.get("layer"))
         try:

@@ -6,6 +6,7 @@ import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from anndata.abc import CSCDataset
 
 # Rows (dense or backed matrices) or stored values (in-memory sparse) checked at once.
 _ROW_CHUNK = 10_000
@@ -117,6 +118,13 @@ def validate_counts(adata: ad.AnnData, layer: str | None = None) -> None:
         Naming the matrix and what to do.
     """
     matrix, where = _count_matrix(adata, layer)
+    if isinstance(matrix, CSCDataset):
+        raise ValueError(
+            f"{where} is stored on disk as CSC (by gene): its cells cannot be read a "
+            "minibatch at a time (each minibatch would read the whole file). Load it into "
+            "memory (adata = adata.to_memory()) or write the counts as CSR "
+            "(adata.X = scipy.sparse.csr_matrix(adata.X) before write_h5ad) and open that."
+        )
     n_nan = n_inf = n_negative = n_fractional = n_empty_cells = 0
     for values, row_totals in _value_blocks(matrix):
         if values.dtype.kind == "f":
