@@ -171,9 +171,11 @@ def affine_local_attention(
     norms and the attended values are matrix products over the group's keys for all
     cells at once, and memory grows with ``cells x genes x dim``, not ``x group``.
 
-    Computed in float64 (autocast off) with each part shifted by its own maximum, so rows
-    are exact unless a row's scores span more than about 350 (float32: 40); trained
-    models score rows within a few units.
+    Computed in float64 (autocast off), each part shifted by its own maximum: a row's
+    shift is then the sum of the two maxima, an upper bound of its largest score, and the
+    row is exact while that bound exceeds its largest score by less than about 350
+    (beyond, the squared terms underflow; in float32 it would be about 40). In trained
+    models it is within a unit (0.5 at most on pbmc68k_reduced).
 
     Parameters
     ----------
