@@ -279,7 +279,7 @@ def test_query_mapping_to_new_batches_trains_only_their_first_layer_columns(refe
 
 
 def test_benchmark_adapter_runs_through_run_benchmark_above_chance(tmp_path):
-    register_method("toy")(toy_method)
+    register_method("toy", default=False)(toy_method)  # not left in the defaults
     try:
         results = run_benchmark(
             "simulated",
