@@ -340,6 +340,15 @@ def test_first_block_without_the_token_sequence_equals_the_layers_on_the_tokens(
         torch.testing.assert_close(fast_grad, plain_grad, atol=1e-5, rtol=0)
 
 
+def test_an_unknown_local_implementation_is_refused_with_the_choices():
+    message = (
+        r"local_implementation must be one of \('factorised', 'grouped', 'dense'\), "
+        r"not 'fast'\."
+    )
+    with pytest.raises(ValueError, match=message):
+        CGRANModule(50, 3, local_implementation="fast")
+
+
 def test_a_one_block_module_classifies_from_the_first_block_cell_token():
     module = CGRANModule(50, 3, n_embedding=8, group_size=15, n_heads=2, head_dims=(4,))
     module.set_embedding(torch.randn(50, 8), torch.randn(50, 8) / 10, module.gene_group)
