@@ -18,11 +18,13 @@ from scvi_ext.base import (
 from scvi_ext.cgran import (
     CGRAN,
     CGRANModule,
+    affine_full_attention,
     affine_local_attention,
     dense_local_attention,
+    full_attention,
+    gene_groups,
     grouped_local_attention,
     local_mask,
-    padded_groups,
 )
 from scvi_ext.cgran._attention import cell_row_attention
 from scvi_ext.data import simulate
@@ -199,7 +201,7 @@ def _qkv(n_genes: int, seed: int = 0) -> list[torch.Tensor]:
 )
 def test_grouped_local_attention_equals_the_dense_masked_matrix_forward_and_backward(codes):
     q, k, v = _qkv(len(codes))
-    grouped, grouped_cell = grouped_local_attention(q, k, v, padded_groups(codes))
+    grouped, grouped_cell = grouped_local_attention(q, k, v, gene_groups(codes))
     dense, dense_cell = dense_local_attention(q, k, v, local_mask(codes))
     torch.testing.assert_close(grouped, dense, atol=1e-5, rtol=0)
     torch.testing.assert_close(grouped_cell, dense_cell, atol=1e-5, rtol=0)
@@ -231,7 +233,7 @@ def test_factorised_first_block_attention_equals_the_grouped_one_forward_and_bac
     q, k, v = (cell[:, :, :, None] + torch.nn.functional.pad(gene, (0, 0, 1, 0))[:, None]).unbind(
         0
     )
-    groups = padded_groups(codes)
+    groups = gene_groups(codes)
     if spread > 1:
         scores = q @ k.mT / 2
         assert (scores.amax(-1) - scores.amin(-1)).max() > 150
@@ -248,6 +250,32 @@ def test_factorised_first_block_attention_equals_the_grouped_one_forward_and_bac
         torch.testing.assert_close(factorised_grad, grouped_grad, atol=1e-9, rtol=0)
 
 
+@pytest.mark.parametrize("spread", [1.0, 8.0])
+def test_factorised_full_attention_equals_the_fused_softmax_forward_and_backward(spread):
+    """Tokens ``c + G_j``: :func:`affine_full_attention` gives PyTorch's softmax attention's
+    outputs and gradients, also where a row's scores span over 600 (``spread`` 8)."""
+    generator = torch.Generator().manual_seed(2)
+    cell = torch.randn(3, 3, 2, 4, generator=generator, dtype=torch.float64) * spread
+    gene = torch.randn(3, 2, 23, 4, generator=generator, dtype=torch.float64) * spread
+    cell, gene = cell.requires_grad_(), gene.requires_grad_()
+    tokens = cell[:, :, :, None] + torch.nn.functional.pad(gene, (0, 0, 1, 0))[:, None]
+    q, k, v = tokens.unbind(0)
+    if spread > 1:
+        scores = q @ k.mT / 2
+        assert (scores.amax(-1) - scores.amin(-1)).max() > 600
+    factorised = affine_full_attention(cell, gene)
+    fused = full_attention(q, k, v)
+    for outputs, reference in zip(factorised, fused, strict=True):
+        torch.testing.assert_close(outputs, reference, atol=1e-10, rtol=0)
+    upstream = [torch.randn_like(factorised[0]), torch.randn_like(factorised[1])]
+    gradients = []
+    for outputs in (factorised, fused):
+        total = sum((output * up).sum() for output, up in zip(outputs, upstream, strict=True))
+        gradients.append(torch.autograd.grad(total, [cell, gene]))
+    for factorised_grad, fused_grad in zip(*gradients, strict=True):
+        torch.testing.assert_close(factorised_grad, fused_grad, atol=1e-9, rtol=0)
+
+
 def test_local_attention_rows_are_l2_normalised_and_zero_outside_the_group():
     codes = torch.tensor([0, 0, 1, 1, 1, 2])
     q, k, v = _qkv(len(codes))
@@ -257,7 +285,7 @@ def test_local_attention_rows_are_l2_normalised_and_zero_outside_the_group():
     scores = (q @ k.transpose(-1, -2)) / 2.0
     weights = torch.nn.functional.normalize(torch.softmax(scores, -1) * mask, dim=-1)
     np.testing.assert_allclose(weights.norm(dim=-1).detach(), 1.0)
-    _, cell_weights = grouped_local_attention(q, k, v, padded_groups(codes))
+    _, cell_weights = grouped_local_attention(q, k, v, gene_groups(codes))
     torch.testing.assert_close(cell_weights, weights[:, :, 0])
 
 
@@ -286,7 +314,13 @@ def test_the_whole_module_is_the_same_with_factorised_grouped_and_dense_local_at
 @pytest.mark.parametrize("cell_only", [False, True])
 @pytest.mark.parametrize(
     ("attention", "implementation"),
-    [("local", "factorised"), ("local", "grouped"), ("local", "dense"), ("full", "grouped")],
+    [
+        ("local", "factorised"),
+        ("local", "grouped"),
+        ("local", "dense"),
+        ("full", "factorised"),
+        ("full", "fused"),
+    ],
 )
 def test_first_block_without_the_token_sequence_equals_the_layers_on_the_tokens(
     attention, implementation, cell_only
@@ -295,7 +329,7 @@ def test_first_block_without_the_token_sequence_equals_the_layers_on_the_tokens(
     module = CGRANModule(
         50, 3, n_embedding=8, group_size=15, n_heads=2, head_dims=(4, 2), attention=attention
     )
-    module.local_implementation = implementation
+    setattr(module, f"{attention}_implementation", implementation)
     codes = torch.tensor([3] * 20 + [0] * 5 + [9] * 25)
     module.set_embedding(torch.randn(50, 8), torch.randn(50, 8) / 10, codes)
     # float64: the algebra is exact; in float32 the plain path's own rounding error in the
@@ -318,14 +352,13 @@ def test_first_block_without_the_token_sequence_equals_the_layers_on_the_tokens(
     attended = attended.transpose(1, 2).flatten(2)
     plain = torch.nn.functional.normalize(attended + block.residual(tokens), dim=-1)
 
-    factorised = implementation == "factorised"
     fast, fast_weights = block.forward_cell_and_genes(
         module.cell_vectors(x_normalized),
         module.gene_vectors,
         attend,
         local,
         cell_only,
-        groups=module._padded_groups if factorised else None,
+        affine_attend=module._affine_attend(x_normalized.device),
     )
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=0)
     torch.testing.assert_close(fast_weights, plain_weights, atol=1e-5, rtol=0)
@@ -349,6 +382,12 @@ def test_an_unknown_local_implementation_is_refused_with_the_choices():
         CGRANModule(50, 3, local_implementation="fast")
 
 
+def test_an_unknown_full_implementation_is_refused_with_the_choices():
+    message = r"full_implementation must be one of \('factorised', 'fused'\), not 'dense'\."
+    with pytest.raises(ValueError, match=message):
+        CGRANModule(50, 3, attention="full", full_implementation="dense")
+
+
 def test_a_one_block_module_classifies_from_the_first_block_cell_token():
     module = CGRANModule(50, 3, n_embedding=8, group_size=15, n_heads=2, head_dims=(4,))
     module.set_embedding(torch.randn(50, 8), torch.randn(50, 8) / 10, module.gene_group)
@@ -356,13 +395,18 @@ def test_a_one_block_module_classifies_from_the_first_block_cell_token():
     assert out["logits"].shape == (6, 3) and out["z"].shape == (6, 8)
 
 
-def test_padded_groups_lists_every_gene_once_and_drops_empty_groups():
-    codes = torch.tensor([6, 0, 6, 6, 2, 0, 6])
-    groups = padded_groups(codes)
-    assert groups.index.shape == (3, 4)  # groups 0, 2, 6; the largest has 4 genes
-    assert groups.valid.sum(1).tolist() == [2, 1, 4]
-    assert sorted(groups.index[groups.valid].tolist()) == list(range(7))
-    assert torch.equal(groups.index.ravel()[groups.position], torch.arange(7))
+def test_gene_groups_stack_groups_of_one_size_list_every_gene_once_and_drop_empty_groups():
+    codes = torch.tensor([6, 0, 6, 6, 2, 0, 6, 3, 3])
+    groups = gene_groups(codes)
+    # groups 0, 2, 3, 6 (1, 4 and 5 empty): sizes 2, 1, 2, 4, largest first, no padding
+    assert [bucket.tolist() for bucket in groups.buckets] == [
+        [[0, 2, 3, 6]],
+        [[1, 5], [7, 8]],
+        [[4]],
+    ]
+    listed = torch.cat([bucket.ravel() for bucket in groups.buckets])
+    assert torch.equal(listed[groups.position], torch.arange(9))
+    assert len(gene_groups(torch.arange(1000) // 100).buckets) == 1  # uniform: one bucket
 
 
 # ---- embeddings

@@ -402,6 +402,9 @@ def _meta_plan(name: str):
             20, 3, n_capsules=4, capsule_dim=8, attention_dim=4, kernel_size=3
         ),
         "cgran_full": lambda: CGRANModule(20, 3, attention="full", **cgran),
+        "cgran_full_fused": lambda: CGRANModule(
+            20, 3, attention="full", full_implementation="fused", **cgran
+        ),
         "cgran_local_dense": lambda: CGRANModule(20, 3, local_implementation="dense", **cgran),
         "cgran_local_factorised": lambda: CGRANModule(20, 3, **cgran),
         "cgran_local_grouped": lambda: CGRANModule(20, 3, local_implementation="grouped", **cgran),
@@ -432,7 +435,9 @@ def _meta_plan(name: str):
     [
         "can",
         "cgran_full",
+        "cgran_full_fused",
         "cgran_local_dense",
+        "cgran_local_factorised",
         "cgran_local_grouped",
         "gmvae",
         "matcher_triplet",

@@ -11,66 +11,58 @@ cell token, and :func:`grouped_local_attention` computes it group by group witho
 In the first block the tokens are ``c + G_j`` and queries, keys and values are affine in
 them, so a score splits into a part shared by every cell and a part per cell and key:
 :func:`affine_local_attention` computes that block's local attention with products of
-the shared part, never forming a cells x genes x group tensor.
+the shared part, never forming a cells x genes x group tensor, and
+:func:`affine_full_attention` its full attention, never forming a cells x tokens x tokens
+one.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 
-class PaddedGroups(NamedTuple):
-    """Genes by group, padded to the largest group.
+class GeneGroups(NamedTuple):
+    """Genes by group; groups of the same size are stacked and computed together.
 
     Attributes
     ----------
-    index
-        (groups, largest group) gene indices; padding repeats gene 0.
-    valid
-        (groups, largest group) False on padding.
+    buckets
+        One (groups, size) tensor of gene indices per group size, largest size first.
+        Uniform groups make one or two buckets; k-means groups of unequal sizes make one
+        bucket each, and no group is padded to the largest.
     position
-        (genes,) position of each gene in ``index.ravel()``.
-    padding
-        Whether any group is padded (read on the host: no wait for the device in a step).
+        (genes,) position of each gene in the buckets' rows, concatenated.
     """
 
-    index: torch.Tensor
-    valid: torch.Tensor
+    buckets: tuple[torch.Tensor, ...]
     position: torch.Tensor
-    padding: bool
 
-    def to(self, device: torch.device) -> PaddedGroups:
+    def to(self, device: torch.device) -> GeneGroups:
         """The same groups on ``device``."""
-        return PaddedGroups(
-            self.index.to(device), self.valid.to(device), self.position.to(device), self.padding
-        )
+        buckets = tuple(bucket.to(device) for bucket in self.buckets)
+        return GeneGroups(buckets, self.position.to(device))
 
 
-def padded_groups(gene_group: torch.Tensor) -> PaddedGroups:
-    """Pad the genes of each non-empty group of ``gene_group`` (one code per gene).
+def gene_groups(gene_group: torch.Tensor) -> GeneGroups:
+    """The non-empty groups of ``gene_group`` (one code per gene), by size.
 
     Reads sizes on the host: build it once per grouping (the module does, when the groups
     are set or loaded), not in a training step.
     """
     order = torch.argsort(gene_group, stable=True)
     _, sizes = torch.unique_consecutive(gene_group[order], return_counts=True)
-    n_groups, largest = len(sizes), int(sizes.max())
-    group = torch.repeat_interleave(torch.arange(n_groups, device=sizes.device), sizes)
-    starts = torch.cumsum(sizes, 0) - sizes
-    rank = torch.arange(len(order), device=sizes.device) - starts[group]
-    flat = group * largest + rank
-    index = torch.zeros(n_groups * largest, dtype=torch.long, device=sizes.device)
-    valid = torch.zeros(n_groups * largest, dtype=torch.bool, device=sizes.device)
-    index[flat], valid[flat] = order, True
-    position = torch.empty_like(order)
-    position[order] = flat
-    padding = bool(len(order) < n_groups * largest)
-    return PaddedGroups(
-        index.view(n_groups, largest), valid.view(n_groups, largest), position, padding
-    )
+    by_size: dict[int, list[torch.Tensor]] = {}
+    for genes in torch.split(order, sizes.tolist()):
+        by_size.setdefault(len(genes), []).append(genes)
+    buckets = tuple(torch.stack(by_size[size]) for size in sorted(by_size, reverse=True))
+    listed = torch.cat([bucket.ravel() for bucket in buckets])
+    position = torch.empty_like(listed)
+    position[listed] = torch.arange(len(listed), device=listed.device)
+    return GeneGroups(buckets, position)
 
 
 def local_mask(gene_group: torch.Tensor) -> torch.Tensor:
@@ -102,11 +94,9 @@ class _L2NormalisedSoftmax(torch.autograd.Function):
         return (weights * dot.squeeze(-1)).neg_().add_(grad).mul_(weights)
 
 
-def _l2_normalised_exp(scores: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """``exp(scores) * keep`` with each row divided by its L2 norm (eq. 7 without ``F``'s
-    zeros: the softmax denominator cancels in the normalisation)."""
-    if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
+def _l2_normalised_exp(scores: torch.Tensor) -> torch.Tensor:
+    """``exp(scores)`` with each row divided by its L2 norm (eq. 7 on the unmasked keys:
+    the softmax denominator cancels in the normalisation)."""
     return _L2NormalisedSoftmax.apply(scores)
 
 
@@ -123,40 +113,49 @@ def cell_row_attention(
     return weights @ v, weights[:, :, 0]
 
 
-def grouped_local_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: PaddedGroups
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Local attention (eq. 6-7) group by group, vectorised over groups.
+def _autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """Autocast disabled on ``device`` (nothing to disable where it has none, e.g. meta)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
-    Memory and time grow with ``genes x largest group``, not ``genes ** 2``.
+
+def _by_group(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gene tokens (cells, heads, 1 + genes, dim) of a bucket (groups, size) of groups:
+    (cells, heads, groups, size, dim)."""
+    genes = tokens[:, :, 1:].index_select(2, index.ravel())
+    return genes.view(*tokens.shape[:2], *index.shape, tokens.shape[-1])
+
+
+def _with_cell(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """:func:`_by_group` with the cell token first in each group: (..., 1 + size, dim)."""
+    cell = tokens[:, :, :1, None].expand(-1, -1, len(index), -1, -1)
+    return torch.cat([cell, _by_group(tokens, index)], dim=3)
+
+
+def grouped_local_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: GeneGroups
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local attention (eq. 6-7) group by group, vectorised over groups of the same size.
+
+    Memory and time grow with the sum of squared group sizes, not ``genes ** 2``.
 
     Returns
     -------
     The outputs (cells, heads, tokens, dim) and the cell row's weights (cells, heads, tokens).
     """
-    n_cells, n_heads, _, dim = q.shape
-    n_groups, largest = groups.index.shape
     cell_output, cell_weights = cell_row_attention(q, k, v, local=True)
-
-    def by_group(tokens: torch.Tensor) -> torch.Tensor:  # (cells, heads, groups, largest, dim)
-        genes = tokens[:, :, 1:].index_select(2, groups.index.ravel())
-        return genes.view(n_cells, n_heads, n_groups, largest, dim)
-
-    def with_cell(tokens: torch.Tensor) -> torch.Tensor:  # the cell token first in each group
-        cell = tokens[:, :, :1, None].expand(-1, -1, n_groups, -1, -1)
-        return torch.cat([cell, by_group(tokens)], dim=3)
-
-    keep = None  # padding keys are masked out; uniform groups dividing g have none
-    if groups.padding:
-        keep = F.pad(groups.valid, (1, 0), value=True)[:, None, :]  # (groups, 1, 1 + largest)
-    weights = _l2_normalised_exp(by_group(q * dim**-0.5) @ with_cell(k).transpose(-1, -2), keep)
-    gene_output = (weights @ with_cell(v)).view(n_cells, n_heads, n_groups * largest, dim)
-    gene_output = gene_output.index_select(2, groups.position)
+    q = q * q.shape[-1] ** -0.5
+    gene_outputs = []
+    for index in groups.buckets:
+        weights = _l2_normalised_exp(_by_group(q, index) @ _with_cell(k, index).mT)
+        gene_outputs.append((weights @ _with_cell(v, index)).flatten(2, 3))
+    gene_output = torch.cat(gene_outputs, dim=2).index_select(2, groups.position)
     return torch.cat([cell_output, gene_output], dim=2), cell_weights
 
 
 def affine_local_attention(
-    cell: torch.Tensor, gene: torch.Tensor, groups: PaddedGroups
+    cell: torch.Tensor, gene: torch.Tensor, groups: GeneGroups
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Local attention (eq. 6-7) of the tokens ``[c, c + G_1, ..., c + G_g]`` from the affine
     parts of their queries, keys and values.
@@ -193,9 +192,7 @@ def affine_local_attention(
     """
     cell_q, cell_k, cell_v = cell.unbind(0)
     gene_q, gene_k, gene_v = gene.unbind(0)
-    n_cells, n_heads, dim = cell_q.shape
-    n_groups, largest = groups.index.shape
-    scale = dim**-0.5
+    scale = cell_q.shape[-1] ** -0.5
     key_scores = torch.einsum("bhd,hgd->hgb", cell_q * scale, gene_k)  # t: (heads, genes, cells)
 
     # the cell row: relative scores [0, t]
@@ -203,36 +200,86 @@ def affine_local_attention(
     cell_output = cell_weights.sum(-1, keepdim=True) * cell_v
     cell_output = cell_output + torch.einsum("bhg,hgd->bhd", cell_weights[..., 1:], gene_v)
 
-    def by_group(tokens: torch.Tensor) -> torch.Tensor:  # (heads, genes, ...) -> (h, G, L, ...)
-        grouped = tokens.index_select(1, groups.index.ravel())
-        return grouped.view(n_heads, n_groups, largest, *tokens.shape[2:])
-
-    with torch.autocast(cell.device.type, enabled=False):
-        wide = torch.float64
-        shared = (by_group(gene_q).to(wide) * scale) @ by_group(gene_k).to(wide).mT  # C
-        per_cell = by_group(key_scores).to(wide)  # (heads, G, L keys, cells)
-        if groups.padding:
-            shared = shared.masked_fill(~groups.valid[None, :, None, :], float("-inf"))
-            per_cell = per_cell.masked_fill(~groups.valid[None, :, :, None], float("-inf"))
-        shared_max = shared.detach().amax(-1, keepdim=True)  # (h, G, L rows, 1)
-        per_cell_max = per_cell.detach().amax(2, keepdim=True)  # (h, G, 1, cells)
-        shared_exp = torch.exp(shared - shared_max)
-        per_cell_exp = torch.exp(per_cell - per_cell_max)
-        # each row is shifted by max(row bound, 0): no term exceeds 1
-        row_bound = shared_max + per_cell_max  # (h, G, L rows, cells)
-        shift = row_bound.clamp_min(0)
-        gene_factor, cell_factor = torch.exp(row_bound - shift), torch.exp(-shift)
-        weight_sum = shared_exp @ per_cell_exp  # sum over the group's keys
-        squared_sum = shared_exp.square() @ per_cell_exp.square()
-        norm = torch.sqrt(cell_factor.square() + gene_factor.square() * squared_sum)
-        values = per_cell_exp[..., None] * by_group(gene_v).to(wide)[:, :, :, None]
-        attended = (shared_exp @ values.flatten(3)).view(*values.shape)  # (h, G, L, cells, d)
-        on_cell = ((cell_factor + gene_factor * weight_sum) / norm).to(cell.dtype)
-        gene_output = ((gene_factor / norm)[..., None] * attended).to(cell.dtype)
-    gene_output = gene_output + on_cell[..., None] * cell_v.permute(1, 0, 2)[:, None, None]
-    gene_output = gene_output.view(n_heads, n_groups * largest, n_cells, dim)
+    with _autocast_off(cell.device):
+        gene_q, gene_k, gene_v = (part.double() for part in (gene_q * scale, gene_k, gene_v))
+        key_scores = key_scores.double()
+        gene_outputs, on_cell = [], []
+        for index in groups.buckets:
+            on_cell_bucket, gene_bucket = _affine_group_rows(
+                gene_q[:, index], gene_k[:, index], gene_v[:, index], key_scores[:, index]
+            )
+            on_cell.append(on_cell_bucket.flatten(1, 2))
+            gene_outputs.append(gene_bucket.flatten(1, 2))
+    on_cell = torch.cat(on_cell, dim=1).to(cell.dtype)  # (heads, genes, cells)
+    gene_output = torch.cat(gene_outputs, dim=1).to(cell.dtype)  # (heads, genes, cells, dim)
+    gene_output = gene_output + on_cell[..., None] * cell_v.permute(1, 0, 2)[:, None]
     gene_output = gene_output.index_select(1, groups.position).permute(2, 0, 1, 3)
     return torch.cat([cell_output[:, :, None], gene_output], dim=2), cell_weights
+
+
+def _affine_group_rows(
+    gene_q: torch.Tensor, gene_k: torch.Tensor, gene_v: torch.Tensor, key_scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gene rows of :func:`affine_local_attention` for a bucket of equal-size groups.
+
+    ``gene_q`` (scaled), ``gene_k``, ``gene_v``: (heads, groups, size, dim); ``key_scores``
+    ``t``: (heads, groups, size, cells). Returns each row's weight on the cell token's value
+    (heads, groups, size, cells) and its attended gene values (..., cells, dim).
+    """
+    shared = gene_q @ gene_k.mT  # C: (heads, groups, size rows, size keys)
+    shared_max = shared.detach().amax(-1, keepdim=True)  # (h, G, rows, 1)
+    per_cell_max = key_scores.detach().amax(2, keepdim=True)  # (h, G, 1, cells)
+    shared_exp = torch.exp(shared - shared_max)
+    per_cell_exp = torch.exp(key_scores - per_cell_max)
+    # each row is shifted by max(row bound, 0): no term exceeds 1
+    row_bound = shared_max + per_cell_max  # (h, G, rows, cells)
+    shift = row_bound.clamp_min(0)
+    gene_factor, cell_factor = torch.exp(row_bound - shift), torch.exp(-shift)
+    weight_sum = shared_exp @ per_cell_exp  # sum over the group's keys
+    squared_sum = shared_exp.square() @ per_cell_exp.square()
+    norm = torch.sqrt(cell_factor.square() + gene_factor.square() * squared_sum)
+    values = per_cell_exp[..., None] * gene_v[:, :, :, None]  # (h, G, keys, cells, dim)
+    attended = (shared_exp @ values.flatten(3)).view(*values.shape)
+    on_cell = (cell_factor + gene_factor * weight_sum) / norm
+    return on_cell, (gene_factor / norm)[..., None] * attended
+
+
+def affine_full_attention(
+    cell: torch.Tensor, gene: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full (softmax) attention of the tokens ``[c, c + G_1, ..., c + G_g]`` from the affine
+    parts of their queries, keys and values (the arguments of :func:`affine_local_attention`).
+
+    Relative to its score with the cell key, which the softmax cancels, row ``i`` scores key
+    ``j`` by ``C[i, j] + t[j]`` (the cell token's offsets are zero), so its softmax is
+    ``exp(C[i, j]) exp(t[j]) / sum``: one shared (1 + g) x (1 + g) matrix of ``exp(C)``
+    per head, multiplied by per-cell columns, and no cells x tokens x tokens tensor. Rows
+    sum to one, so each output is the cell's value plus the weighted gene offsets. Float64,
+    autocast off, each part shifted by its own maximum: exact while a row's bound exceeds
+    its largest score by less than about 700. The shared matrices take
+    ``heads x (1 + g) ** 2`` float64 numbers (80 MB for 10 heads and 1000 genes; 2 GB at
+    5000): use ``full_implementation="fused"`` of :class:`CGRANModule` where that is too much.
+
+    Returns
+    -------
+    The outputs (cells, heads, 1 + genes, dim) and the cell row's softmax weights
+    (cells, heads, 1 + genes).
+    """
+    cell_q, cell_k, cell_v = cell.unbind(0)
+    gene_q, gene_k, gene_v = F.pad(gene, (0, 0, 1, 0)).unbind(0)  # token 0 adds nothing
+    scale = cell_q.shape[-1] ** -0.5
+    key_scores = torch.einsum("bhd,hgd->hgb", cell_q * scale, gene_k)  # t: (h, 1 + g, cells)
+    cell_weights = torch.softmax(key_scores.permute(2, 0, 1), dim=-1)
+    with _autocast_off(cell.device):
+        shared = (gene_q.double() * scale) @ gene_k.double().mT  # C: (h, rows, keys)
+        shared_exp = torch.exp(shared - shared.detach().amax(-1, keepdim=True))
+        key_scores = key_scores.double()
+        per_cell_exp = torch.exp(key_scores - key_scores.detach().amax(1, keepdim=True))
+        weight_sum = shared_exp @ per_cell_exp  # (h, rows, cells)
+        values = per_cell_exp[..., None] * gene_v.double()[:, :, None]  # (h, keys, cells, d)
+        attended = (shared_exp @ values.flatten(2)).view(values.shape)
+        attended = (attended / weight_sum[..., None]).to(cell.dtype)
+    return attended.permute(2, 0, 1, 3) + cell_v[:, :, None], cell_weights
 
 
 def dense_local_attention(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -13,14 +14,14 @@ from torch import nn
 from scvi_ext.base import NonGenerativeModule, classification_loss, log_scaled_counts
 
 from ._attention import (
-    PaddedGroups,
+    affine_full_attention,
     affine_local_attention,
     cell_row_attention,
     dense_local_attention,
     full_attention,
+    gene_groups,
     grouped_local_attention,
     local_mask,
-    padded_groups,
 )
 from ._embedding import uniform_groups
 
@@ -30,6 +31,14 @@ COUNTS_PER_CELL = 1e5
 AttentionKind = Literal["local", "full"]
 LocalImplementation = Literal["factorised", "grouped", "dense"]
 LOCAL_IMPLEMENTATIONS: tuple[str, ...] = ("factorised", "grouped", "dense")
+FullImplementation = Literal["factorised", "fused"]
+FULL_IMPLEMENTATIONS: tuple[str, ...] = ("factorised", "fused")
+
+#: ``attend(q, k, v) -> (outputs, cell weights)``, on (cells, heads, tokens, dim) tensors.
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: The first block's attention from the tokens' affine parts (``cell``, ``gene``), as
+#: :func:`affine_local_attention` takes them.
+AffineAttend = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class AttentionBlock(nn.Module):
@@ -52,7 +61,7 @@ class AttentionBlock(nn.Module):
         heads = self.query_key_value(x).view(n_cells, n_tokens, 3, self.n_heads, self.head_dim)
         return list(heads.permute(2, 0, 3, 1, 4).unbind(0))
 
-    def forward(self, x: torch.Tensor, attend, local: bool, cell_only: bool = False):
+    def forward(self, x: torch.Tensor, attend: Attend, local: bool, cell_only: bool = False):
         """Block output and the cell token's attention weights (cells, heads, tokens).
 
         ``attend(q, k, v) -> (outputs, cell weights)``; ``local`` says whether it is local
@@ -76,10 +85,10 @@ class AttentionBlock(nn.Module):
         self,
         cells: torch.Tensor,
         genes: torch.Tensor,
-        attend,
+        attend: Attend,
         local: bool,
-        cell_only=False,
-        groups: PaddedGroups | None = None,
+        cell_only: bool = False,
+        affine_attend: AffineAttend | None = None,
     ):
         """:meth:`forward` of the tokens ``[c, c + G_1, ..., c + G_g]`` (eq. 5), never formed.
 
@@ -87,8 +96,9 @@ class AttentionBlock(nn.Module):
         ``Linear(c + G_j) = Linear(c) + W G_j``: ``W G`` is computed once for all cells and
         broadcast-added to each cell's ``Linear(c)`` (the cell token's own value). This
         saves the ``cells x genes`` products of the layers, in the forward and the backward.
-        With ``groups`` (local attention), the attention itself is computed from those two
-        parts by :func:`affine_local_attention` and ``attend`` is not used.
+        With ``affine_attend`` (:func:`affine_local_attention` or
+        :func:`affine_full_attention`), the attention itself is computed from those two
+        parts and ``attend`` is not used.
         """
         offsets = F.pad(genes, (0, 0, 1, 0))  # (1 + g, d): token 0, the cell, adds nothing
         n_heads, head_dim = self.n_heads, self.head_dim
@@ -96,10 +106,10 @@ class AttentionBlock(nn.Module):
         residual = self.residual(cells)[:, None]
         if not cell_only:
             residual = residual + offsets @ self.residual.weight.T
-        if groups is not None and not cell_only:
+        if affine_attend is not None and not cell_only:
             by_gene = (genes @ self.query_key_value.weight.T).view(-1, 3, n_heads, head_dim)
-            attended, cell_weights = affine_local_attention(
-                by_cell.squeeze(3).movedim(1, 0), by_gene.permute(1, 2, 0, 3), groups
+            attended, cell_weights = affine_attend(
+                by_cell.squeeze(3).movedim(1, 0), by_gene.permute(1, 2, 0, 3)
             )
             return self._output(attended, residual), cell_weights
         by_token = (offsets @ self.query_key_value.weight.T).view(-1, 3, n_heads, head_dim)
@@ -150,6 +160,12 @@ class CGRANModule(NonGenerativeModule):
         ``"grouped"`` (every block group by group) or ``"dense"`` (the masked
         (g + 1) x (g + 1) matrix, for tests and the scaling study). All three compute the
         same attention.
+    full_implementation
+        ``"factorised"`` (the first block by :func:`affine_full_attention`: per head, a
+        shared (g + 1) x (g + 1) float64 matrix, 80 MB for 10 heads at g = 1000, 2 GB at
+        5000; on an MPS device, fused) or ``"fused"`` (PyTorch's
+        ``scaled_dot_product_attention`` on the formed tokens). Both compute the same
+        attention.
     """
 
     def __init__(
@@ -163,6 +179,7 @@ class CGRANModule(NonGenerativeModule):
         head_dims: tuple[int, int] = (8, 4),
         dropout_rate: float = 0.1,
         local_implementation: LocalImplementation = "factorised",
+        full_implementation: FullImplementation = "factorised",
     ):
         super().__init__()
         if local_implementation not in LOCAL_IMPLEMENTATIONS:
@@ -170,14 +187,20 @@ class CGRANModule(NonGenerativeModule):
                 f"local_implementation must be one of {LOCAL_IMPLEMENTATIONS}, "
                 f"not {local_implementation!r}."
             )
+        if full_implementation not in FULL_IMPLEMENTATIONS:
+            raise ValueError(
+                f"full_implementation must be one of {FULL_IMPLEMENTATIONS}, "
+                f"not {full_implementation!r}."
+            )
         self.n_labels = n_labels
         self.attention = attention
         self.local_implementation = local_implementation
+        self.full_implementation = full_implementation
         self.register_buffer("gene_vectors", torch.zeros(n_input, n_embedding))
         self.register_buffer("fold_in", torch.zeros(n_input, n_embedding))
         self.register_buffer("gene_group", uniform_groups(n_input, group_size))
         self.register_buffer("embedding_fitted", torch.tensor(False))
-        self._padded_groups = padded_groups(self.gene_group)
+        self._gene_groups = gene_groups(self.gene_group)
         self.register_load_state_dict_post_hook(lambda module, _: module._group_genes())
         widths = [n_embedding] + [n_heads * dim for dim in head_dims]
         self.blocks = nn.ModuleList(
@@ -198,14 +221,14 @@ class CGRANModule(NonGenerativeModule):
         self._group_genes()
 
     def _group_genes(self) -> None:
-        """Build the padded gene groups once, when the groups are set or loaded."""
+        """Build the gene groups once, when the groups are set or loaded."""
         device = self.gene_group.device
-        self._padded_groups = padded_groups(self.gene_group.cpu()).to(device)
+        self._gene_groups = gene_groups(self.gene_group.cpu()).to(device)
 
     def _apply(self, fn, *args, **kwargs):
-        """Move the padded gene groups with the module (``to``, ``cuda``...)."""
+        """Move the gene groups with the module (``to``, ``cuda``...)."""
         module = super()._apply(fn, *args, **kwargs)
-        self._padded_groups = self._padded_groups.to(self.gene_group.device)
+        self._gene_groups = self._gene_groups.to(self.gene_group.device)
         return module
 
     @staticmethod
@@ -223,15 +246,27 @@ class CGRANModule(NonGenerativeModule):
         return torch.cat([cells, cells + self.gene_vectors], dim=1)
 
     # ------------------------------------------------------------------ attention
-    def _attend(self):
+    def _attend(self) -> Attend:
         """``attend(q, k, v) -> (outputs, cell weights)`` of the chosen attention."""
         if self.attention == "full":
             return full_attention
         if self.local_implementation == "dense":
             mask = local_mask(self.gene_group)
             return lambda q, k, v: dense_local_attention(q, k, v, mask)
-        groups = self._padded_groups
+        groups = self._gene_groups
         return lambda q, k, v: grouped_local_attention(q, k, v, groups)
+
+    def _affine_attend(self, device: torch.device) -> AffineAttend | None:
+        """The first block's factorised attention, or ``None`` where it is not used (not
+        chosen, or an Apple MPS device, which has no float64)."""
+        if device.type == "mps":
+            return None
+        if self.attention == "full":
+            return affine_full_attention if self.full_implementation == "factorised" else None
+        if self.local_implementation == "factorised":
+            groups = self._gene_groups
+            return lambda cell, gene: affine_local_attention(cell, gene, groups)
+        return None
 
     def encode(
         self, x_normalized: torch.Tensor, n_blocks: int | None = None
@@ -243,16 +278,13 @@ class CGRANModule(NonGenerativeModule):
         if n_blocks == 0:
             return self.tokens(x_normalized), []
         first, *rest = self.blocks[:n_blocks]
-        # the factorised form computes in float64, which Apple's MPS devices do not have
-        factorised = local and self.local_implementation == "factorised"
-        factorised = factorised and x_normalized.device.type != "mps"
         x, cell_weights = first.forward_cell_and_genes(
             self.cell_vectors(x_normalized),
             self.gene_vectors,
             attend,
             local,
             cell_only=len(self.blocks) == 1,
-            groups=self._padded_groups if factorised else None,
+            affine_attend=self._affine_attend(x_normalized.device),
         )
         weights = [cell_weights]
         for i, block in enumerate(rest, start=1):
