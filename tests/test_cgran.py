@@ -684,7 +684,9 @@ def test_accuracy_well_above_chance_on_kang_pbmcs():
 
 
 # ---- the genes study
-def test_genes_study_is_registered_and_grouped_attention_needs_less_time_and_memory():
+def test_genes_study_finds_each_fast_attention_ahead_of_the_form_it_replaces():
+    """Grouped vs dense: less time and memory; factorised vs grouped: less memory; factorised
+    full attention vs PyTorch's fused: less time (2x measured at this size)."""
     from scvi_ext.benchmark import STUDIES
     from scvi_ext.benchmark._cgran_scaling import attention_scaling
 
@@ -695,6 +697,7 @@ def test_genes_study_is_registered_and_grouped_attention_needs_less_time_and_mem
     assert table["speedup"].iloc[0] > 1
     # no cells x genes x group tensor: below the grouped layer's memory at 16 cells
     assert table["factorised_peak_mib"].iloc[0] < table["grouped_peak_mib"].iloc[0]
+    assert table["full_speedup"].iloc[0] > 1
 
 
 # ---- benchmark rows

@@ -258,7 +258,8 @@ def affine_full_attention(
     autocast off, each part shifted by its own maximum: exact while a row's bound exceeds
     its largest score by less than about 700. The shared matrices take
     ``heads x (1 + g) ** 2`` float64 numbers (80 MB for 10 heads and 1000 genes; 2 GB at
-    5000): use ``full_implementation="fused"`` of :class:`CGRANModule` where that is too much.
+    5000; forward and backward peak at about four times that): use
+    ``full_implementation="fused"`` of ``CGRANModule`` where that is too much.
 
     Returns
     -------

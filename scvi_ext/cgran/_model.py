@@ -74,7 +74,11 @@ class CGRAN(
         ``"uniform"`` (``group_size`` genes in order) or ``"kmeans"`` (k-means of the
         gene vectors into ``ceil(genes / group_size)`` groups).
     attention
-        ``"local"`` (eq. 6-7) or ``"full"`` (softmax over all tokens).
+        ``"local"`` (eq. 6-7) or ``"full"`` (softmax over all tokens; its first block is
+        computed from a float64 (1 + g) x (1 + g) matrix per head: its forward and
+        backward peak at 0.45 GB at g = 1000 and 7.7 GB at 5000. Where memory is short,
+        ``model.module.full_implementation = "fused"`` uses PyTorch's fused attention:
+        the same results, about 3x slower).
     group_size
         Genes per group (paper: 100); at most the number of genes.
     n_heads
