@@ -258,7 +258,7 @@ def affine_full_attention(
     autocast off, each part shifted by its own maximum: exact while a row's bound exceeds
     its largest score by less than about 700. The shared matrices take
     ``heads x (1 + g) ** 2`` float64 numbers (80 MB for 10 heads and 1000 genes; 2 GB at
-    5000; forward and backward peak at about four times that): use
+    5000; forward and backward peak at about three times that): use
     ``full_implementation="fused"`` of ``CGRANModule`` where that is too much.
 
     Returns
@@ -271,16 +271,19 @@ def affine_full_attention(
     scale = cell_q.shape[-1] ** -0.5
     key_scores = torch.einsum("bhd,hgd->hgb", cell_q * scale, gene_k)  # t: (h, 1 + g, cells)
     cell_weights = torch.softmax(key_scores.permute(2, 0, 1), dim=-1)
+    n_cells, n_heads, dim = cell_v.shape
     with _autocast_off(cell.device):
         shared = (gene_q.double() * scale) @ gene_k.double().mT  # C: (h, rows, keys)
-        shared_exp = torch.exp(shared - shared.detach().amax(-1, keepdim=True))
+        # in place: the product saves its inputs, not this g x g output
+        shared_exp = torch.exp(shared.sub_(shared.detach().amax(-1, keepdim=True)))
         key_scores = key_scores.double()
         per_cell_exp = torch.exp(key_scores - key_scores.detach().amax(1, keepdim=True))
-        weight_sum = shared_exp @ per_cell_exp  # (h, rows, cells)
         values = per_cell_exp[..., None] * gene_v.double()[:, :, None]  # (h, keys, cells, d)
-        attended = (shared_exp @ values.flatten(2)).view(values.shape)
-        attended = (attended / weight_sum[..., None]).to(cell.dtype)
-    return attended.permute(2, 0, 1, 3) + cell_v[:, :, None], cell_weights
+        # one product for the weights' sums and the attended values: one g x g gradient
+        summed = shared_exp @ torch.cat([per_cell_exp, values.flatten(2)], dim=-1)
+        weight_sum, attended = summed.split([n_cells, n_cells * dim], dim=-1)
+        attended = attended.view(n_heads, -1, n_cells, dim) / weight_sum[..., None]
+    return attended.to(cell.dtype).permute(2, 0, 1, 3) + cell_v[:, :, None], cell_weights
 
 
 def dense_local_attention(

@@ -76,7 +76,7 @@ class CGRAN(
     attention
         ``"local"`` (eq. 6-7) or ``"full"`` (softmax over all tokens; its first block is
         computed from a float64 (1 + g) x (1 + g) matrix per head: its forward and
-        backward peak at 0.45 GB at g = 1000 and 7.7 GB at 5000. Where memory is short,
+        backward peak at 0.45 GB at g = 1000 and 5.8 GB at 5000. Where memory is short,
         ``model.module.full_implementation = "fused"`` uses PyTorch's fused attention:
         the same results, about 3x slower).
     group_size

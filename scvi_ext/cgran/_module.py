@@ -163,7 +163,7 @@ class CGRANModule(NonGenerativeModule):
     full_implementation
         ``"factorised"`` (the first block by :func:`affine_full_attention`: per head, a
         shared (g + 1) x (g + 1) float64 matrix; 10 heads' forward and backward peak at
-        0.45 GB at g = 1000, 7.7 GB at 5000; on an MPS device, fused) or ``"fused"``
+        0.45 GB at g = 1000, 5.8 GB at 5000; on an MPS device, fused) or ``"fused"``
         (PyTorch's ``scaled_dot_product_attention`` on the formed tokens: less memory,
         about 3x the time on a CPU). Both compute the same attention.
     """
