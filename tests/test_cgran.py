@@ -113,6 +113,30 @@ def test_save_load_gives_identical_predictions_attention_and_embedding(reference
         model.save(folder)
 
 
+def test_a_saved_kmeans_full_attention_model_loads_its_unequal_groups_and_predicts_the_same(
+    tmp_path,
+):
+    """The k-means groups are buffers: loading rebuilds their stacks (the initial uniform
+    groups would classify silently differently)."""
+    reference, query = _simulated()
+    CGRAN.setup_anndata(reference, labels_key="cell_type")
+    model = CGRAN(
+        reference, embedding="mf", grouping="kmeans", attention="full", mf_epochs=5, **SMALL
+    )
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    sizes = sorted(torch.bincount(model.module.gene_group).tolist())
+    assert len(set(sizes) - {0}) > 1  # unequal k-means groups: more than one stack
+    model.save(str(tmp_path / "cgran"))
+    loaded = CGRAN.load(str(tmp_path / "cgran"), adata=False)
+    for got, expected in zip(
+        loaded.module._gene_groups.buckets, model.module._gene_groups.buckets, strict=True
+    ):
+        assert torch.equal(got, expected)
+    np.testing.assert_array_equal(loaded.predict_proba(query), model.predict_proba(query))
+    loaded.module.attention = model.module.attention = "local"  # the groups' own attention
+    np.testing.assert_array_equal(loaded.predict_proba(query), model.predict_proba(query))
+
+
 def test_paper_training_defaults():
     reference, _ = _simulated()
     CGRAN.setup_anndata(reference, labels_key="cell_type")
