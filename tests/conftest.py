@@ -95,3 +95,42 @@ def record_trained_adam_eps(monkeypatch, model_cls) -> list[float]:
 
     monkeypatch.setattr(model_cls, "train", recording_train)
     return used
+
+
+def assert_balanced_classes_weight_the_loss_refitted_per_train(
+    model_cls, reference, query, model_kwargs: dict
+) -> None:
+    """``model_cls(..., balance_classes=True)`` (a ``CrossEntropyModule``): the plain model
+    keeps unit weights; the balanced one weighs each type by its inverse frequency among the
+    labelled cells (10 cells of one type here), its loss is torch's weighted cross-entropy,
+    the weights are refitted from the query's labels after ``load_query_data`` and are not
+    saved."""
+    import torch
+    import torch.nn.functional as F
+
+    scvi.settings.seed = 0
+    rare = (reference.obs["cell_type"] == sorted(set(reference.obs["cell_type"]))[0]).to_numpy()
+    reference = reference[~rare | (np.cumsum(rare) <= 10)].copy()
+    model_cls.setup_anndata(reference, labels_key="cell_type")
+    plain = model_cls(reference, **model_kwargs)
+    assert not plain.module.balance_classes
+    plain.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+    torch.testing.assert_close(plain.module.label_weights, torch.ones(plain.module.n_labels))
+    model = model_cls(reference, **model_kwargs, balance_classes=True)
+    model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+    counts = reference.obs["cell_type"].value_counts()[model.label_names].to_numpy()
+    expected = (1 / counts) / (1 / counts).sum()
+    np.testing.assert_allclose(model.module.label_weights.numpy(), expected, rtol=1e-6)
+    tensors = next(iter(model.iter_minibatches()))
+    outputs = model.module.inference(**model.module._get_inference_input(tensors))
+    loss = model.module.loss(tensors, outputs, {}).loss
+    labels = tensors["labels"].long().ravel()
+    weights = model.module.label_weights
+    torch.testing.assert_close(loss, F.cross_entropy(outputs["logits"], labels, weight=weights))
+    query_model = model_cls.load_query_data(query, model)
+    assert query_model.module.balance_classes
+    query_model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
+    query_counts = query.obs["cell_type"].value_counts()[model.label_names].to_numpy()
+    expected = (1 / query_counts) / (1 / query_counts).sum()
+    np.testing.assert_allclose(query_model.module.label_weights.numpy(), expected, rtol=1e-6)
+    assert "label_weights" not in model.module.state_dict()

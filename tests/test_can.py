@@ -6,9 +6,13 @@ import pytest
 import scvi
 import torch
 from anndata import AnnData
-from conftest import assert_trained_with_plain_adam, ddp_rank_results, requires_shared_data
+from conftest import (
+    assert_balanced_classes_weight_the_loss_refitted_per_train,
+    assert_trained_with_plain_adam,
+    ddp_rank_results,
+    requires_shared_data,
+)
 from torch import nn
-from torch.nn import functional as F
 
 from scvi_ext.base import (
     PLAIN_ADAM_PLAN,
@@ -237,35 +241,8 @@ def test_saliency_of_a_query_with_reversed_genes_names_the_same_genes(reference_
 
 
 def test_balanced_classes_weight_the_loss_by_inverse_type_frequency_refitted_per_train():
-    scvi.settings.seed = 0
     reference, query = _simulated()
-    rare = (reference.obs["cell_type"] == sorted(set(reference.obs["cell_type"]))[0]).to_numpy()
-    reference = reference[~rare | (np.cumsum(rare) <= 10)].copy()  # 10 cells of one type
-    CAN.setup_anndata(reference, labels_key="cell_type")
-    plain = CAN(reference, **SMALL)
-    assert not plain.module.balance_classes
-    plain.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
-    torch.testing.assert_close(plain.module.label_weights, torch.ones(4))
-    model = CAN(reference, **SMALL, balance_classes=True)
-    model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
-    counts = reference.obs["cell_type"].value_counts()[model.label_names].to_numpy()
-    expected = (1 / counts) / (1 / counts).sum()
-    np.testing.assert_allclose(model.module.label_weights.numpy(), expected, rtol=1e-6)
-    # the loss a training step logs is the weighted mean
-    tensors = next(iter(model.iter_minibatches()))
-    outputs = model.module.inference(**model.module._get_inference_input(tensors))
-    loss = model.module.loss(tensors, outputs, {}).loss
-    labels = tensors["labels"].long().ravel()
-    weights = model.module.label_weights
-    torch.testing.assert_close(loss, F.cross_entropy(outputs["logits"], labels, weight=weights))
-    # the weights are refitted from the query's labels, and are not part of a saved model
-    query_model = CAN.load_query_data(query, model)
-    assert query_model.module.balance_classes
-    query_model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
-    query_counts = query.obs["cell_type"].value_counts()[model.label_names].to_numpy()
-    expected = (1 / query_counts) / (1 / query_counts).sum()
-    np.testing.assert_allclose(query_model.module.label_weights.numpy(), expected, rtol=1e-6)
-    assert "label_weights" not in model.module.state_dict()
+    assert_balanced_classes_weight_the_loss_refitted_per_train(CAN, reference, query, SMALL)
 
 
 def test_integrated_gradient_saliency_ranks_each_types_markers_first(reference_model):

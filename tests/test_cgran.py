@@ -6,7 +6,12 @@ import pytest
 import scvi
 import torch
 from anndata import AnnData
-from conftest import assert_trained_with_plain_adam, ddp_rank_results, requires_shared_data
+from conftest import (
+    assert_balanced_classes_weight_the_loss_refitted_per_train,
+    assert_trained_with_plain_adam,
+    ddp_rank_results,
+    requires_shared_data,
+)
 
 from scvi_ext.base import (
     PLAIN_ADAM_PLAN,
@@ -669,10 +674,17 @@ def test_bad_arguments_are_refused_with_what_to_change(reference_model):
         CGRAN(reference, **{**SMALL, "n_embedding": 0})
     with pytest.raises(ValueError, match=r"setting must be one of \['A', 'B', 'C'\]"):
         CGRAN.load_query_data(query, model, setting="D")
+    with pytest.raises(ValueError, match="balance_classes must be True or False, not 'yes'"):
+        CGRAN(reference, **SMALL, balance_classes="yes")
     with pytest.raises(ValueError, match="top_k must be between 1 and the number of genes"):
         model.marker_genes(top_k=0)
     with pytest.raises(ValueError, match=r"min_fraction must be in \(0, 1\]"):
         model.marker_genes(min_fraction=1.5)
+
+
+def test_balanced_classes_weight_the_loss_by_inverse_type_frequency_refitted_per_train():
+    reference, query = _simulated()
+    assert_balanced_classes_weight_the_loss_refitted_per_train(CGRAN, reference, query, SMALL)
 
 
 def test_fewer_cells_than_the_embedding_dimension_is_refused_at_train_and_transfer(
@@ -736,22 +748,29 @@ def test_benchmark_rows_reach_cgrans_optimizer_plan(monkeypatch):
         output = train(self, *args, **kwargs)
         group = self.trainer.optimizers[0].param_groups[0]
         restores = self.trainer.lightning_module.restore_best_weights
-        seen.append((group["eps"], group["weight_decay"], restores))
+        balances = self.module.balance_classes
+        seen.append((group["eps"], group["weight_decay"], restores, balances))
         return output
 
     monkeypatch.setattr(CGRAN, "train", spy)
     reference, query = _simulated()
     settings = []
-    for row in ("cgran_svd_uniform_local", "cgran_eps1e-2_best_epoch"):
+    for row in ("cgran_svd_uniform_local", "cgran_eps1e-2_best_epoch", "cgran_balanced"):
         method, options = CLASSIFICATION_METHODS[row]
         assert method == "cgran"
-        result = METHODS["cgran"](
-            reference, query, "cell_type", 0, max_epochs=1, model_kwargs=SMALL, **options
-        )
+        options = {"model_kwargs": {}, **options}
+        options["model_kwargs"] = {**SMALL, **options["model_kwargs"]}
+        result = METHODS["cgran"](reference, query, "cell_type", 0, max_epochs=1, **options)
         settings.append(result.settings)
-    assert seen == [(1e-8, 0.0, False), (1e-2, 1e-6, True)]  # the former defaults
+    assert seen == [
+        (1e-8, 0.0, False, False),
+        (1e-2, 1e-6, True, False),  # the former defaults
+        (1e-8, 0.0, False, True),
+    ]
+    sizes = "".join(f", {key} {value}" for key, value in SMALL.items())
     assert settings == [
-        "100 genes, 1 epochs, svd/uniform/local",
+        "100 genes, 1 epochs, svd/uniform/local" + sizes,
         "100 genes, 1 epochs, eps 0.01, weight_decay 1e-06, restore_best_weights True, "
-        "svd/uniform/local",
+        "svd/uniform/local" + sizes,
+        "100 genes, 1 epochs, svd/uniform/local" + sizes + ", balance_classes True",
     ]

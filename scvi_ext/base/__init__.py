@@ -28,6 +28,7 @@ from ._distributed import barrier, global_rank, is_main_process, on_main_process
 from ._embedding import EmbeddingMixin
 from ._inference import InferenceMixin, valid_plan_kwargs
 from ._module import (
+    CrossEntropyModule,
     NonGenerativeModule,
     classification_loss,
     labelled_cross_entropy,
@@ -69,13 +70,20 @@ from ._splitter import (
     drop_small_last_batch,
     labelled_mask,
 )
-from ._statistics import class_means, class_sums, class_weights, labelled_class_weights
+from ._statistics import (
+    class_means,
+    class_sums,
+    class_weights,
+    fit_label_weights,
+    labelled_class_weights,
+)
 
 __all__ = [
     "PLAIN_ADAM_PLAN",
     "BASE_NOVELTY_METHODS",
     "LABELLED",
     "MIN_GENE_FRACTION",
+    "CrossEntropyModule",
     "NonGenerativeModule",
     "classification_loss",
     "labelled_cross_entropy",
@@ -112,6 +120,7 @@ __all__ = [
     "create_optimizer",
     "detached_anndata",
     "registered_obs",
+    "fit_label_weights",
     "fit_temperature",
     "global_rank",
     "is_main_process",

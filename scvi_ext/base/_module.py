@@ -3,6 +3,7 @@ several modules share: per-cell log normalisation and the labelled cross-entropy
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
@@ -71,3 +72,41 @@ class NonGenerativeModule(BaseModuleClass):
     def generative(self) -> dict:
         """No generative model."""
         return {}
+
+
+class CrossEntropyModule(NonGenerativeModule):
+    """A :class:`NonGenerativeModule` classifier trained by the cross-entropy of the
+    ``logits`` its ``inference`` returns, over the labelled cells.
+
+    Parameters
+    ----------
+    n_labels
+        Number of cell types (the unlabeled category is code ``n_labels``).
+    balance_classes
+        Weight each cell's cross-entropy by the inverse frequency of its type
+        (``label_weights``: filled by :func:`~scvi_ext.base.fit_label_weights` before each
+        training, not saved); the loss is their weighted mean.
+    """
+
+    def __init__(self, n_labels: int, balance_classes: bool = False):
+        super().__init__()
+        if not isinstance(balance_classes, bool | np.bool_):
+            raise ValueError(f"balance_classes must be True or False, not {balance_classes!r}.")
+        self.n_labels = n_labels
+        self.balance_classes = bool(balance_classes)
+        # a training statistic of the labels, fitted at every train call: not saved
+        self.register_buffer("label_weights", torch.ones(n_labels), persistent=False)
+
+    def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
+        """Cross-entropy of the labelled cells (weighted by ``label_weights`` with
+        ``balance_classes``); their accuracy as an extra metric."""
+        return classification_loss(
+            inference_outputs["logits"],
+            tensors[REGISTRY_KEYS.LABELS_KEY],
+            self.n_labels,
+            self.label_weights if self.balance_classes else None,
+        )
+
+    def predict_logits(self, tensors: dict) -> torch.Tensor:
+        """Class logits of a minibatch."""
+        return self.inference(**self._get_inference_input(tensors))["logits"]

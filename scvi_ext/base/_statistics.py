@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager
+from scvi.model.base import BaseModelClass
 
 from ._splitter import labelled_mask
 
@@ -51,3 +53,14 @@ def labelled_class_weights(
     of the labelled cells."""
     codes = adata_manager.get_from_registry(registry_key).ravel()
     return class_weights(codes[labelled_mask(adata_manager)], n_classes)
+
+
+def fit_label_weights(model: BaseModelClass) -> None:
+    """Refit a :class:`~scvi_ext.base.CrossEntropyModule`'s ``label_weights`` from the
+    model's labelled cells when it balances classes (a model's ``fit_statistics``)."""
+    module = model.module
+    if module.balance_classes:
+        weights = labelled_class_weights(
+            model.adata_manager, REGISTRY_KEYS.LABELS_KEY, module.n_labels
+        )
+        module.label_weights.copy_(weights.to(module.label_weights))

@@ -64,6 +64,8 @@ CLASSIFICATION_METHODS: dict[str, tuple[str, dict]] = {
     "cgran_mf_uniform_local": ("cgran", {"embedding": "mf"}),
     "cgran_mf_kmeans_local": ("cgran", {"embedding": "mf", "grouping": "kmeans"}),
     "cgran_mf_full": ("cgran", {"embedding": "mf", "attention": "full"}),
+    # the cross-entropy weighted by the inverse frequency of each cell type (not in the paper)
+    "cgran_balanced": ("cgran", {"model_kwargs": {"balance_classes": True}}),
     "scnym": ("scnym", {}),
     "cellular": ("cellular", {}),
     "svm_linear": ("svm_linear", {}),

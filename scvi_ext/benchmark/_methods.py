@@ -878,7 +878,7 @@ def cgran(
     progress_bar
         Show Lightning progress bars.
     model_kwargs
-        Other arguments of CGRAN (``group_size``, ``n_heads``...).
+        Other arguments of CGRAN (``group_size``, ``n_heads``, ``balance_classes``...).
     plan_kwargs
         Training plan arguments (default: the paper's Adam at lr 1e-4, eps 1e-8, the last
         epoch's weights).
@@ -886,6 +886,7 @@ def cgran(
         Other arguments of ``CGRAN.train`` (e.g. ``train_size=1.0``: no validation cells).
     """
     setting = {"embedding": embedding, "grouping": grouping, "attention": attention}
+    model_kwargs = model_kwargs or {}
     result = _attention_model(
         "cgran",
         reference,
@@ -894,9 +895,10 @@ def cgran(
         n_top_genes,
         max_epochs,
         progress_bar,
-        {**setting, **(model_kwargs or {})},
+        {**setting, **model_kwargs},
         plan_kwargs,
         train_kwargs,
     )
     result.settings += ", " + "/".join(setting.values())
+    result.settings += "".join(f", {key} {value}" for key, value in model_kwargs.items())
     return result

@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import numpy as np
 from anndata import AnnData
-from scvi import REGISTRY_KEYS
 from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMixin
 
 from scvi_ext.base import (
@@ -15,7 +14,7 @@ from scvi_ext.base import (
     ClassifierMixin,
     EmbeddingMixin,
     LabelledCountsSetupMixin,
-    labelled_class_weights,
+    fit_label_weights,
 )
 
 from ._module import CANModule
@@ -106,15 +105,13 @@ class CAN(
             )
         if not 0 <= dropout_rate < 1:
             raise ValueError(f"dropout_rate must be in [0, 1), not {dropout_rate}.")
-        if not isinstance(balance_classes, bool | np.bool_):
-            raise ValueError(f"balance_classes must be True or False, not {balance_classes!r}.")
         super().__init__(adata, registry=registry)
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
             n_labels=len(self.label_names),
             dropout_rate=dropout_rate,
             kernel_size=kernel_size,
-            balance_classes=bool(balance_classes),
+            balance_classes=balance_classes,
             **sizes,
         )
         self.init_params_ = self._get_init_params(locals())
@@ -122,12 +119,7 @@ class CAN(
     def fit_statistics(self) -> None:
         """With ``balance_classes``: the inverse-frequency weight of each cell type among
         the labelled cells (``module.label_weights``)."""
-        module = self.module
-        if module.balance_classes:
-            weights = labelled_class_weights(
-                self.adata_manager, REGISTRY_KEYS.LABELS_KEY, module.n_labels
-            )
-            module.label_weights.copy_(weights.to(module.label_weights))
+        fit_label_weights(self)
 
     def _default_plan_kwargs(self) -> dict:
         """Paper 5.3: Adam (its own ``eps``, 1e-8), learning rate 1e-4, no weight decay, the

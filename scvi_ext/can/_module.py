@@ -7,10 +7,10 @@ import math
 import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
-from scvi.module.base import LossOutput, auto_move_data
+from scvi.module.base import auto_move_data
 from torch import nn
 
-from scvi_ext.base import NonGenerativeModule, classification_loss, log_scaled_counts
+from scvi_ext.base import CrossEntropyModule, log_scaled_counts
 
 #: CAN models log1p(counts / total * 1e5) (paper A.2).
 COUNTS_PER_CELL = 1e5
@@ -39,7 +39,7 @@ class CapsuleExtractors(nn.Module):
         return F.normalize(F.relu(capsules), dim=-1, eps=L2_EPS)
 
 
-class CANModule(NonGenerativeModule):
+class CANModule(CrossEntropyModule):
     """Capsule attention network (paper 4.1, 5.3).
 
     ``x`` (counts) is normalised inside the module to ``log1p(counts / total * 1e5)``.
@@ -71,7 +71,7 @@ class CANModule(NonGenerativeModule):
         Dropout after each layer (paper: 0.2).
     balance_classes
         Weight each cell's cross-entropy by the inverse frequency of its type
-        (``label_weights``, set by the model before training; not in the paper).
+        (:class:`~scvi_ext.base.CrossEntropyModule`; not in the paper).
     """
 
     def __init__(
@@ -86,11 +86,7 @@ class CANModule(NonGenerativeModule):
         dropout_rate: float = 0.2,
         balance_classes: bool = False,
     ):
-        super().__init__()
-        self.n_labels = n_labels
-        self.balance_classes = balance_classes
-        # a training statistic of the labels, fitted at every train call: not saved
-        self.register_buffer("label_weights", torch.ones(n_labels), persistent=False)
+        super().__init__(n_labels, balance_classes)
         self.attention_dim = attention_dim
         self.capsules = CapsuleExtractors(n_input, n_capsules, capsule_dim)
         self.attention = nn.Linear(capsule_dim, 3 * attention_dim)  # queries, keys, values
@@ -131,20 +127,6 @@ class CANModule(NonGenerativeModule):
         """Logits and latent of count data."""
         logits, z = self.classify_normalized(self.normalize(x))
         return {"logits": logits, "z": z}
-
-    def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
-        """Cross-entropy of labelled cells (the unlabeled category is code ``n_labels``),
-        weighted by ``label_weights`` with ``balance_classes``."""
-        return classification_loss(
-            inference_outputs["logits"],
-            tensors[REGISTRY_KEYS.LABELS_KEY],
-            self.n_labels,
-            self.label_weights if self.balance_classes else None,
-        )
-
-    def predict_logits(self, tensors: dict) -> torch.Tensor:
-        """Class logits of a minibatch of count data."""
-        return self.inference(**self._get_inference_input(tensors))["logits"]
 
     def latent(self, tensors: dict) -> torch.Tensor:
         """Attended capsule representation of a minibatch, flattened."""

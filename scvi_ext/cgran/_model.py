@@ -20,6 +20,7 @@ from scvi_ext.base import (
     ClassifierMixin,
     EmbeddingMixin,
     LabelledCountsSetupMixin,
+    fit_label_weights,
 )
 
 from ._embedding import fit_matrix_factorisation, fit_svd, kmeans_groups, uniform_groups
@@ -92,6 +93,11 @@ class CGRAN(
     mf_epochs, mf_lr, mf_dropout_rate
         Matrix factorisation: epochs, Adam learning rate and dropout (paper: 130,
         0.005, 0.1).
+    balance_classes
+        Weight each labelled cell's cross-entropy by the inverse frequency of its type
+        among the labelled cells (refitted at every :meth:`train`, also after
+        :meth:`load_query_data`). Not in the paper, whose loss is the plain cross-entropy
+        (the default); it raises the recall of rare types.
 
     Examples
     --------
@@ -130,6 +136,7 @@ class CGRAN(
         mf_epochs: int = 130,
         mf_lr: float = 0.005,
         mf_dropout_rate: float = 0.1,
+        balance_classes: bool = False,
     ):
         super().__init__(adata, registry=registry)
         _check_choice("embedding", embedding, EMBEDDINGS)
@@ -169,10 +176,12 @@ class CGRAN(
             n_heads=n_heads,
             head_dims=head_dims,
             dropout_rate=dropout_rate,
+            balance_classes=balance_classes,
         )
         self._model_summary_string = (
             f"CGRAN with embedding={embedding}, grouping={grouping}, attention={attention}, "
-            f"group_size={group_size}, n_heads={n_heads}, head_dims={head_dims}"
+            f"group_size={group_size}, n_heads={n_heads}, head_dims={head_dims}, "
+            f"balance_classes={self.module.balance_classes}"
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -204,11 +213,13 @@ class CGRAN(
             )
 
     def fit_statistics(self) -> None:
-        """Fit the cell/gene factorisation and the gene groups, unless already fitted.
+        """Fit the cell/gene factorisation and the gene groups, unless already fitted; with
+        ``balance_classes``, the inverse-frequency weight of each cell type (every time).
 
         Reads the normalised training matrix minibatch by minibatch: SVD accumulates
         ``M^T M`` in one pass; matrix factorisation takes ``mf_epochs`` passes.
         """
+        fit_label_weights(self)
         if bool(self.module.embedding_fitted):
             return
         self._check_enough_cells(self.adata.n_obs)

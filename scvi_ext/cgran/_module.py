@@ -8,10 +8,10 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
-from scvi.module.base import LossOutput, auto_move_data
+from scvi.module.base import auto_move_data
 from torch import nn
 
-from scvi_ext.base import NonGenerativeModule, classification_loss, log_scaled_counts
+from scvi_ext.base import CrossEntropyModule, log_scaled_counts
 
 from ._attention import (
     affine_full_attention,
@@ -128,7 +128,7 @@ class AttentionBlock(nn.Module):
         return F.normalize(self.dropout(attended + residual), dim=-1)
 
 
-class CGRANModule(NonGenerativeModule):
+class CGRANModule(CrossEntropyModule):
     """Cell-Gene Representation Attention Network (section 4.2).
 
     The cell vector ``c = m P`` is the fold-in of the normalised expression ``m``; tokens
@@ -166,6 +166,9 @@ class CGRANModule(NonGenerativeModule):
         0.45 GB at g = 1000, 5.8 GB at 5000; on an MPS device, fused) or ``"fused"``
         (PyTorch's ``scaled_dot_product_attention`` on the formed tokens: less memory,
         about 3x the time on a CPU). Both compute the same attention.
+    balance_classes
+        Weight each cell's cross-entropy by the inverse frequency of its type
+        (:class:`~scvi_ext.base.CrossEntropyModule`; not in the paper).
     """
 
     def __init__(
@@ -180,8 +183,9 @@ class CGRANModule(NonGenerativeModule):
         dropout_rate: float = 0.1,
         local_implementation: LocalImplementation = "factorised",
         full_implementation: FullImplementation = "factorised",
+        balance_classes: bool = False,
     ):
-        super().__init__()
+        super().__init__(n_labels, balance_classes)
         if local_implementation not in LOCAL_IMPLEMENTATIONS:
             raise ValueError(
                 f"local_implementation must be one of {LOCAL_IMPLEMENTATIONS}, "
@@ -192,7 +196,6 @@ class CGRANModule(NonGenerativeModule):
                 f"full_implementation must be one of {FULL_IMPLEMENTATIONS}, "
                 f"not {full_implementation!r}."
             )
-        self.n_labels = n_labels
         self.attention = attention
         self.local_implementation = local_implementation
         self.full_implementation = full_implementation
@@ -306,16 +309,6 @@ class CGRANModule(NonGenerativeModule):
         """Logits and latent of count data."""
         logits, z = self.classify_normalized(self.normalize(x))
         return {"logits": logits, "z": z}
-
-    def loss(self, tensors, inference_outputs, generative_outputs) -> LossOutput:
-        """Cross-entropy of labelled cells (the unlabeled category is code ``n_labels``)."""
-        return classification_loss(
-            inference_outputs["logits"], tensors[REGISTRY_KEYS.LABELS_KEY], self.n_labels
-        )
-
-    def predict_logits(self, tensors: dict) -> torch.Tensor:
-        """Class logits of a minibatch of count data."""
-        return self.inference(tensors[REGISTRY_KEYS.X_KEY])["logits"]
 
     def latent(self, tensors: dict) -> torch.Tensor:
         """The last block's cell token of a minibatch (cells, heads x last head dim)."""

@@ -5,16 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from scvi import REGISTRY_KEYS
-from scvi.module.base import LossOutput, auto_move_data
+from scvi.module.base import auto_move_data
 from torch import nn
 
-from scvi_ext.base import NonGenerativeModule, classification_loss
+from scvi_ext.base import CrossEntropyModule
 
 #: Training cells kept (a seeded subsample) for the nearest-neighbour novelty score.
 N_REFERENCE_CELLS = 2000
 
 
-class LatentClassifierModule(NonGenerativeModule):
+class LatentClassifierModule(CrossEntropyModule):
     """BatchNorm on the input, two hidden layers (Linear -> BatchNorm -> ReLU -> Dropout), logits.
 
     Softmax is applied once, inside the cross-entropy (the reference code applied a
@@ -40,8 +40,7 @@ class LatentClassifierModule(NonGenerativeModule):
         n_hidden2: int = 512,
         dropout_rate: float = 0.2,
     ):
-        super().__init__()
-        self.n_labels = n_labels
+        super().__init__(n_labels)
         self.network = nn.Sequential(
             nn.BatchNorm1d(n_input),
             nn.Linear(n_input, n_hidden1),
@@ -62,16 +61,6 @@ class LatentClassifierModule(NonGenerativeModule):
     def inference(self, x: torch.Tensor) -> dict:
         """Logits of a representation."""
         return {"logits": self.network(x.float())}
-
-    def loss(self, tensors: dict, inference_outputs: dict, generative_outputs: dict) -> LossOutput:
-        """Cross-entropy on labelled cells (the training loss); accuracy as an extra metric."""
-        return classification_loss(
-            inference_outputs["logits"], tensors[REGISTRY_KEYS.LABELS_KEY], self.n_labels
-        )
-
-    def predict_logits(self, tensors: dict) -> torch.Tensor:
-        """Class logits of a minibatch."""
-        return self.inference(**self._get_inference_input(tensors))["logits"]
 
     def latent(self, tensors: dict) -> torch.Tensor:
         """The representation the classifier reads (e.g. the upstream embedding)."""
