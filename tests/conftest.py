@@ -103,8 +103,8 @@ def assert_balanced_classes_weight_the_loss_refitted_per_train(
     """``model_cls(..., balance_classes=True)`` (a ``CrossEntropyModule``): the plain model
     keeps unit weights; the balanced one weighs each type by its inverse frequency among the
     labelled cells (10 cells of one type here), its loss is torch's weighted cross-entropy,
-    the weights are refitted from the query's labels after ``load_query_data`` and are not
-    saved."""
+    the weights are not saved and, for a model with query mapping (``query`` not
+    ``None``), they are refitted from the query's labels after ``load_query_data``."""
     import torch
     import torch.nn.functional as F
 
@@ -127,10 +127,12 @@ def assert_balanced_classes_weight_the_loss_refitted_per_train(
     labels = tensors["labels"].long().ravel()
     weights = model.module.label_weights
     torch.testing.assert_close(loss, F.cross_entropy(outputs["logits"], labels, weight=weights))
+    assert "label_weights" not in model.module.state_dict()
+    if query is None:
+        return
     query_model = model_cls.load_query_data(query, model)
     assert query_model.module.balance_classes
     query_model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
     query_counts = query.obs["cell_type"].value_counts()[model.label_names].to_numpy()
     expected = (1 / query_counts) / (1 / query_counts).sum()
     np.testing.assert_allclose(query_model.module.label_weights.numpy(), expected, rtol=1e-6)
-    assert "label_weights" not in model.module.state_dict()

@@ -72,6 +72,29 @@ def test_cellular_rows_train_with_their_adam_eps(name, eps, monkeypatch):
     assert TASK_METHOD_KWARGS["kang_donors_lodo"][name] == {"batch_key": "donor"}
 
 
+def test_cellular_balanced_row_trains_a_class_balanced_classifier(monkeypatch):
+    from scvi_ext.benchmark._attention_tasks import CLASSIFICATION_METHODS
+    from scvi_ext.model import LatentClassifier
+
+    balanced = []
+    train = LatentClassifier.train
+
+    def spy(self, *args, **kwargs):
+        balanced.append(self.module.balance_classes)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(LatentClassifier, "train", spy)
+    reference, query, labels_key = TASKS["simulated"](
+        n_cells=200, n_genes=60, n_cell_types=N_TYPES, seed=2
+    )
+    method, options = CLASSIFICATION_METHODS["cellular_balanced"]
+    result = METHODS[method](
+        reference, query, labels_key, 0, max_epochs=2, classifier_epochs=2, **options
+    )
+    assert balanced == [True]
+    assert result.settings.endswith("classifier 2 epochs, {'balance_classes': True}")
+
+
 def test_novel_type_detection_protocol(cells):
     per_type, summary = novel_type_detection(
         cells, batch_key="batch", n_folds=3, max_epochs=6, classifier_epochs=10, n_latent=16

@@ -9,6 +9,7 @@ import scanpy as sc
 import scvi
 import torch
 import torch.nn.functional as F
+from conftest import assert_balanced_classes_weight_the_loss_refitted_per_train
 from scvi import REGISTRY_KEYS
 
 from scvi_ext.base import class_weights, labelled_cross_entropy
@@ -322,6 +323,26 @@ def test_tune(cellular):
     assert set(clf.tuned_params_) == {"n_hidden1", "n_hidden2", "dropout_rate", "lr"}
     assert clf.module.network[1].out_features == clf.tuned_params_["n_hidden1"]
     assert clf.is_trained_
+
+
+def test_balanced_classes_weight_the_loss_by_inverse_type_frequency(data):
+    reference, _ = data  # LatentClassifier has no query mapping: a query trains its own
+    assert_balanced_classes_weight_the_loss_refitted_per_train(
+        LatentClassifier, reference.copy(), None, {"n_hidden1": 16, "n_hidden2": 16}
+    )
+    adata = reference.copy()
+    LatentClassifier.setup_anndata(adata, labels_key="cell_type")
+    with pytest.raises(ValueError, match="balance_classes must be True or False, not 'yes'"):
+        LatentClassifier(adata, balance_classes="yes")
+
+
+def test_tune_keeps_the_class_balanced_loss(cellular):
+    clf = LatentClassifier.from_model(cellular, n_hidden1=16, n_hidden2=16, balance_classes=True)
+    clf.tune(n_trials=1, max_epochs=1, hidden_choices=(16,))
+    assert clf.module.balance_classes
+    counts = cellular.adata.obs["cell_type"].value_counts()[clf.label_names].to_numpy()
+    expected = (1 / counts) / (1 / counts).sum()
+    np.testing.assert_allclose(clf.module.label_weights.numpy(), expected, rtol=1e-6)
 
 
 @pytest.mark.skipif(not datasets_available(), reason="shared datasets absent")

@@ -68,6 +68,8 @@ CLASSIFICATION_METHODS: dict[str, tuple[str, dict]] = {
     "cgran_balanced": ("cgran", {"model_kwargs": {"balance_classes": True}}),
     "scnym": ("scnym", {}),
     "cellular": ("cellular", {}),
+    # the classifier's cross-entropy weighted by the inverse frequency of each cell type
+    "cellular_balanced": ("cellular", {"classifier_kwargs": {"balance_classes": True}}),
     "svm_linear": ("svm_linear", {}),
     "linear_svc": ("linear_svc", {}),
     "logistic_regression": ("logistic_regression", {}),

@@ -48,6 +48,7 @@ def cellular_method(
     n_latent: int = 100,
     tune_trials: int = 0,
     plan_kwargs: dict | None = None,
+    classifier_kwargs: dict | None = None,
 ) -> MethodResult:
     """CELLULAR embedding + LatentClassifier (thesis Model 1 + classifier) on one split.
 
@@ -67,6 +68,9 @@ def cellular_method(
     plan_kwargs
         Training plan arguments of CELLULAR's embedding (e.g. ``{"eps": 1e-8}``), over
         the model's defaults; the classifier keeps its own.
+    classifier_kwargs
+        Arguments of the :class:`~scvi_ext.model.LatentClassifier` (e.g.
+        ``{"balance_classes": True}``).
     """
     from scvi_ext.model import CELLULAR, LatentClassifier
 
@@ -81,7 +85,7 @@ def cellular_method(
     embed_seconds = time.perf_counter() - start
     n_epochs = len(model.history["train_loss"])
     n_train = int(round(reference.n_obs * 0.8))
-    classifier = LatentClassifier.from_model(model, reference)
+    classifier = LatentClassifier.from_model(model, reference, **(classifier_kwargs or {}))
     if tune_trials:
         classifier.tune(n_trials=tune_trials, max_epochs=classifier_epochs, **QUIET)
     else:
@@ -97,7 +101,8 @@ def cellular_method(
         cells_per_second=n_train * n_epochs / embed_seconds,
         settings=f"CELLULAR {n_epochs} epochs, n_latent={n_latent}"
         f"{f', plan {plan_kwargs}' if plan_kwargs else ''}; classifier "
-        f"{classifier_epochs} epochs{f', {tune_trials} optuna trials' if tune_trials else ''}",
+        f"{classifier_epochs} epochs{f', {tune_trials} optuna trials' if tune_trials else ''}"
+        f"{f', {classifier_kwargs}' if classifier_kwargs else ''}",
     )
 
 

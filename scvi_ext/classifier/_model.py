@@ -27,6 +27,7 @@ from scvi_ext.base import (
     class_means,
     class_sums,
     detached_anndata,
+    fit_label_weights,
     labelled_mask,
     on_main_process,
     probability_novelty,
@@ -165,6 +166,11 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
         Widths of the two hidden layers (reference code: 512, 512).
     dropout_rate
         Dropout after each hidden layer (reference code: 0.2).
+    balance_classes
+        Weight each labelled cell's cross-entropy by the inverse frequency of its type
+        among the labelled cells (refitted at every :meth:`train`; kept by :meth:`tune`).
+        The reference code's loss is the plain cross-entropy (the default); this raises
+        the recall of rare types.
 
     Notes
     -----
@@ -244,6 +250,7 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
         n_hidden1: int = 512,
         n_hidden2: int = 512,
         dropout_rate: float = 0.2,
+        balance_classes: bool = False,
     ):
         super().__init__(adata, registry=registry)
         self.upstream_model: BaseModelClass | None = None
@@ -257,6 +264,7 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
             n_hidden1=n_hidden1,
             n_hidden2=n_hidden2,
             dropout_rate=dropout_rate,
+            balance_classes=balance_classes,
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -345,7 +353,9 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
 
     def fit_statistics(self) -> None:
         """Cell type centroids of the representation and up to 2000 labelled cells (a
-        seeded subsample) kept for the distance novelty scores, read minibatch by minibatch."""
+        seeded subsample) kept for the distance novelty scores, read minibatch by minibatch;
+        with ``balance_classes``, the inverse-frequency weight of each cell type."""
+        fit_label_weights(self)
         module = self.module
         labelled = np.flatnonzero(labelled_mask(self.adata_manager))
         sums = torch.zeros(module.n_labels, module.centroids.shape[1], dtype=torch.float64)
@@ -419,7 +429,9 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
             }
             lr = trial.suggest_float("lr", 1e-4, 1e-2, log=True)
             settings.seed = seed
-            candidate = type(self)(self.adata, **params)
+            candidate = type(self)(
+                self.adata, **params, balance_classes=self.module.balance_classes
+            )
             candidate.train(
                 max_epochs=max_epochs,
                 train_size=train_size,
@@ -445,6 +457,7 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
         self.module = self._module_cls(
             n_input=self.module.network[0].num_features,
             n_labels=self.module.n_labels,
+            balance_classes=self.module.balance_classes,
             **module_params,
         )
         self.init_params_["non_kwargs"].update(module_params)

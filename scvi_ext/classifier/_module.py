@@ -30,6 +30,9 @@ class LatentClassifierModule(CrossEntropyModule):
         Widths of the hidden layers (reference code: 512, 512).
     dropout_rate
         Dropout after each hidden layer (reference code: 0.2).
+    balance_classes
+        Weight each cell's cross-entropy by the inverse frequency of its type
+        (:class:`~scvi_ext.base.CrossEntropyModule`; the reference code's loss is plain).
     """
 
     def __init__(
@@ -39,8 +42,9 @@ class LatentClassifierModule(CrossEntropyModule):
         n_hidden1: int = 512,
         n_hidden2: int = 512,
         dropout_rate: float = 0.2,
+        balance_classes: bool = False,
     ):
-        super().__init__(n_labels)
+        super().__init__(n_labels, balance_classes)
         self.network = nn.Sequential(
             nn.BatchNorm1d(n_input),
             nn.Linear(n_input, n_hidden1),
