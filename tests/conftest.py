@@ -97,6 +97,12 @@ def record_trained_adam_eps(monkeypatch, model_cls) -> list[float]:
     return used
 
 
+def inverse_frequency_weights(labels, label_names) -> np.ndarray:
+    """Each type's ``1 / count`` among ``labels``, in ``label_names`` order, summing to 1."""
+    inverse = 1 / labels.value_counts()[label_names].to_numpy()
+    return inverse / inverse.sum()
+
+
 def assert_balanced_classes_weight_the_loss_refitted_per_train(
     model_cls, reference, query, model_kwargs: dict
 ) -> None:
@@ -118,8 +124,7 @@ def assert_balanced_classes_weight_the_loss_refitted_per_train(
     torch.testing.assert_close(plain.module.label_weights, torch.ones(plain.module.n_labels))
     model = model_cls(reference, **model_kwargs, balance_classes=True)
     model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
-    counts = reference.obs["cell_type"].value_counts()[model.label_names].to_numpy()
-    expected = (1 / counts) / (1 / counts).sum()
+    expected = inverse_frequency_weights(reference.obs["cell_type"], model.label_names)
     np.testing.assert_allclose(model.module.label_weights.numpy(), expected, rtol=1e-6)
     tensors = next(iter(model.iter_minibatches()))
     outputs = model.module.inference(**model.module._get_inference_input(tensors))
@@ -133,6 +138,5 @@ def assert_balanced_classes_weight_the_loss_refitted_per_train(
     query_model = model_cls.load_query_data(query, model)
     assert query_model.module.balance_classes
     query_model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
-    query_counts = query.obs["cell_type"].value_counts()[model.label_names].to_numpy()
-    expected = (1 / query_counts) / (1 / query_counts).sum()
+    expected = inverse_frequency_weights(query.obs["cell_type"], model.label_names)
     np.testing.assert_allclose(query_model.module.label_weights.numpy(), expected, rtol=1e-6)

@@ -92,7 +92,7 @@ def test_cellular_balanced_row_trains_a_class_balanced_classifier(monkeypatch):
         reference, query, labels_key, 0, max_epochs=2, classifier_epochs=2, **options
     )
     assert balanced == [True]
-    assert result.settings.endswith("classifier 2 epochs, {'balance_classes': True}")
+    assert result.settings.endswith("classifier 2 epochs, balance_classes True")
 
 
 def test_novel_type_detection_protocol(cells):

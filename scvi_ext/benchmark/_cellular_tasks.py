@@ -20,7 +20,7 @@ import pandas as pd
 
 from scvi_ext.data import log_normalised_anndata
 
-from ._methods import MethodResult, MethodUnavailableError, register_method
+from ._methods import MethodResult, MethodUnavailableError, keyword_settings, register_method
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def cellular_method(
         settings=f"CELLULAR {n_epochs} epochs, n_latent={n_latent}"
         f"{f', plan {plan_kwargs}' if plan_kwargs else ''}; classifier "
         f"{classifier_epochs} epochs{f', {tune_trials} optuna trials' if tune_trials else ''}"
-        f"{f', {classifier_kwargs}' if classifier_kwargs else ''}",
+        f"{keyword_settings(classifier_kwargs)}",
     )
 
 

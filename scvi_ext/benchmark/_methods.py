@@ -208,6 +208,11 @@ def _restrict_to_hvgs(
     return reference[:, genes], query[:, genes]
 
 
+def keyword_settings(kwargs: dict | None) -> str:
+    """``", key value"`` for each model argument a method row sets, for its settings."""
+    return "".join(f", {key} {value}" for key, value in (kwargs or {}).items())
+
+
 def _scaled_epochs(max_epochs: int, epochs_scale: float) -> int:
     return max(1, int(round(max_epochs * epochs_scale)))
 
@@ -842,7 +847,7 @@ def can(
         plan_kwargs,
         train_kwargs,
     )
-    result.settings += "".join(f", {key} {value}" for key, value in model_kwargs.items())
+    result.settings += keyword_settings(model_kwargs)
     return result
 
 
@@ -900,5 +905,5 @@ def cgran(
         train_kwargs,
     )
     result.settings += ", " + "/".join(setting.values())
-    result.settings += "".join(f", {key} {value}" for key, value in model_kwargs.items())
+    result.settings += keyword_settings(model_kwargs)
     return result
