@@ -58,11 +58,14 @@ def test_paired_loader_pairs_every_step_and_cycles_the_shorter_side(sim_adata):
     loader = PairedDataLoader(manager, labelled, unlabeled, batch_size=16)
     steps = list(loader)
     assert len(steps) == len(loader) == 7  # ceil(100 / 16): the longer side sets the epoch
-    assert all(step[LABELLED] is not None and step[UNLABELED] is not None for step in steps)
-    seen_labelled = sum(len(step[LABELLED][REGISTRY_KEYS.X_KEY]) for step in steps)
-    seen_unlabeled = sum(len(step[UNLABELED][REGISTRY_KEYS.X_KEY]) for step in steps)
-    assert seen_labelled == 100
-    assert seen_unlabeled > 30  # the 30 query cells were served more than once
+    # 100 labelled cells: 6 minibatches of 16 and one of 4 (kept: not under MIN_LAST_BATCH);
+    # 30 unlabeled cells: minibatches of 16 and 14, restarted when they run out
+    sizes = {
+        side: [len(step[side][REGISTRY_KEYS.X_KEY]) for step in steps]
+        for side in (LABELLED, UNLABELED)
+    }
+    assert sizes[LABELLED] == [16] * 6 + [4]
+    assert sizes[UNLABELED] == [16, 14] * 3 + [16]
 
 
 def test_paired_loader_empty_side_yields_none(sim_adata):

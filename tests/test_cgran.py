@@ -313,9 +313,16 @@ def test_local_attention_rows_are_l2_normalised_and_zero_outside_the_group():
     assert not mask[1, 3] and mask[3, 4]
     scores = (q @ k.transpose(-1, -2)) / 2.0
     weights = torch.nn.functional.normalize(torch.softmax(scores, -1) * mask, dim=-1)
-    np.testing.assert_allclose(weights.norm(dim=-1).detach(), 1.0)
-    _, cell_weights = grouped_local_attention(q, k, v, gene_groups(codes))
+    outputs, cell_weights = grouped_local_attention(q, k, v, gene_groups(codes))
+    torch.testing.assert_close(outputs, weights @ v)
     torch.testing.assert_close(cell_weights, weights[:, :, 0])
+    np.testing.assert_allclose(cell_weights.norm(dim=-1).detach(), 1.0)
+    # the value of gene 2 (token 3, group 1) reaches the cell token and group 1's genes only
+    v2 = v.detach().clone()
+    v2[:, :, 3] += 1
+    outputs2, _ = grouped_local_attention(q, k, v2, gene_groups(codes))
+    changed = [not torch.equal(outputs2[:, :, t], outputs[:, :, t]) for t in range(7)]
+    assert changed == [True, False, False, True, True, True, False]
 
 
 def test_the_whole_module_is_the_same_with_factorised_grouped_and_dense_local_attention():
@@ -525,7 +532,8 @@ def test_a_query_model_without_labelled_cells_refuses_to_train(reference_model, 
     query_model = CGRAN.load_query_data(unlabelled, model, setting=setting)
     with pytest.raises(ValueError, match=r"has no labelled cell to train on: every cell of "):
         query_model.train(max_epochs=1, enable_progress_bar=False)
-    assert not bool(query_model.module.embedding_fitted) or setting == "C"
+    # A fits new vectors when training starts (it refused before); C keeps the reference's
+    assert bool(query_model.module.embedding_fitted) == (setting == "C")
 
 
 def test_a_query_model_with_every_weight_frozen_refuses_to_train(reference_model):
@@ -564,6 +572,7 @@ def test_marker_genes_follow_section_5_5_on_attention_that_marks_the_simulated_m
     shared = table[~table["highly_differential"]]
     assert set(shared["gene"]) == set(reference.var_names[:3])
     differential = table[table["highly_differential"]]
+    assert sorted(differential["cell_type"].unique()) == sorted(np.unique(types))
     for cell_type, genes in differential.groupby("cell_type")["gene"]:
         expected = set(reference.var_names[(marker_of == cell_type)]) - set(
             reference.var_names[:3]

@@ -180,7 +180,10 @@ def test_query_with_genes_reversed_gets_the_same_probabilities(reference_model):
 def test_loss_keyword_arguments_are_plan_kwargs_and_unknown_keys_are_errors(reference_model):
     _, reference, _ = reference_model
     model = Toy(reference)
+    received, loss = [], model.module.loss
+    model.module.loss = lambda *args, **kwargs: received.append(kwargs) or loss(*args, **kwargs)
     model.train(max_epochs=1, plan_kwargs={"label_smoothing": 0.1}, enable_progress_bar=False)
+    assert received and all(kwargs == {"label_smoothing": 0.1} for kwargs in received)
     with pytest.raises(ValueError, match="Unknown plan_kwargs"):
         model.train(max_epochs=1, plan_kwargs={"label_smothing": 0.1})
     with pytest.raises(ValueError, match="max_epochs"):

@@ -62,7 +62,7 @@ def test_training_logs_the_negative_elbo_and_the_elbo_per_stage(reference_model)
     assert last > first + 10  # the ELBO rose
 
 
-def test_latent_and_clusters_separate_the_query_cell_types(reference_model):
+def test_latent_separates_the_query_cell_types_and_clusters_agree_above_chance(reference_model):
     from sklearn.metrics import adjusted_rand_score
     from sklearn.neighbors import KNeighborsClassifier
 
@@ -75,7 +75,7 @@ def test_latent_and_clusters_separate_the_query_cell_types(reference_model):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         clusters = model.predict_cluster(query)
-    assert adjusted_rand_score(query.obs["cell_type"], clusters) > 0.1  # chance: 0
+    assert adjusted_rand_score(query.obs["cell_type"], clusters) > 0.15  # chance: 0
 
 
 def test_query_with_genes_reversed_gets_the_same_latent_and_clusters(reference_model):

@@ -37,6 +37,7 @@ def test_integrated_gradients_rank_each_types_markers_first(trained_model, sim_a
 def test_expected_gradients_rank_markers_of_most_types(trained_model, sim_adata):
     table = saliency(trained_model, method="expected", n_steps=8, n_cells=40, n_top=10)
     hits = marker_hits(table, sim_adata)
+    assert sorted(hits) == sorted(trained_model.label_names)
     assert sum(value >= 0.5 for value in hits.values()) >= len(hits) - 1
 
 

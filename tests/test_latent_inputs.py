@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import scvi
 from conftest import (
     assert_trained_with_plain_adam,
     record_trained_adam_eps,
@@ -227,6 +228,11 @@ def test_train_accuracy_is_the_classifiers_accuracy_on_its_own_training_cells():
     centres = {"a": 0.0, "b": 0.6, "c": 1.2}  # overlapping: not every cell is fitted
     cells = np.stack([rng.normal(centres[label], 1.0, size=5) for label in labels])
     cells = cells.astype(np.float32)
+    scvi.settings.seed = 0
     scores = _classify("default", cells, labels, cells, labels, epochs=3)
     assert scores["train_accuracy"] == pytest.approx(scores["accuracy"])
     assert 1 / 3 < scores["train_accuracy"] < 1
+    scvi.settings.seed = 0  # the same classifier, scored against other query labels
+    shifted = _classify("default", cells, labels, cells, np.roll(labels, 30), epochs=3)
+    assert shifted["train_accuracy"] == scores["train_accuracy"]
+    assert shifted["accuracy"] != pytest.approx(scores["accuracy"])
