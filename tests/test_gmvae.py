@@ -365,6 +365,16 @@ def test_pyro_training_after_a_first_training_runs_in_train_mode():
     assert recorder.modes and all(recorder.modes)
 
 
+@pytest.mark.parametrize("backend", ["torch", "pyro"])
+def test_counts_log_transformed_after_setup_stop_training_on_either_backend(backend):
+    reference, _ = _simulated()
+    GMVAE.setup_anndata(reference, batch_key="batch")
+    model = GMVAE(reference, **SMALL)
+    reference.X.data[:] = np.log1p(reference.X.data)  # as sc.pp.log1p does, in place
+    with pytest.raises(ValueError, match=r"adata\.X contains non-integer values; found \d+"):
+        model.train(**{**FAST, "max_epochs": 1}, backend=backend)
+
+
 def test_component_balance_penalty_is_zero_for_balanced_use_and_log_k_for_one_component():
     from scvi_ext.gmvae import GMVAEModule
 

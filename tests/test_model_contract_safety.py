@@ -127,6 +127,35 @@ def test_query_counts_are_validated_at_predict_and_annotate(trained, transform, 
         model.annotate(bad)
 
 
+@pytest.mark.parametrize("edit", ["in_place", "replaced"])
+def test_counts_normalised_after_setup_are_refused_by_predict_and_train(trained, edit):
+    """scanpy normalises in place after the model was set up: the next predict and train
+    read non-integer minibatches and stop, naming the matrix and what to do."""
+    name, model, reference, _, _ = trained
+    if name == "latent_classifier":
+        pytest.skip("it reads the upstream model's embedding, not counts")
+    assert model.adata is reference
+    counts = reference.X
+    if edit == "in_place":  # as sc.pp.log1p does to a sparse matrix
+        raw_values = counts.data.copy()
+        counts.data[:] = np.log1p(counts.data)
+    else:
+        reference.X = sp.csr_matrix(np.log1p(counts.toarray()))
+    message = (
+        r"adata\.X contains non-integer values; found \d+\. .* It held raw counts when "
+        "setup_anndata checked it"
+    )
+    try:
+        with pytest.raises(ValueError, match=message):
+            model.predict()
+        with pytest.raises(ValueError, match=message):
+            model.train(**_train_settings(name, max_epochs=1))
+    finally:  # the fixture's reference stays raw counts for the other tests
+        if edit == "in_place":
+            counts.data[:] = raw_values
+        reference.X = counts
+
+
 def test_annotate_writes_only_its_documented_keys(trained):
     _, model, _, query, _ = trained
     query = query.copy()  # the fixture's query stays as it was for the other tests

@@ -37,7 +37,7 @@ from ._anndata import (
 from ._batches import check_known_batches
 from ._checkpoint import EpochCheckpoint, latest_checkpoint
 from ._distributed import on_main_process
-from ._plan import validation_early_stopping
+from ._plan import check_count_tensors, validation_early_stopping
 from ._sampler import read_rows_as_slices
 from ._soma import SOMA_SOURCE_ATTRIBUTE, SomaDataModule, soma_source
 from ._splitter import BlockDataSplitter, labelled_mask
@@ -130,6 +130,14 @@ class InferenceMixin:
     def gene_names(self) -> pd.Index:
         """The features the model reads, in its order (genes for count models)."""
         return registry_gene_names(self.registry_)
+
+    @property
+    def _counts_location(self) -> str | None:
+        """Where the model reads counts in an AnnData (``None``: it reads no counts)."""
+        if not self._counts_input:
+            return None
+        layer = self.setup_args.get("layer")
+        return "adata.X" if layer is None else f"adata.layers['{layer}']"
 
     def _check_registered_genes(self, adata: AnnData) -> None:
         """The model's own AnnData must still have the genes it was set up with (and an open
@@ -231,7 +239,8 @@ class InferenceMixin:
 
         The data loader reads rows as they are needed (a backed AnnData stays on disk, each
         minibatch's runs of consecutive rows read with one slice read; a SOMA experiment's
-        counts are streamed); the tensors are on the CPU.
+        counts are streamed); the tensors are on the CPU, their counts checked (the data may
+        have changed since it was set up).
         """
         if isinstance(adata, SomaDataModule):
             with self.registered_anndata(adata) as registered:
@@ -242,7 +251,11 @@ class InferenceMixin:
         if source is None:
             loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
             read_rows_as_slices(loader)  # rows of a backed matrix read by slices
-            yield from loader
+            counts_location = self._counts_location  # the data may have changed since setup
+            for tensors in loader:
+                if counts_location is not None:
+                    check_count_tensors(tensors, counts_location)
+                yield tensors
             return
         yield from source.loader(
             indices,
@@ -446,6 +459,8 @@ class InferenceMixin:
             )
         if self.is_query_model:
             plan_kwargs.setdefault("weight_decay", 0.0)
+        # a datamodule's stream checks its counts itself, naming the experiment
+        plan_kwargs["counts_location"] = None if datamodule is not None else self._counts_location
         if datamodule is not None:
             if soma_source(datamodule) is not datamodule:
                 raise ValueError(

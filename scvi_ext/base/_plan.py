@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import scipy.sparse as sp
 import torch
+from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput
 from scvi.train import TrainingPlan
 from torch.optim.lr_scheduler import LambdaLR
+
+from scvi_ext.data._validation import check_minibatch_counts
 
 #: Optimizers a plan takes by name ("Custom" with ``optimizer_creator``).
 OptimizerName = Literal["Adam", "AdamW", "Adadelta", "SGD", "Custom"]
@@ -30,6 +34,49 @@ PLAIN_ADAM_PLAN = {
     "weight_decay": 0.0,
     "restore_best_weights": False,
 }
+
+
+#: What to do when a minibatch of the model's own data is not raw counts.
+CHANGED_AFTER_SETUP = (
+    "It held raw counts when setup_anndata checked it: keep them there (normalise a copy, "
+    "or into another layer), or register the edited AnnData with setup_anndata and build "
+    "a new model."
+)
+
+
+def check_count_tensors(batch: object, where: str, hint: str = CHANGED_AFTER_SETUP) -> None:
+    """Check the counts (``X``) of a minibatch of registered tensors, on the CPU.
+
+    ``batch`` is a dict of registered tensors, or a dict or list of them (as paired loaders
+    yield); each ``X`` is checked by :func:`~scvi_ext.data._validation.check_minibatch_counts`,
+    whose error names ``where`` (e.g. ``"adata.X"``), then ``hint``.
+    """
+    if isinstance(batch, dict) and REGISTRY_KEYS.X_KEY in batch:
+        counts = batch[REGISTRY_KEYS.X_KEY].detach().cpu()
+        if counts.layout == torch.sparse_csr:
+            values = (counts.values(), counts.col_indices(), counts.crow_indices())
+            counts = sp.csr_matrix(tuple(t.numpy() for t in values), shape=tuple(counts.shape))
+        else:
+            counts = counts.numpy()
+        check_minibatch_counts(counts, where, hint)
+    elif isinstance(batch, dict | list | tuple):
+        for part in batch.values() if isinstance(batch, dict) else batch:
+            check_count_tensors(part, where, hint)
+
+
+class CountCheckedBatches:
+    """Lightning module mixin: every minibatch's counts are checked before they move to the
+    device (:func:`check_count_tensors`), when ``counts_location`` names where they come
+    from (``None``: no check), so that data edited after setup (e.g. normalised in place)
+    stops training with an error instead of training on it."""
+
+    counts_location: str | None = None
+
+    def on_before_batch_transfer(self, batch: object, dataloader_idx: int) -> object:
+        """Check the minibatch's counts, then transfer it as Lightning would."""
+        if self.counts_location is not None:
+            check_count_tensors(batch, self.counts_location)
+        return super().on_before_batch_transfer(batch, dataloader_idx)
 
 
 #: Devices with a fused Adam kernel in every torch version we support.
@@ -83,7 +130,7 @@ def validation_early_stopping(
     return True
 
 
-class BaseTrainingPlan(TrainingPlan):
+class BaseTrainingPlan(CountCheckedBatches, TrainingPlan):
     """A scvi :class:`~scvi.train.TrainingPlan` that fixes the pitfalls all our models share.
 
     - puts the module back in train mode at the start of every epoch (scvi leaves it in
@@ -91,6 +138,8 @@ class BaseTrainingPlan(TrainingPlan):
     - accepts any optimizer of :data:`OPTIMIZERS` by name;
     - keeps, in memory, the weights of the epoch with the lowest ``validation_loss`` and
       restores them when training ends (``restore_best_weights``);
+    - checks each minibatch's counts before it moves to the device (``counts_location``:
+      :class:`CountCheckedBatches`);
     - logs epoch means of step metrics once per epoch (:meth:`log_step`): Lightning's
       ``self.log`` costs about 2 ms a call on a CPU, a tenth of a CELLULAR epoch when each
       step logged each metric.
@@ -115,6 +164,10 @@ class BaseTrainingPlan(TrainingPlan):
         ``load_query_data`` froze with gradient hooks.
     restore_best_weights
         Restore the weights of the best validation epoch at the end of training.
+    counts_location
+        Where the counts of the minibatches come from (``"adata.X"``,
+        ``"adata.layers['counts']"``), named when a minibatch is not raw counts; ``None``
+        checks nothing. Set by the model's ``train`` (models that read counts).
     **kwargs
         Passed to :class:`~scvi.train.TrainingPlan`.
     """
@@ -127,6 +180,7 @@ class BaseTrainingPlan(TrainingPlan):
         lr: float = 1e-3,
         weight_decay: float = 1e-6,
         restore_best_weights: bool = True,
+        counts_location: str | None = None,
         **kwargs,
     ):
         if optimizer not in OPTIMIZERS and optimizer != "Custom":
@@ -147,6 +201,7 @@ class BaseTrainingPlan(TrainingPlan):
         )
         self._optimizer_cls = OPTIMIZERS.get(optimizer)
         self.restore_best_weights = restore_best_weights
+        self.counts_location = counts_location
         self.best_validation_loss = math.inf
         self.best_epoch: int | None = None
         self._best_state: dict[str, torch.Tensor] | None = None

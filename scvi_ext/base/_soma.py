@@ -23,7 +23,8 @@ from scvi.data import AnnDataManager, AnnTorchDataset
 from scvi.dataloaders import SemiSupervisedDataSplitter
 from torch.utils.data import IterableDataset
 
-from scvi_ext.data import validate_counts, validate_obs_key
+from scvi_ext.data import validate_obs_key
+from scvi_ext.data._validation import check_minibatch_counts
 
 from ._splitter import LABELLED, UNLABELED, PairedDataSplitter, paired_minibatches
 
@@ -399,16 +400,7 @@ class SomaDataModule(pl.LightningDataModule):
         rows = joinids if self._joinids_are_rows else np.searchsorted(self._joinids, joinids)
         tensors = {key: torch.from_numpy(value) for key, value in lookup[rows].items()}
         counts = np.asarray(counts, dtype=np.float32)
-        if (
-            (counts < 0).any()
-            or (counts != np.round(counts)).any()
-            or (counts.sum(axis=1) == 0).any()
-        ):
-            try:
-                validate_counts(AnnData(X=counts))
-            except ValueError as error:
-                where = f"the X layer '{self.layer}' of {self.uri}"
-                raise ValueError(str(error).replace("adata.X", where)) from None
+        check_minibatch_counts(counts, f"the X layer '{self.layer}' of {self.uri}")
         tensors[REGISTRY_KEYS.X_KEY] = torch.from_numpy(counts)
         return tensors
 

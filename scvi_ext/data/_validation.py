@@ -174,6 +174,33 @@ def validate_counts(adata: ad.AnnData, layer: str | None = None) -> None:
         )
 
 
+def check_minibatch_counts(counts: np.ndarray | sp.spmatrix, where: str, hint: str = "") -> None:
+    """Check a minibatch of counts (cells x genes) as :func:`validate_counts` checks a matrix.
+
+    A cheap test of the values a model is about to read (negative, non-integer or
+    non-finite values, cells with zero total counts), for data that may have changed since
+    it was checked; on failure, :func:`validate_counts`'s error naming ``where``, then
+    ``hint``.
+
+    Raises
+    ------
+    ValueError
+        Naming ``where`` and what to do.
+    """
+    values = counts.data if sp.issparse(counts) else np.asarray(counts)
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    if (
+        (values < 0).any()
+        or (values != np.round(values)).any()
+        or not (np.isfinite(totals) & (totals > 0)).all()
+    ):
+        try:
+            validate_counts(ad.AnnData(X=counts))
+        except ValueError as error:
+            message = str(error).replace("adata.X", where, 1)
+            raise ValueError(f"{message} {hint}".rstrip()) from None
+
+
 def _obs_column(adata: ad.AnnData, key: str, role: str) -> pd.Series:
     if key not in adata.obs.columns:
         available = ", ".join(repr(str(column)) for column in adata.obs.columns) or "none"

@@ -7,7 +7,7 @@ import torch
 from scvi.train import PyroTrainingPlan
 from scvi.train._trainingplans import _compute_kl_weight
 
-from scvi_ext.base import BaseTrainingPlan
+from scvi_ext.base import BaseTrainingPlan, CountCheckedBatches
 from scvi_ext.base._plan import FUSED_ADAM_DEVICES
 
 
@@ -87,9 +87,10 @@ class GMVAETrainingPlan(BaseTrainingPlan):
         return {"kl_weight": float(weight)}
 
 
-class GMVAEPyroTrainingPlan(PyroTrainingPlan):
+class GMVAEPyroTrainingPlan(CountCheckedBatches, PyroTrainingPlan):
     """scvi-tools' :class:`~scvi.train.PyroTrainingPlan`, with the networks in train mode at
-    every epoch.
+    every epoch and each minibatch's counts checked (``counts_location``, set by the model:
+    :class:`~scvi_ext.base.CountCheckedBatches`).
 
     scvi leaves the module in eval mode after ``train()``, ``load()`` and
     ``load_query_data()``, and Lightning does not switch it back: without this, a Pyro
