@@ -67,6 +67,15 @@ def test_ece_of_always_wrong_confident_classifier_is_confidence():
     assert expected_calibration_error(["a"] * 3, ["b"] * 3, [0.7] * 3) == pytest.approx(0.7)
 
 
+@pytest.mark.parametrize("n_bins", [10, 15])
+def test_a_confidence_on_a_bin_edge_opens_that_bin(n_bins):
+    """Bins are [k / n, (k + 1) / n): k / n itself belongs to bin k (0.3, 0.6 and 0.7 lie
+    a rounding error below their linspace edges)."""
+    edges = [k / n_bins for k in range(n_bins)]
+    curve = reliability_curve(["a"] * n_bins, ["a"] * n_bins, edges, n_bins=n_bins)
+    assert curve["count"].tolist() == [1] * n_bins
+
+
 def test_reliability_curve_bins_and_last_bin_holds_one():
     curve = reliability_curve(["a"] * 4, ["a", "a", "b", "a"], [1.0, 0.05, 0.55, 0.5], n_bins=10)
     assert list(curve.columns) == [

@@ -54,7 +54,9 @@ def reliability_curve(
     correct, confidence = _calibration_inputs(y_true, y_pred, confidence, n_bins)
     n_bins = int(n_bins)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    bin_index = np.clip(np.searchsorted(edges, confidence, side="right") - 1, 0, n_bins - 1)
+    # floor(confidence * n_bins): a confidence of exactly k / n_bins opens bin k (the
+    # linspace edges can lie a rounding error above k / n_bins)
+    bin_index = np.minimum((confidence * n_bins).astype(np.int64), n_bins - 1)
     count = np.bincount(bin_index, minlength=n_bins)
     n_correct = np.bincount(bin_index, weights=correct.astype(np.float64), minlength=n_bins)
     confidence_sum = np.bincount(bin_index, weights=confidence, minlength=n_bins)
