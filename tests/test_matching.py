@@ -6,6 +6,7 @@ import re
 
 import mudata
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 import scvi
@@ -19,7 +20,10 @@ from scipy.optimize import linear_sum_assignment
 from scvi_ext.base._sampler import is_on_disk
 from scvi_ext.matching import (
     CrossAttentionMatcher,
+    LocalTokenizer,
     MatcherTrainingPlan,
+    RegionTokenizer,
+    assign,
     bipartite_assignment,
     entropic_ot,
     fit_temperature,
@@ -156,7 +160,7 @@ def test_block_matching_equals_dense_and_reranking_changes_scores(trained):
 
 def test_embeddings_attention_and_the_users_data_untouched(trained):
     model, _, held_out = trained
-    before_uns = dict(held_out.mod["rna"].uns)
+    before = held_out.copy()
     latent = model.get_latent_representation(held_out.mod["atac"], modality="atac")
     assert latent.shape == (held_out.n_obs, SMALL["embed_dim"])
     np.testing.assert_allclose(np.linalg.norm(latent, axis=1), 1.0, rtol=1e-5)
@@ -165,8 +169,51 @@ def test_embeddings_attention_and_the_users_data_untouched(trained):
     np.testing.assert_allclose(attention.sum(1), 1.0, rtol=1e-4)
     assert attention.index[0].startswith("chr1_")  # tokens follow the genome
     model.match(held_out, top_k=5)
-    assert dict(held_out.mod["rna"].uns) == before_uns
+    for name in ("rna", "atac"):
+        after, original = held_out.mod[name], before.mod[name]
+        np.testing.assert_array_equal(after.X.toarray(), original.X.toarray())
+        pd.testing.assert_frame_equal(after.obs, original.obs)
+        pd.testing.assert_frame_equal(after.var, original.var)
+        assert set(after.uns) == set(original.uns)
+    pd.testing.assert_frame_equal(held_out.obs, before.obs)
+    assert set(held_out.uns) == set(before.uns)
     assert "_scvi_uuid" not in held_out.mod["rna"].uns
+
+
+@pytest.mark.parametrize("temperature", [-0.05, 0, 0.0, float("nan"), float("inf"), "0.05"])
+def test_temperatures_that_are_not_positive_numbers_are_errors_at_every_entry(
+    trained, temperature
+):
+    """A negative temperature would reverse the ranking, 0 give NaN rows: refused by
+    match, match_embeddings, probabilities, true_pair_log_probabilities and assign("ot")."""
+    model, _, held_out = trained
+    message = re.escape(
+        f"temperature must be a positive finite number (e.g. 0.05), not {temperature!r}."
+    )
+    indices, scores = np.array([[0, 1], [1, 0]]), np.array([[1.0, 0.0], [1.0, 0.0]])
+    x = np.eye(2, dtype=np.float32)
+    entries = {
+        "match": lambda: model.match(held_out, top_k=5, temperature=temperature),
+        "match_embeddings": lambda: match_embeddings(x, x, temperature=temperature),
+        "probabilities": lambda: probabilities(indices, scores, 2, temperature),
+        "true_pair": lambda: true_pair_log_probabilities(indices, scores, temperature),
+        "ot": lambda: assign(sp.csr_matrix(np.eye(2)), "ot", temperature),
+    }
+    for entry, call in entries.items():
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            call()
+            pytest.fail(entry)
+
+
+def test_top_k_below_one_is_an_error_in_match_and_match_embeddings(trained):
+    model, _, held_out = trained
+    x = np.eye(2, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"^top_k must be at least 1, not 0\.$"):
+        model.match(held_out, top_k=0)
+    with pytest.raises(ValueError, match=r"^top_k must be at least 1, not 0\.$"):
+        match_embeddings(x, x, top_k=0)
+    with pytest.raises(ValueError, match=r"^top_k must be at least 1, not -3\.$"):
+        match_embeddings(x, x, top_k=-3)
 
 
 def test_features_matched_by_name(trained):
@@ -296,8 +343,13 @@ def test_paper_conv_tokenizer_and_infonce_objective_train():
     mdata = simulate_paired(n_cells=160)
     CrossAttentionMatcher.setup_mudata(mdata)
     infonce = {"objective": "infonce", "alpha": 0.0, "temperature_fit": "score"}
-    for settings in ({"tokenizer": "conv"}, infonce):
+    for settings, tokenizer in (
+        ({"tokenizer": "conv"}, RegionTokenizer),
+        (infonce, LocalTokenizer),
+    ):
         model = CrossAttentionMatcher(mdata, **{**SMALL, **settings})
+        assert isinstance(model.module.rna_tokenizer, tokenizer)
+        assert isinstance(model.module.atac_tokenizer, tokenizer)
         model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
         assert model.match(mdata, top_k=10).shape == (160, 160)
     assert model.match_temperature_ == model.match_temperatures_["score"]

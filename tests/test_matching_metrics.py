@@ -1,5 +1,7 @@
 """Matching metrics on hand-computed tiny examples."""
 
+import re
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -9,6 +11,7 @@ from scvi_ext.metrics import (
     foscttm,
     matched_label_fraction,
     matching_aupr,
+    matching_log_likelihood,
     matching_score,
     matching_top_k,
 )
@@ -23,8 +26,6 @@ def test_matching_score_is_the_mean_probability_on_the_true_pair():
 
 
 def test_log_likelihood_is_the_mean_log_probability_on_the_true_pair_with_a_floor():
-    from scvi_ext.metrics import matching_log_likelihood
-
     assert matching_log_likelihood(P) == pytest.approx(np.log([0.5, 1.0, 0.8]).mean())
     wrong = sp.csr_matrix(np.array([[0.0, 1.0], [1.0, 0.0]]))  # sure of the wrong cells
     assert matching_log_likelihood(wrong) == pytest.approx(np.log(1e-6))
@@ -84,3 +85,73 @@ def test_bad_shapes_are_errors_that_say_what_is_needed():
         foscttm(np.ones((3, 2)), np.ones((4, 2)))
     with pytest.raises(ValueError, match="metric must be"):
         foscttm(np.ones((3, 2)), np.ones((3, 2)), metric="manhattan")
+
+
+def test_matched_label_fraction_reads_rectangular_matrices_one_label_per_row_and_column():
+    rows = P[:2]  # 2 RNA cells matched to 3 ATAC cells
+    # row 0: 0.5 on column 0 (a); row 1: all on column 1 (b)
+    assert matched_label_fraction(rows, ["a", "a"], ["a", "b", "a"]) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    ("row_labels", "column_labels", "message"),
+    [
+        (
+            list("aabb"),
+            list("aab"),
+            "row_labels has shape (4,) but P has 3 rows; pass one label per row of P.",
+        ),
+        (
+            list("aab"),
+            list("ab"),
+            "column_labels has shape (2,) but P has 3 columns; pass one label per column of P.",
+        ),
+        (
+            np.array([list("aab")]),
+            list("aab"),
+            "row_labels has shape (1, 3) but P has 3 rows; pass one label per row of P.",
+        ),
+    ],
+)
+def test_labels_not_one_per_row_and_column_are_errors(row_labels, column_labels, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        matched_label_fraction(P, row_labels, column_labels)
+
+
+METRICS = {
+    "score": matching_score,
+    "log_likelihood": matching_log_likelihood,
+    "top_k": lambda matrix: matching_top_k(matrix, 1),
+    "aupr": matching_aupr,
+    "label_fraction": lambda matrix: matched_label_fraction(matrix, ["a"], ["a"]),
+}
+
+
+@pytest.mark.parametrize("metric", METRICS.values(), ids=METRICS)
+@pytest.mark.parametrize("dimensions", [1, 3])
+def test_a_matrix_that_is_not_two_dimensional_is_an_error(metric, dimensions):
+    message = f"P must be a 2-D matrix (RNA cells x ATAC cells), not {dimensions}-D."
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        metric(np.ones((1,) * dimensions))  # 1-D would otherwise read as a 1 x 1 matrix
+
+
+@pytest.mark.parametrize("metric", [matching_score, matching_log_likelihood])
+def test_probability_metrics_refuse_a_matrix_that_is_not_row_stochastic(metric):
+    need = "pass probabilities (non-negative, each row summing to 1), e.g. from "
+    need += "CrossAttentionMatcher.match."
+    with pytest.raises(ValueError, match=f"^{re.escape(f'Row 0 of P sums to 2; {need}')}$"):
+        metric(2 * P)
+    with pytest.raises(ValueError, match=f"^{re.escape(f'Row 1 of P sums to 0; {need}')}$"):
+        metric(np.array([[1.0, 0.0], [0.0, 0.0]]))
+    with pytest.raises(ValueError, match=f"^{re.escape(f'Row 0 of P sums to nan; {need}')}$"):
+        metric(np.array([[np.nan, 0.0], [0.0, 1.0]]))
+    negative = np.array([[1.5, -0.5], [0.0, 1.0]])
+    with pytest.raises(ValueError, match=f"^{re.escape(f'P has negative entries; {need}')}$"):
+        metric(negative)
+    with pytest.raises(ValueError, match=f"^{re.escape(f'Row 0 of P sums to 2; {need}')}$"):
+        matched_label_fraction(2 * P, list("aab"), list("aab"))
+
+
+def test_ranking_metrics_read_any_scores():
+    assert matching_top_k(5 * P, 1) == matching_top_k(P, 1)
+    assert matching_aupr(5 * P) == pytest.approx(matching_aupr(P))

@@ -8,6 +8,7 @@ as ``n_rna * top_k``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from numbers import Real
 from typing import Literal
 
 import numpy as np
@@ -23,6 +24,35 @@ TEMPERATURE_FITS = ("likelihood", "score")
 #: Temperatures tried when a softmax temperature is fitted on paired cells (scores of
 #: unit-norm embeddings lie in [-1 - alpha, 1 + alpha]: at 10, P is nearly uniform).
 TEMPERATURE_GRID = np.geomspace(1e-4, 10.0, 51)
+
+
+def check_top_k(top_k: int) -> None:
+    """Raise unless ``top_k`` (candidates kept per row) is at least 1.
+
+    Raises
+    ------
+    ValueError
+        If ``top_k`` is below 1.
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be at least 1, not {top_k}.")
+
+
+def check_temperature(temperature: float) -> None:
+    """Raise unless ``temperature`` (of a softmax) is a positive finite number: a negative
+    one reverses the ranking, 0 divides by zero.
+
+    Raises
+    ------
+    ValueError
+        If ``temperature`` is not a positive finite number.
+    """
+    if isinstance(temperature, bool) or not (
+        isinstance(temperature, Real) and 0 < temperature < np.inf
+    ):
+        raise ValueError(
+            f"temperature must be a positive finite number (e.g. 0.05), not {temperature!r}."
+        )
 
 
 @torch.inference_mode()
@@ -77,7 +107,13 @@ def probabilities(
     """Row-wise softmax of ``scores / temperature`` over the kept columns, as a CSR matrix.
 
     Each row sums to 1 and has at most ``indices.shape[1]`` non-zeros.
+
+    Raises
+    ------
+    ValueError
+        If ``temperature`` is not a positive finite number.
     """
+    check_temperature(temperature)
     n_rows, k = indices.shape
     weights = _row_softmax_float32(scores, temperature)
     index_dtype = np.int32 if n_rows * k < np.iinfo(np.int32).max else np.int64
@@ -100,7 +136,13 @@ def true_pair_log_probabilities(
     row's smallest probability): its score is at most that candidate's, so this is the
     most it could get, and a temperature that makes such a row confident about wrong
     cells is still penalised.
+
+    Raises
+    ------
+    ValueError
+        If ``temperature`` is not a positive finite number.
     """
+    check_temperature(temperature)
     logits = scores.astype(np.float64) / temperature
     log_normaliser = logsumexp(logits, axis=1)
     is_true = indices == np.arange(len(indices))[:, None]
@@ -234,12 +276,19 @@ def assign(matrix: sp.csr_matrix, assignment: Assignment, temperature: float) ->
     ``None`` returns it unchanged; ``"bipartite"`` the maximum-likelihood one-to-one
     matching; ``"ot"`` the entropic optimal transport plan between uniform marginals
     (MatchCLOT) on the same support, with the softmax temperature as regularisation.
+
+    Raises
+    ------
+    ValueError
+        If ``assignment`` is unknown, or it is ``"ot"`` and ``temperature`` is not a
+        positive finite number.
     """
     if assignment is None:
         return matrix
     if assignment == "bipartite":
         return bipartite_assignment(matrix)
     if assignment == "ot":
+        check_temperature(temperature)
         log_probabilities = sp.csr_matrix(matrix, dtype=np.float64, copy=True)
         log_probabilities.data = temperature * np.log(
             np.clip(log_probabilities.data, 1e-300, None)
@@ -262,7 +311,15 @@ def match_embeddings(
     ``rescore(indices, scores)``, when given, returns new scores for the kept candidates
     (e.g. a re-ranking term). See :func:`top_k_scores`, :func:`probabilities`,
     :func:`assign`.
+
+    Raises
+    ------
+    ValueError
+        If ``top_k`` is below 1, ``temperature`` is not a positive finite number or
+        ``assignment`` is unknown.
     """
+    check_top_k(top_k)
+    check_temperature(temperature)  # before the scores, not after
     indices, scores = top_k_scores(x, y, top_k, block_size)
     if rescore is not None:
         scores = rescore(indices, scores)

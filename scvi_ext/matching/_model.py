@@ -26,6 +26,8 @@ from ._assignment import (
     Assignment,
     TemperatureFit,
     assign,
+    check_temperature,
+    check_top_k,
     fit_temperature,
     probabilities,
     top_k_scores,
@@ -725,6 +727,11 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         Returns
         -------
         Column indices (int32) and scores (float32), both rows x ``min(top_k, columns)``.
+
+        Raises
+        ------
+        ValueError
+            If ``top_k`` is below 1 or ``rows`` is unknown.
         """
         if atac is None:
             if not isinstance(rna, MuData):
@@ -733,8 +740,7 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
                     "both modalities."
                 )
             atac = rna
-        if top_k < 1:
-            raise ValueError(f"top_k must be at least 1, not {top_k}.")
+        check_top_k(top_k)
         if rows not in ("rna", "atac"):
             raise ValueError(f"rows must be 'rna' or 'atac', not {rows!r}.")
         rna_encoded = self._encode(self._modality_anndata(rna, "rna"), "rna", batch_size)
@@ -789,11 +795,18 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         -------
         CSR matrix (RNA cells x ATAC cells, or ATAC x RNA with ``rows="atac"``); rows sum
         to 1, at most ``top_k`` non-zeros per row.
+
+        Raises
+        ------
+        ValueError
+            If ``temperature`` is not a positive finite number, ``top_k`` is below 1, or
+            ``rows`` or ``assignment`` is unknown.
         """
+        temperature = self.match_temperature_ if temperature is None else temperature
+        check_temperature(temperature)  # before encoding the cells, not after
         indices, scores = self.match_candidates(
             rna, atac, top_k, n_rerank, batch_size, block_size, rows
         )
-        temperature = self.match_temperature_ if temperature is None else temperature
         atac = rna if atac is None else atac  # one MuData holding both
         columns, modality = (atac, "atac") if rows == "rna" else (rna, "rna")
         n_columns = self._modality_anndata(columns, modality).n_obs

@@ -1,7 +1,10 @@
 """Cross-modality cell matching metrics (NeurIPS 2021 matching task, FOSCTTM).
 
 A matching matrix ``P`` has one row per RNA cell and one column per ATAC cell, both in the
-order of the true pairs (row ``i`` and column ``i`` are the same cell); rows sum to 1.
+order of the true pairs (row ``i`` and column ``i`` are the same cell); rows sum to 1. The
+metrics that read probability mass (:func:`matching_score`, :func:`matching_log_likelihood`,
+:func:`matched_label_fraction`) check that ``P`` is row-stochastic; the ranking metrics
+(:func:`matching_top_k`, :func:`matching_aupr`) read any scores.
 """
 
 from __future__ import annotations
@@ -12,8 +15,27 @@ import numpy as np
 import scipy.sparse as sp
 
 
-def _square_csr(matrix, name: str = "P") -> sp.csr_matrix:
+def _csr(matrix, stochastic: bool, name: str = "P") -> sp.csr_matrix:
+    """``matrix`` as a float64 CSR matrix, checked 2-D (and row-stochastic if asked)."""
+    if np.ndim(matrix) != 2:
+        raise ValueError(
+            f"{name} must be a 2-D matrix (RNA cells x ATAC cells), not {np.ndim(matrix)}-D."
+        )
     matrix = sp.csr_matrix(matrix, dtype=np.float64)
+    if not stochastic:
+        return matrix
+    need = "pass probabilities (non-negative, each row summing to 1), e.g. from CrossAttentionMatcher.match."
+    if (matrix.data < 0).any():
+        raise ValueError(f"{name} has negative entries; {need}")
+    sums = matrix.sum(1).A1
+    bad = np.flatnonzero(~np.isclose(sums, 1.0, rtol=0.0, atol=1e-3))
+    if len(bad):
+        raise ValueError(f"Row {bad[0]} of {name} sums to {sums[bad[0]]:.4g}; {need}")
+    return matrix
+
+
+def _square_csr(matrix, stochastic: bool = True, name: str = "P") -> sp.csr_matrix:
+    matrix = _csr(matrix, stochastic, name)
     if matrix.shape[0] != matrix.shape[1]:
         raise ValueError(
             f"{name} has shape {matrix.shape}; matching metrics need the same cells in rows "
@@ -26,6 +48,11 @@ def matching_score(matrix) -> float:
     """The competition's score: mean probability placed on the true pair, ``mean_i P[i, i]``.
 
     Random matching scores ``1 / n``; a perfect one 1.
+
+    Raises
+    ------
+    ValueError
+        If ``P`` is not a square (same cells in rows and columns) row-stochastic matrix.
     """
     matrix = _square_csr(matrix)
     return float(matrix.diagonal().mean())
@@ -38,6 +65,11 @@ def matching_log_likelihood(matrix, floor: float = 1e-6) -> float:
     ``log(1 / n)``, a perfect one 0, and each row sure of a wrong cell ``log(floor)``
     (a true pair of probability 0, e.g. outside the kept ``top_k``, would otherwise be
     ``-inf``).
+
+    Raises
+    ------
+    ValueError
+        If ``P`` is not a square (same cells in rows and columns) row-stochastic matrix.
     """
     matrix = _square_csr(matrix)
     return float(np.log(np.maximum(matrix.diagonal(), floor)).mean())
@@ -45,8 +77,14 @@ def matching_log_likelihood(matrix, floor: float = 1e-6) -> float:
 
 def matching_top_k(matrix, k: int) -> float:
     """Fraction of rows whose true pair is among their ``k`` largest entries (a true pair
-    of probability 0 is never found; ties count against it)."""
-    matrix = _square_csr(matrix)
+    of probability 0 is never found; ties count against it).
+
+    Raises
+    ------
+    ValueError
+        If ``P`` is not a square matrix (the same cells in rows and columns).
+    """
+    matrix = _square_csr(matrix, stochastic=False)
     true = matrix.diagonal()
     rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
     n_above = np.bincount(rows[matrix.data > true[rows]], minlength=matrix.shape[0])
@@ -55,9 +93,24 @@ def matching_top_k(matrix, k: int) -> float:
 
 
 def matched_label_fraction(matrix, row_labels, column_labels) -> float:
-    """Mean probability mass each row puts on columns with its own label (e.g. cell type)."""
-    matrix = sp.csr_matrix(matrix, dtype=np.float64)
+    """Mean probability mass each row puts on columns with its own label (e.g. cell type).
+
+    ``P`` may have other cells in its columns than in its rows (any shape).
+
+    Raises
+    ------
+    ValueError
+        If ``P`` is not a 2-D row-stochastic matrix, or the labels are not one per row
+        (``row_labels``) and one per column (``column_labels``).
+    """
+    matrix = _csr(matrix, stochastic=True)
     row_labels, column_labels = np.asarray(row_labels), np.asarray(column_labels)
+    for labels, name, axis in ((row_labels, "row", 0), (column_labels, "column", 1)):
+        if labels.shape != (matrix.shape[axis],):
+            raise ValueError(
+                f"{name}_labels has shape {labels.shape} but P has {matrix.shape[axis]} "
+                f"{name}s; pass one label per {name} of P."
+            )
     rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
     same = row_labels[rows] == column_labels[matrix.indices]
     mass = np.bincount(rows, weights=matrix.data * same, minlength=matrix.shape[0])
@@ -70,8 +123,13 @@ def matching_aupr(matrix) -> float:
 
     Entries not stored score 0 and tie with each other (one threshold). Equal to
     ``sklearn.metrics.average_precision_score`` on the dense matrix.
+
+    Raises
+    ------
+    ValueError
+        If ``P`` is not a square matrix (the same cells in rows and columns).
     """
-    matrix = _square_csr(matrix)
+    matrix = _square_csr(matrix, stochastic=False)
     n = matrix.shape[0]
     true = matrix.diagonal()
     rows = np.repeat(np.arange(n), np.diff(matrix.indptr))
