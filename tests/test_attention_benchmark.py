@@ -44,17 +44,24 @@ def test_new_peers_are_registered_and_well_above_chance(tmp_path):
 
 
 def test_svm_linear_is_the_papers_svc_and_its_confidence_is_of_the_predicted_class():
+    from sklearn.calibration import CalibratedClassifierCV
     from sklearn.svm import SVC
 
     adata = _simulated()
     reference, query = stratified_split(adata, "cell_type", seed=0)
     result = METHODS["svm_linear"](reference, query, "cell_type", 0, n_top_genes=None)
-    paper = SVC(kernel="linear", max_iter=1000).fit(
-        log_normalised_anndata(reference).X, reference.obs["cell_type"]
-    )
-    expected = paper.predict(log_normalised_anndata(query).X)
+    x_reference, x_query = log_normalised_anndata(reference).X, log_normalised_anndata(query).X
+    labels = reference.obs["cell_type"]
+    paper = SVC(kernel="linear", max_iter=1000).fit(x_reference, labels)
+    expected = paper.predict(x_query)
     np.testing.assert_array_equal(result.predictions, expected)
-    assert ((result.confidence > 0) & (result.confidence <= 1)).all()
+    # Platt scaling on 5-fold cross-validated decision values; the predicted class's column
+    platt = CalibratedClassifierCV(
+        SVC(kernel="linear", max_iter=1000), method="sigmoid", cv=5, ensemble=False
+    ).fit(x_reference, labels)
+    proba = platt.predict_proba(x_query)
+    column = np.searchsorted(platt.classes_, expected)
+    np.testing.assert_allclose(result.confidence, proba[np.arange(len(expected)), column])
 
 
 def test_svm_calibration_uses_fewer_folds_when_a_cell_type_is_rare():
@@ -189,14 +196,33 @@ def test_annotate_command_trains_can_and_refuses_a_batch_key(tmp_path, capsys):
 
 # ---------------------------------------------------------------- real data
 @requires_shared_data
-def test_transfer_study_fine_tunes_only_cans_last_layer_on_kang():
-    """A tiny run: 100 genes, 1 epoch; CGRAN's settings left out to keep it fast."""
-    from scvi_ext.benchmark._attention_tasks import transfer
+def test_transfer_study_fine_tunes_only_cans_last_layer_on_kang(monkeypatch):
+    """A tiny run: 100 genes, 1 epoch; CGRAN's settings left out to keep it fast. Only the
+    classifier's weights of the query model change in its fine-tuning."""
+    import torch
 
+    from scvi_ext.benchmark._attention_tasks import transfer
+    from scvi_ext.model import CAN
+
+    queries = []
+    load_query_data = CAN.load_query_data
+
+    def spy(adata, reference_model, **kwargs):
+        model = load_query_data(adata, reference_model, **kwargs)
+        before = {k: v.detach().clone() for k, v in model.module.state_dict().items()}
+        queries.append((model, before))
+        return model
+
+    monkeypatch.setattr(CAN, "load_query_data", spy)
     table = transfer(0, n_top_genes=100, max_epochs=1, models=["can"])["transfer"]
     assert list(table["method"]) == ["can_no_fine_tuning", "can_last_layer"]
     assert table["accuracy"].between(0, 1).all()
     assert table.loc[1, "trains"] == "classifier"
+    [(model, before)] = queries
+    after = model.module.state_dict()
+    changed = {k for k, v in after.items() if not torch.equal(v, before[k])}
+    classifier = {k for k in after if k.startswith("classifier.")}
+    assert classifier and changed == classifier, sorted(changed ^ classifier)
 
 
 @requires_shared_data

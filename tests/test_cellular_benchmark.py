@@ -161,9 +161,15 @@ def test_training_throughput_without_the_reference_package(cells, monkeypatch, c
 def test_embedding_quality_scores_cellular_and_pca(cells):
     table = embedding_quality(cells, batch_key="batch", max_epochs=4, methods=("cellular", "pca"))
     assert set(table.index) == {"CELLULAR", "PCA"}
-    expected = 0.6 * table["bio_conservation"] + 0.4 * table["batch_correction"]
-    np.testing.assert_allclose(table["overall"], expected)
-    assert table["overall"].is_monotonic_decreasing
+    values = table.to_numpy()
+    assert not np.isnan(values).any(), table
+    # min-max scaled across methods (to rounding: scib-metrics gives 1.0000000000000002)
+    assert ((values > -1e-9) & (values < 1 + 1e-9)).all(), table
+    # each metric is 0 or 1 (the worse or better of two methods); on the well-separated
+    # simulation CELLULAR measured bio 0.6 (3 of 5), batch 1.0 and overall 0.76 (PCA: 0)
+    cellular = table.loc["CELLULAR"]
+    assert cellular["bio_conservation"] >= 0.4 and cellular["overall"] > 0.5, table
+    assert table.index[0] == "CELLULAR"  # ranked first
 
 
 def test_run_study_writes_tables_plots_and_summary(tmp_path, monkeypatch):

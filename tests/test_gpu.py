@@ -50,11 +50,15 @@ def test_every_model_trains_on_the_gpu_and_its_saved_model_loads_on_the_cpu(name
 
 @pytest.mark.parametrize("name", NAMES)
 def test_every_model_trains_in_bf16_mixed_precision_on_the_gpu(name):
-    losses = {}
+    losses, dtypes = {}, {}
     for run in ("32-true", "32-true again", "bf16-mixed"):
         scvi.settings.seed = 0
         model, plan_kwargs = _small_model(name)
         precision = run.split()[0]
+        seen = dtypes[run] = set()  # output dtypes of the linear layers in training
+        for module in model.module.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda *args, seen=seen: seen.add(args[-1].dtype))
         model.train(
             max_epochs=1,
             batch_size=64,
@@ -65,10 +69,13 @@ def test_every_model_trains_in_bf16_mixed_precision_on_the_gpu(name):
         )
         losses[run] = float(model.history["train_loss"].to_numpy()[-1, 0])
         assert next(model.module.parameters()).dtype == torch.float32
+        assert model.trainer.precision == precision
+    # the linear layers ran in float32, and in bfloat16 under bf16-mixed
+    assert dtypes["32-true"] == dtypes["32-true again"] == {torch.float32}, dtypes
+    assert torch.bfloat16 in dtypes["bf16-mixed"], dtypes
     fp32, bf16 = losses["32-true"], losses["bf16-mixed"]
     noise = abs(losses["32-true again"] - fp32)  # GPU kernels need not be deterministic
     print(f"{name}: bf16 vs fp32 {abs(bf16 - fp32) / fp32:.3%}, fp32 vs fp32 {noise / fp32:.3%}")
     assert np.isfinite(bf16)
-    assert bf16 != fp32  # the steps did run in bfloat16
     # the epoch's loss moves by at most 2% (3x the run-to-run noise if larger)
     assert bf16 == pytest.approx(fp32, rel=0.02, abs=3 * noise)
