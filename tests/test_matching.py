@@ -127,7 +127,20 @@ def test_match_rows_sum_to_one_with_at_most_top_k_per_row_on_queries_of_other_si
     assert model.match(held_out, top_k=1000).shape == (held_out.n_obs, held_out.n_obs)
 
 
-def test_one_to_one_assignments(trained):
+@pytest.mark.parametrize("modality", ["rna", "atac"])
+def test_counts_log_transformed_after_setup_stop_training(modality):
+    scvi.settings.seed = 0
+    mdata = simulate_paired()[:120].copy()
+    CrossAttentionMatcher.setup_mudata(mdata)
+    model = CrossAttentionMatcher(mdata, **SMALL)
+    counts = mdata.mod[modality].X
+    counts.data[:] = np.log1p(counts.data)  # as sc.pp.log1p does, in place
+    message = rf"mdata\.mod\['{modality}'\]\.X contains non-integer values; found \d+\. "
+    with pytest.raises(ValueError, match=message + "This looks like normalised"):
+        model.train(**FAST)
+
+
+def test_one_to_one_assignments(trained, monkeypatch):
     model, _, held_out = trained
     bipartite = model.match(held_out, top_k=20, assignment="bipartite")
     np.testing.assert_array_equal(bipartite.sum(1).A1, 1.0)
@@ -137,8 +150,12 @@ def test_one_to_one_assignments(trained):
     np.testing.assert_allclose(transport.sum(1).A1, 1.0, rtol=1e-6)
     full_support = model.match(held_out, top_k=held_out.n_obs, assignment="ot")
     np.testing.assert_allclose(full_support.sum(0).A1, 1.0, atol=1e-3)  # uniform marginals
-    with pytest.raises(ValueError, match="assignment must be 'bipartite', 'ot' or None"):
+    unknown = "assignment must be 'bipartite', 'ot' or None, not 'greedy'."
+    monkeypatch.setattr(model, "_encode", lambda *args: pytest.fail("encoded the cells"))
+    with pytest.raises(ValueError, match=re.escape(unknown)):  # before encoding the cells
         model.match(held_out, assignment="greedy")
+    with pytest.raises(ValueError, match=re.escape(unknown)):
+        match_embeddings(np.eye(3), np.eye(3), assignment="greedy")
 
 
 def test_block_matching_equals_dense_and_reranking_changes_scores(trained):

@@ -142,8 +142,8 @@ def test_counts_normalised_after_setup_are_refused_by_predict_and_train(trained,
     else:
         reference.X = sp.csr_matrix(np.log1p(counts.toarray()))
     message = (
-        r"adata\.X contains non-integer values; found \d+\. .* It held raw counts when "
-        "setup_anndata checked it"
+        r"adata\.X contains non-integer values; found \d+\. .* It held raw counts when setup "
+        "checked it"
     )
     try:
         with pytest.raises(ValueError, match=message):

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
+from scvi import REGISTRY_KEYS
 from scvi import settings as scvi_settings
 from scvi.data._constants import _SCVI_UUID_KEY
 from scvi.model.base import ArchesMixin, BaseModelClass
@@ -132,12 +133,13 @@ class InferenceMixin:
         return registry_gene_names(self.registry_)
 
     @property
-    def _counts_location(self) -> str | None:
-        """Where the model reads counts in an AnnData (``None``: it reads no counts)."""
+    def _count_locations(self) -> dict[str, str]:
+        """The registry keys of the counts the model reads, and where they are in an
+        AnnData (none for models that read no counts)."""
         if not self._counts_input:
-            return None
+            return {}
         layer = self.setup_args.get("layer")
-        return "adata.X" if layer is None else f"adata.layers['{layer}']"
+        return {REGISTRY_KEYS.X_KEY: "adata.X" if layer is None else f"adata.layers['{layer}']"}
 
     def _check_registered_genes(self, adata: AnnData) -> None:
         """The model's own AnnData must still have the genes it was set up with (and an open
@@ -251,10 +253,9 @@ class InferenceMixin:
         if source is None:
             loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
             read_rows_as_slices(loader)  # rows of a backed matrix read by slices
-            counts_location = self._counts_location  # the data may have changed since setup
+            count_locations = self._count_locations  # the data may have changed since setup
             for tensors in loader:
-                if counts_location is not None:
-                    check_count_tensors(tensors, counts_location)
+                check_count_tensors(tensors, count_locations)
                 yield tensors
             return
         yield from source.loader(
@@ -460,7 +461,7 @@ class InferenceMixin:
         if self.is_query_model:
             plan_kwargs.setdefault("weight_decay", 0.0)
         # a datamodule's stream checks its counts itself, naming the experiment
-        plan_kwargs["counts_location"] = None if datamodule is not None else self._counts_location
+        plan_kwargs["count_locations"] = None if datamodule is not None else self._count_locations
         if datamodule is not None:
             if soma_source(datamodule) is not datamodule:
                 raise ValueError(

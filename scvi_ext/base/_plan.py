@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from typing import Literal
 
+import numpy as np
 import scipy.sparse as sp
 import torch
-from scvi import REGISTRY_KEYS
 from scvi.module.base import BaseModuleClass, LossOutput
 from scvi.train import TrainingPlan
 from torch.optim.lr_scheduler import LambdaLR
@@ -38,44 +38,51 @@ PLAIN_ADAM_PLAN = {
 
 #: What to do when a minibatch of the model's own data is not raw counts.
 CHANGED_AFTER_SETUP = (
-    "It held raw counts when setup_anndata checked it: keep them there (normalise a copy, "
-    "or into another layer), or register the edited AnnData with setup_anndata and build "
-    "a new model."
+    "It held raw counts when setup checked it: keep them there (normalise a copy, or into "
+    "another layer), or set up the edited data again and build a new model."
 )
 
 
-def check_count_tensors(batch: object, where: str, hint: str = CHANGED_AFTER_SETUP) -> None:
-    """Check the counts (``X``) of a minibatch of registered tensors, on the CPU.
+def check_count_tensors(
+    batch: object, locations: dict[str, str], hint: str = CHANGED_AFTER_SETUP
+) -> None:
+    """Check the counts of a minibatch of registered tensors, on the CPU.
 
-    ``batch`` is a dict of registered tensors, or a dict or list of them (as paired loaders
-    yield); each ``X`` is checked by :func:`~scvi_ext.data._validation.check_minibatch_counts`,
-    whose error names ``where`` (e.g. ``"adata.X"``), then ``hint``.
+    ``locations`` maps the registry keys of counts (``"X"``) to where they come from
+    (``"adata.X"``). ``batch`` is a dict of registered tensors, or a dict or list of them
+    (as paired loaders yield); each of its counts is checked by
+    :func:`~scvi_ext.data._validation.check_minibatch_counts`, whose error names the
+    location, then ``hint``.
     """
-    if isinstance(batch, dict) and REGISTRY_KEYS.X_KEY in batch:
-        counts = batch[REGISTRY_KEYS.X_KEY].detach().cpu()
-        if counts.layout == torch.sparse_csr:
-            values = (counts.values(), counts.col_indices(), counts.crow_indices())
-            counts = sp.csr_matrix(tuple(t.numpy() for t in values), shape=tuple(counts.shape))
-        else:
-            counts = counts.numpy()
-        check_minibatch_counts(counts, where, hint)
+    if isinstance(batch, dict) and not locations.keys().isdisjoint(batch):
+        for key, where in locations.items():
+            if key in batch:
+                check_minibatch_counts(_as_array(batch[key]), where, hint)
     elif isinstance(batch, dict | list | tuple):
         for part in batch.values() if isinstance(batch, dict) else batch:
-            check_count_tensors(part, where, hint)
+            check_count_tensors(part, locations, hint)
+
+
+def _as_array(tensor: torch.Tensor) -> np.ndarray | sp.csr_matrix:
+    tensor = tensor.detach().cpu()
+    if tensor.layout == torch.sparse_csr:
+        parts = (tensor.values(), tensor.col_indices(), tensor.crow_indices())
+        return sp.csr_matrix(tuple(t.numpy() for t in parts), shape=tuple(tensor.shape))
+    return tensor.numpy()
 
 
 class CountCheckedBatches:
     """Lightning module mixin: every minibatch's counts are checked before they move to the
-    device (:func:`check_count_tensors`), when ``counts_location`` names where they come
-    from (``None``: no check), so that data edited after setup (e.g. normalised in place)
-    stops training with an error instead of training on it."""
+    device (:func:`check_count_tensors`), those ``count_locations`` names (registry key ->
+    where they come from; ``None``: no check), so that data edited after setup (e.g.
+    normalised in place) stops training with an error instead of training on it."""
 
-    counts_location: str | None = None
+    count_locations: dict[str, str] | None = None
 
     def on_before_batch_transfer(self, batch: object, dataloader_idx: int) -> object:
         """Check the minibatch's counts, then transfer it as Lightning would."""
-        if self.counts_location is not None:
-            check_count_tensors(batch, self.counts_location)
+        if self.count_locations:
+            check_count_tensors(batch, self.count_locations)
         return super().on_before_batch_transfer(batch, dataloader_idx)
 
 
@@ -138,7 +145,7 @@ class BaseTrainingPlan(CountCheckedBatches, TrainingPlan):
     - accepts any optimizer of :data:`OPTIMIZERS` by name;
     - keeps, in memory, the weights of the epoch with the lowest ``validation_loss`` and
       restores them when training ends (``restore_best_weights``);
-    - checks each minibatch's counts before it moves to the device (``counts_location``:
+    - checks each minibatch's counts before it moves to the device (``count_locations``:
       :class:`CountCheckedBatches`);
     - logs epoch means of step metrics once per epoch (:meth:`log_step`): Lightning's
       ``self.log`` costs about 2 ms a call on a CPU, a tenth of a CELLULAR epoch when each
@@ -164,10 +171,10 @@ class BaseTrainingPlan(CountCheckedBatches, TrainingPlan):
         ``load_query_data`` froze with gradient hooks.
     restore_best_weights
         Restore the weights of the best validation epoch at the end of training.
-    counts_location
-        Where the counts of the minibatches come from (``"adata.X"``,
-        ``"adata.layers['counts']"``), named when a minibatch is not raw counts; ``None``
-        checks nothing. Set by the model's ``train`` (models that read counts).
+    count_locations
+        The registry keys of the minibatches' counts and where they come from (``{"X":
+        "adata.X"}``), named when a minibatch is not raw counts; ``None`` checks nothing.
+        Set by the model's ``train`` (models that read counts).
     **kwargs
         Passed to :class:`~scvi.train.TrainingPlan`.
     """
@@ -180,7 +187,7 @@ class BaseTrainingPlan(CountCheckedBatches, TrainingPlan):
         lr: float = 1e-3,
         weight_decay: float = 1e-6,
         restore_best_weights: bool = True,
-        counts_location: str | None = None,
+        count_locations: dict[str, str] | None = None,
         **kwargs,
     ):
         if optimizer not in OPTIMIZERS and optimizer != "Custom":
@@ -201,7 +208,7 @@ class BaseTrainingPlan(CountCheckedBatches, TrainingPlan):
         )
         self._optimizer_cls = OPTIMIZERS.get(optimizer)
         self.restore_best_weights = restore_best_weights
-        self.counts_location = counts_location
+        self.count_locations = count_locations
         self.best_validation_loss = math.inf
         self.best_epoch: int | None = None
         self._best_state: dict[str, torch.Tensor] | None = None

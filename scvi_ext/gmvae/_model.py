@@ -293,7 +293,7 @@ class GMVAE(
             loss_fn=pyro.infer.TraceEnum_ELBO(max_plate_nesting=1),
             optim_kwargs={"lr": plan_kwargs["lr"], "eps": plan_kwargs["eps"]},
         )
-        plan.counts_location = self._counts_location
+        plan.count_locations = self._count_locations
         self.module = pyro_module
         try:
             result = PyroSviTrainMixin.train(

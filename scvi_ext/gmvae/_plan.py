@@ -89,7 +89,7 @@ class GMVAETrainingPlan(BaseTrainingPlan):
 
 class GMVAEPyroTrainingPlan(CountCheckedBatches, PyroTrainingPlan):
     """scvi-tools' :class:`~scvi.train.PyroTrainingPlan`, with the networks in train mode at
-    every epoch and each minibatch's counts checked (``counts_location``, set by the model:
+    every epoch and each minibatch's counts checked (``count_locations``, set by the model:
     :class:`~scvi_ext.base.CountCheckedBatches`).
 
     scvi leaves the module in eval mode after ``train()``, ``load()`` and

@@ -38,6 +38,18 @@ def check_top_k(top_k: int) -> None:
         raise ValueError(f"top_k must be at least 1, not {top_k}.")
 
 
+def check_assignment(assignment: object) -> None:
+    """Raise unless ``assignment`` is ``"bipartite"``, ``"ot"`` or ``None``.
+
+    Raises
+    ------
+    ValueError
+        If ``assignment`` is none of them.
+    """
+    if assignment not in ("bipartite", "ot", None):
+        raise ValueError(f"assignment must be 'bipartite', 'ot' or None, not {assignment!r}.")
+
+
 def check_temperature(temperature: float) -> None:
     """Raise unless ``temperature`` (of a softmax) is a positive finite number: a negative
     one reverses the ranking, 0 divides by zero.
@@ -283,18 +295,15 @@ def assign(matrix: sp.csr_matrix, assignment: Assignment, temperature: float) ->
         If ``assignment`` is unknown, or it is ``"ot"`` and ``temperature`` is not a
         positive finite number.
     """
+    check_assignment(assignment)
     if assignment is None:
         return matrix
     if assignment == "bipartite":
         return bipartite_assignment(matrix)
-    if assignment == "ot":
-        check_temperature(temperature)
-        log_probabilities = sp.csr_matrix(matrix, dtype=np.float64, copy=True)
-        log_probabilities.data = temperature * np.log(
-            np.clip(log_probabilities.data, 1e-300, None)
-        )
-        return entropic_ot(log_probabilities, epsilon=temperature)
-    raise ValueError(f"assignment must be 'bipartite', 'ot' or None, not {assignment!r}.")
+    check_temperature(temperature)
+    log_probabilities = sp.csr_matrix(matrix, dtype=np.float64, copy=True)
+    log_probabilities.data = temperature * np.log(np.clip(log_probabilities.data, 1e-300, None))
+    return entropic_ot(log_probabilities, epsilon=temperature)
 
 
 def match_embeddings(
@@ -320,6 +329,7 @@ def match_embeddings(
     """
     check_top_k(top_k)
     check_temperature(temperature)  # before the scores, not after
+    check_assignment(assignment)
     indices, scores = top_k_scores(x, y, top_k, block_size)
     if rescore is not None:
         scores = rescore(indices, scores)

@@ -26,6 +26,7 @@ from ._assignment import (
     Assignment,
     TemperatureFit,
     assign,
+    check_assignment,
     check_temperature,
     check_top_k,
     fit_temperature,
@@ -513,6 +514,17 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         self.match_temperature_ = self.match_temperatures_[self.temperature_fit]
 
     # ------------------------------------------------------------------ data of one modality
+    @property
+    def _count_locations(self) -> dict[str, str]:
+        """Both modalities' counts, checked in every minibatch read (the MuData may have
+        changed since setup)."""
+        locations = {}
+        for modality, key in _FIELD_KEYS.items():
+            name, layer = self._modality_name(modality), self.setup_args.get(f"{modality}_layer")
+            matrix = "X" if layer is None else f"layers['{layer}']"
+            locations[key] = f"mdata.mod['{name}'].{matrix}"
+        return locations
+
     def _modality_name(self, modality: str) -> str:
         """Name of ``modality``'s AnnData in the MuData (as given to ``setup_mudata``)."""
         modalities = {**DEFAULT_MODALITIES, **(self.setup_args.get("modalities") or {})}
@@ -804,6 +816,7 @@ class CrossAttentionMatcher(InferenceMixin, UnsupervisedTrainingMixin, BaseModel
         """
         temperature = self.match_temperature_ if temperature is None else temperature
         check_temperature(temperature)  # before encoding the cells, not after
+        check_assignment(assignment)
         indices, scores = self.match_candidates(
             rna, atac, top_k, n_rerank, batch_size, block_size, rows
         )
