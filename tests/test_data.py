@@ -20,6 +20,7 @@ from scvi_ext.data import (
     load_kang_ifnb,
     load_snareseq,
     load_snareseq_gene_region_map,
+    log_normalised_anndata,
     select_genes,
     simulate,
     validate_counts,
@@ -515,3 +516,53 @@ def test_select_genes_scnym_keeps_all_genes(sim_genes):
         select_genes(sim_genes, "scnym", n_top_genes=10)
     with pytest.raises(ValueError, match="Unknown gene selection method 'pca'"):
         select_genes(sim_genes, "pca")
+
+
+NOT_HDF5 = (
+    "exists and is not an HDF5 (.h5ad) file; overwrite=True replaces only an HDF5 (.h5ad) "
+    "file. Write to another path, or move or delete this one yourself."
+)
+
+
+def test_write_simulated_overwrites_only_an_h5ad_and_keeps_it_when_writing_fails(
+    tmp_path, monkeypatch
+):
+    folder = tmp_path / "mine.h5ad"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    text = tmp_path / "notes.h5ad"
+    text.write_text("keep me too")
+    for path in (folder, text):
+        with pytest.raises(FileExistsError) as error:
+            write_simulated(path, overwrite=True, n_cells=10, n_genes=5, n_markers=1)
+        assert str(error.value) == f"{path} {NOT_HDF5}"
+    assert (folder / "notes.txt").read_text() == "keep me"
+    assert text.read_text() == "keep me too"
+    path = write_simulated(tmp_path / "sim.h5ad", n_cells=20, n_genes=5, n_markers=1)
+    write_simulated(path, overwrite=True, n_cells=7, n_genes=5, n_markers=1, chunk_size=3)
+    assert ad.read_h5ad(path).shape == (7, 5)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(_simulate, "_sample_chunk", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_simulated(path, overwrite=True, n_cells=30, n_genes=5, n_markers=1)
+    assert ad.read_h5ad(path).shape == (7, 5)  # the old file is kept, nothing left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.h5ad", "notes.h5ad", "sim.h5ad"]
+
+
+@pytest.mark.parametrize("format", ["csr", "csc", "dense"])
+def test_log_normalised_anndata_reads_a_backed_file_whole(tmp_path, format):
+    adata = simulate(n_cells=40, n_genes=15, n_markers=2, seed=2)
+    expected = log_normalised_anndata(adata)
+    stored = adata.X.toarray() if format == "dense" else adata.X.asformat(format)
+    ad.AnnData(X=stored, obs=adata.obs, var=adata.var).write_h5ad(tmp_path / "cells.h5ad")
+    backed = ad.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    result = log_normalised_anndata(backed)
+    assert result.X.format == "csr" and result.X.dtype == np.float32
+    np.testing.assert_array_equal(result.X.toarray(), expected.X.toarray())
+    pd.testing.assert_index_equal(result.obs_names, adata.obs_names)
+    backed.file.close()
+    with pytest.raises(ValueError, match=r"^target must be a positive finite number, got 0\.$"):
+        log_normalised_anndata(adata, target=0)

@@ -490,3 +490,79 @@ def test_releasing_free_memory_needs_no_glibc(monkeypatch):
 
     monkeypatch.setattr(soma, "_malloc_trim", lambda: None)  # macOS, musl
     soma.release_free_memory()
+
+
+def _user_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    return folder
+
+
+NOT_AN_EXPERIMENT = (
+    "exists and is not a TileDB-SOMA experiment; overwrite=True replaces only a TileDB-SOMA "
+    "experiment. Write to another path, or move or delete this one yourself."
+)
+
+
+def test_overwrite_replaces_an_experiment_and_never_another_folder(tmp_path):
+    adata = simulate(n_cells=30, n_genes=12, n_markers=2, seed=1)
+    folder = _user_folder(tmp_path)
+    with pytest.raises(FileExistsError) as error:
+        write_soma(adata, folder, overwrite=True)
+    assert str(error.value) == f"{folder} {NOT_AN_EXPERIMENT}"
+    with pytest.raises(FileExistsError) as error:
+        write_simulated(folder, overwrite=True, format="soma", n_cells=10, n_genes=5)
+    assert str(error.value) == f"{folder} {NOT_AN_EXPERIMENT}"
+    assert [p.name for p in folder.iterdir()] == ["notes.txt"]
+    assert (folder / "notes.txt").read_text() == "keep me"
+    uri = write_soma(adata, tmp_path / "cells")
+    assert write_soma(adata[:10], uri, overwrite=True) == uri
+    replaced = _read_back(uri)
+    assert list(replaced.obs_names) == list(adata.obs_names[:10])
+    assert (replaced.X != adata.X[:10]).nnz == 0
+    write_simulated(uri, overwrite=True, format="soma", n_cells=7, n_genes=5, n_markers=1)
+    assert _read_back(uri).shape == (7, 5)
+    with pytest.raises(ValueError, match=r"^s3://bucket/cells is a URI; pass a local path"):
+        write_soma(adata, "s3://bucket/cells")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cells", "mine"]
+
+
+@pytest.mark.parametrize(
+    ("chunk_size", "error", "message"),
+    [
+        (0, ValueError, "chunk_size must be a positive integer (cells per chunk), got 0."),
+        (-5, ValueError, "chunk_size must be a positive integer (cells per chunk), got -5."),
+        (2.5, TypeError, "chunk_size must be a positive integer (cells per chunk), not 2.5."),
+    ],
+    ids=["zero", "negative", "float"],
+)
+def test_a_bad_chunk_size_is_refused_before_anything_is_written(
+    chunk_size, error, message, tmp_path
+):
+    adata = simulate(n_cells=30, n_genes=12, n_markers=2, seed=1)
+    uri = write_soma(adata, tmp_path / "cells")
+    before = _digest(tmp_path)
+    with pytest.raises(error) as raised:
+        write_soma(adata[:5], uri, overwrite=True, chunk_size=chunk_size)
+    assert str(raised.value) == message
+    with pytest.raises(error):
+        write_soma(adata, tmp_path / "new", chunk_size=chunk_size)
+    assert _digest(tmp_path) == before  # the experiment is intact, nothing else written
+    _assert_same_cells(_read_back(uri), adata)
+
+
+def test_a_failed_write_leaves_nothing_and_keeps_the_old_experiment(tmp_path):
+    from scvi_ext.data._soma import write_soma_chunks
+
+    adata = simulate(n_cells=30, n_genes=12, n_markers=2, seed=1)
+    uri = write_soma(adata, tmp_path / "cells")
+    before = _digest(tmp_path)
+    wrong = [adata.X[:10], adata.X[10:, :3]]
+    with pytest.raises(ValueError, match=r"^A chunk has 3 genes, var 12\.$"):
+        write_soma_chunks(uri, adata.obs, adata.var, iter(wrong), overwrite=True)
+    with pytest.raises(ValueError, match=r"^The chunks hold 10 cells, obs 30\.$"):
+        write_soma_chunks(tmp_path / "new", adata.obs, adata.var, iter(wrong[:1]))
+    assert _digest(tmp_path) == before
+    _assert_same_cells(_read_back(uri), adata)
+    _assert_same_cells(_read_back(write_soma(adata, tmp_path / "new")), adata)  # a retry

@@ -6,6 +6,7 @@ import hashlib
 import tracemalloc
 
 import anndata as ad
+import h5py
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -221,3 +222,45 @@ def test_closed_backed_files_are_refused_at_every_entry(tmp_path):
         model.predict(backed_query)
     with pytest.raises(ValueError, match=message):
         ScNym.load(tmp_path / "model", adata=backed_query)
+
+
+def _small_file(path, genes) -> None:
+    counts = sp.csr_matrix(np.arange(3 * len(genes), dtype=np.float32).reshape(3, -1))
+    adata = ad.AnnData(X=counts, layers={"counts": counts})
+    adata.var_names = genes
+    adata.write_h5ad(path)
+
+
+def _closed(path) -> bool:
+    """Whether no handle of this process holds ``path`` open (HDF5 refuses a second mode)."""
+    try:
+        h5py.File(path, "r+").close()
+    except OSError:
+        return False
+    return True
+
+
+def test_read_collection_refuses_one_path_no_paths_and_duplicated_genes(tmp_path):
+    with pytest.raises(TypeError) as error:
+        read_collection("f0.h5ad")
+    assert str(error.value) == (
+        "paths is one path ('f0.h5ad'); pass a list of paths, e.g. read_collection(['f0.h5ad'])."
+    )
+    with pytest.raises(TypeError, match=r"^paths is one path \("):
+        read_collection(tmp_path / "f0.h5ad")
+    with pytest.raises(ValueError) as error:
+        read_collection([])
+    assert str(error.value) == "paths is empty; pass a list of one or more h5ad paths."
+    _small_file(tmp_path / "ok.h5ad", ["a", "b", "c"])
+    _small_file(tmp_path / "dup.h5ad", ["a", "b", "a"])
+    with pytest.raises(ValueError) as error:
+        read_collection([tmp_path / "ok.h5ad", tmp_path / "dup.h5ad"])
+    assert str(error.value) == (
+        f"{tmp_path / 'dup.h5ad'} has duplicated gene names (e.g. ['a']); a collection "
+        "matches genes by name. Make them unique in a copy (adata = anndata.read_h5ad(path); "
+        "adata.var_names_make_unique(); adata.write_h5ad(new_path)) and read that."
+    )
+    assert _closed(tmp_path / "ok.h5ad") and _closed(tmp_path / "dup.h5ad")
+    with pytest.raises(FileNotFoundError):  # not a ValueError: the first file is closed too
+        read_collection([tmp_path / "ok.h5ad", tmp_path / "missing.h5ad"])
+    assert _closed(tmp_path / "ok.h5ad")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import anndata as ad
 import h5py
@@ -276,31 +276,41 @@ class Collection(CollectionAdapter):
 
 def _open(path: str | os.PathLike, layer: str | None) -> tuple[h5py.File, ad.AnnData, CSRDataset]:
     file = h5py.File(path, "r")
+    try:
+        return file, *_read_part(file, os.fspath(path), layer)
+    except BaseException:
+        file.close()
+        raise
+
+
+def _read_part(file: h5py.File, path: str, layer: str | None) -> tuple[ad.AnnData, CSRDataset]:
     where = "X" if layer is None else f"layer '{layer}'"
     layers = file.get("layers", {})
     if layer is not None and layer not in layers:
         available = ", ".join(repr(name) for name in layers) or "none"
-        file.close()
         raise ValueError(
-            f"{os.fspath(path)} has no layer '{layer}' (its layers: {available}); pass the "
+            f"{path} has no layer '{layer}' (its layers: {available}); pass the "
             "layer holding raw counts, or layer=None for X."
         )
     group = file["X"] if layer is None else layers[layer]
     encoding = group.attrs.get("encoding-type", "array")
     if encoding != "csr_matrix":
-        file.close()
         raise ValueError(
-            f"{os.fspath(path)} stores {where} as {encoding}; a collection reads cells by "
+            f"{path} stores {where} as {encoding}; a collection reads cells by "
             "rows from a CSR matrix. Store the counts as scipy.sparse.csr_matrix and write "
             "the file again."
         )
-    part = ad.AnnData(
-        # The counts as X are never read whole: AnnCollection reads one row when built.
-        X=sparse_dataset(group),
-        obs=read_elem(file["obs"]),
-        var=read_elem(file["var"]),
-    )
-    return file, part, part.X
+    var = read_elem(file["var"])
+    if not var.index.is_unique:
+        repeated = list(var.index[var.index.duplicated()].unique()[:5])
+        raise ValueError(
+            f"{path} has duplicated gene names (e.g. {repeated}); a collection matches genes "
+            "by name. Make them unique in a copy (adata = anndata.read_h5ad(path); "
+            "adata.var_names_make_unique(); adata.write_h5ad(new_path)) and read that."
+        )
+    # The counts as X are never read whole: AnnCollection reads one row when built.
+    part = ad.AnnData(X=sparse_dataset(group), obs=read_elem(file["obs"]), var=var)
+    return part, part.X
 
 
 def read_collection(
@@ -317,7 +327,8 @@ def read_collection(
     Parameters
     ----------
     paths
-        The h5ad files; each needs the counts as CSR in ``layers[layer]`` (or ``X``).
+        The h5ad files (a list, even of one file); each needs the counts as CSR in
+        ``layers[layer]`` (or ``X``) and unique gene names.
     label
         Optional ``obs`` column naming, for each cell, the file it came from (its index in
         ``paths``).
@@ -326,23 +337,39 @@ def read_collection(
 
     Raises
     ------
+    TypeError
+        When ``paths`` is one path rather than a list of paths, or holds other than paths.
     ValueError
-        When a file lacks ``layer`` or stores the counts other than as CSR.
+        When ``paths`` is empty, or a file lacks ``layer``, stores the counts other than
+        as CSR or has duplicated gene names. The files opened are closed on any error.
     """
+    if isinstance(paths, str | bytes | os.PathLike):
+        raise TypeError(
+            f"paths is one path ({os.fsdecode(paths)!r}); pass a list of paths, e.g. "
+            f"read_collection([{os.fsdecode(paths)!r}])."
+        )
+    if not isinstance(paths, Iterable):
+        raise TypeError(f"pass a list of paths, not {type(paths).__name__}.")
+    paths = list(paths)
+    if not paths:
+        raise ValueError("paths is empty; pass a list of one or more h5ad paths.")
+    others = [path for path in paths if not isinstance(path, str | os.PathLike)]
+    if others:
+        raise TypeError(f"pass a list of paths (str or os.PathLike); got {others[0]!r}.")
     opened = []
     try:
         for path in paths:
             opened.append(_open(path, layer))
-    except ValueError:
+        files, parts, matrices = zip(*opened, strict=True)
+        collection = AnnCollection(list(parts), join_obs="inner", join_vars="inner", label=label)
+        genes = pd.Index(collection.var_names)
+        columns = []
+        for part in parts:
+            own = pd.Index(part.var_names)
+            columns.append(None if own.equals(genes) else own.get_indexer(genes))
+        counts = CollectionCounts([SliceReadCSR(matrix) for matrix in matrices], columns)
+    except BaseException:
         for file, _, _ in opened:
             file.close()
         raise
-    files, parts, matrices = zip(*opened, strict=True)
-    collection = AnnCollection(list(parts), join_obs="inner", join_vars="inner", label=label)
-    genes = pd.Index(collection.var_names)
-    columns = []
-    for part in parts:
-        own = pd.Index(part.var_names)
-        columns.append(None if own.equals(genes) else own.get_indexer(genes))
-    counts = CollectionCounts([SliceReadCSR(matrix) for matrix in matrices], columns)
     return Collection(collection, files, layer, counts)

@@ -1,8 +1,13 @@
+from numbers import Real
+
 import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 import torch
+from anndata.abc import CSCDataset, CSRDataset
+
+from ._validation import check_backed_open
 
 # method -> default number of genes (None: all genes)
 GENE_SELECTION_DEFAULTS: dict[str, int | None] = {
@@ -122,8 +127,26 @@ def log_normalised_anndata(adata: ad.AnnData, target: float = 1e4) -> ad.AnnData
     -------
     AnnData with float32 CSR ``X`` and the input's ``obs_names`` and ``var_names`` (no
     other annotations); the input is not modified.
+
+    Raises
+    ------
+    TypeError
+        When ``adata`` is not an AnnData.
+    ValueError
+        When ``adata.X`` is None, ``target`` is not a positive finite number, or a backed
+        ``adata``'s file was closed.
     """
-    counts = sp.csr_matrix(adata.X, dtype=np.float32)
+    if not isinstance(adata, ad.AnnData):
+        raise TypeError(f"adata must be an AnnData, not {type(adata).__name__}.")
+    check_backed_open(adata)
+    if adata.X is None:
+        raise ValueError("adata.X is None; put the raw counts in X (adata.X = adata.layers[...]).")
+    if isinstance(target, bool) or not (isinstance(target, Real) and 0 < target < np.inf):
+        raise ValueError(f"target must be a positive finite number, got {target!r}.")
+    counts = adata.X
+    if isinstance(counts, CSRDataset | CSCDataset):  # backed sparse: read it whole
+        counts = counts.to_memory()
+    counts = sp.csr_matrix(counts, dtype=np.float32)
     return ad.AnnData(
         X=log_normalise(counts, target),
         obs=pd.DataFrame(index=adata.obs_names.copy()),

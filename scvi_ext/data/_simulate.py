@@ -21,7 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata.io import sparse_dataset, write_elem
 
-from ._soma import write_soma_chunks
+from ._soma import check_destination, write_soma_chunks, written_in_place_of
 
 # Entries with a mean below this are drawn by inverse-CDF sampling (cheap: most of
 # them are zero); larger means are drawn as gamma-Poisson.
@@ -121,7 +121,9 @@ def write_simulated(
     path
         The ``.h5ad`` file, or the experiment's folder, to write.
     overwrite
-        Replace an existing file or experiment (otherwise :class:`FileExistsError`).
+        Replace an existing h5ad (HDF5) file, or TileDB-SOMA experiment for
+        ``format="soma"``; any other existing path is never replaced. The old one is kept
+        when writing fails.
     format
         ``"h5ad"``, or ``"soma"``: an experiment as :func:`~scvi_ext.data.write_soma`
         writes it (counts, ``obs`` and ``var``; no ``uns``).
@@ -131,12 +133,28 @@ def write_simulated(
     Returns
     -------
     The path written.
+
+    Raises
+    ------
+    ValueError
+        When ``format`` is unknown, ``path`` is a URI or a :func:`simulate` argument is out
+        of range.
+    TypeError
+        When a keyword is not an argument of :func:`simulate`.
+    FileExistsError
+        When ``path`` exists and ``overwrite`` is False, or it exists and is not what
+        ``format`` writes.
     """
-    path = Path(path)
     if format not in ("h5ad", "soma"):
         raise ValueError(f"format must be 'h5ad' or 'soma', not {format!r}.")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    if format == "soma":
+        import tiledbsoma
+
+        path = check_destination(
+            path, overwrite, tiledbsoma.Experiment.exists, "a TileDB-SOMA experiment"
+        )
+    else:
+        path = check_destination(path, overwrite, h5py.is_hdf5, "an HDF5 (.h5ad) file")
     unknown = sorted(set(simulate_kwargs) - set(inspect.signature(simulate).parameters))
     if unknown:
         raise TypeError(f"write_simulated got unknown simulate() argument(s): {unknown}.")
@@ -144,14 +162,15 @@ def write_simulated(
     if format == "soma":
         write_soma_chunks(path, obs, var, chunks, overwrite=overwrite)
         return path
-    first = next(chunks)
-    ad.AnnData(X=first, obs=obs.iloc[: first.shape[0]], var=var, uns=uns).write_h5ad(path)
-    with h5py.File(path, "r+") as handle:
-        counts = sparse_dataset(handle["X"])
-        for chunk in chunks:
-            counts.append(chunk)
-        del handle["obs"]
-        write_elem(handle, "obs", obs)
+    with written_in_place_of(path) as partial:
+        first = next(chunks)
+        ad.AnnData(X=first, obs=obs.iloc[: first.shape[0]], var=var, uns=uns).write_h5ad(partial)
+        with h5py.File(partial, "r+") as handle:
+            counts = sparse_dataset(handle["X"])
+            for chunk in chunks:
+                counts.append(chunk)
+            del handle["obs"]
+            write_elem(handle, "obs", obs)
     return path
 
 
