@@ -20,11 +20,9 @@ DEMO_METHODS = ["cellular", "scnym", "scanvi", "logistic_regression"]
 DEMO_SCVI_EPOCHS = 60
 QUICK_TASK = {"n_cells": 400, "n_genes": 200, "n_cell_types": 4}
 QUICK_EPOCHS = 2
-# --quick: the second training stage of the two-stage methods is shortened too
-QUICK_METHOD_KWARGS = {
-    "scanvi": {"scanvi_max_epochs": 1},
-    "cellular": {"classifier_epochs": QUICK_EPOCHS},
-}
+# --quick: CELLULAR's classifier trains for the epochs of every model (QUICK_EPOCHS or
+# --max-epochs), scANVI's second stage for one epoch
+QUICK_SCANVI_EPOCHS = 1
 #: Models of ``scvi-ext annotate``: trained from counts on reference + query cells (the
 #: query unlabeled) and annotated with their ``annotate`` method. LatentClassifier is not
 #: one: it sits on top of another model's representation.
@@ -82,10 +80,16 @@ def _command_line(argv: list[str]) -> str:
 
 
 def _parse_value(text: str) -> Any:
-    """A Python literal (number, ``True``, ``None``, tuple...), else the text itself.
+    """A Python literal (number, ``True``, ``None``, tuple...), else the text itself;
+    comma-separated text is a tuple of such values (``A,B`` is ``("A", "B")``).
 
     Text that opens like a list, tuple, dict or quoted string must parse: ``[1, 2`` is
-    a ``ValueError``, not the string ``"[1, 2"``.
+    a ``ValueError``, not the string ``"[1, 2"``; so must every item of a tuple.
+
+    Raises
+    ------
+    ValueError
+        Text that opens like a literal, or an empty item (``A,,B``), that does not parse.
     """
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
@@ -94,7 +98,12 @@ def _parse_value(text: str) -> Any:
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError) as error:
         if text.strip()[:1] in ("[", "(", "{", "'", '"'):
             raise ValueError(f"{text!r} is not a valid Python literal") from error
+    if "," not in text:
         return text
+    items = [item.strip() for item in text.removesuffix(",").split(",")]
+    if not all(items):
+        raise ValueError(f"{text!r} has an empty item")
+    return tuple(_parse_value(item) for item in items)
 
 
 def _key_values(options: Iterable[str], flag: str) -> dict[str, Any]:
@@ -111,8 +120,8 @@ def _key_values(options: Iterable[str], flag: str) -> dict[str, Any]:
             parsed[key] = _parse_value(value)
         except ValueError as error:
             raise CLIError(
-                f"{flag} {option!r}: {error}; quote strings inside lists, e.g. "
-                "KEY=\"['a', 'b']\" or KEY=a,b."
+                f"{flag} {option!r}: {error}; give a tuple as KEY=a,b or KEY=\"('a', 'b')\" "
+                "(quote strings inside brackets), text with a comma as KEY=\"'a,b'\"."
             ) from error
     return parsed
 
@@ -187,31 +196,41 @@ def _kang_missing_reason() -> str | None:
     return f"{DATASETS['kang_ifnb']} is not in the data folder {data_dir}."
 
 
-def _check_outdir(outdir: str | Path, task: str, overwrite: bool) -> None:
-    """Refuse a report folder whose files would be replaced or mixed without asking.
+def _check_outdir(
+    outdir: str | Path, task: str, overwrite: bool, files: tuple[str, ...] | None = None
+) -> list[str]:
+    """The runner's :func:`~scvi_ext.benchmark._runner.check_outdir` (``files``: those of
+    :func:`~scvi_ext.benchmark.run_benchmark` by default) in the command line's words.
 
-    A folder holding the report of the same task is rerun in place (a study like
-    ``scale`` reuses its measurements there); one holding another task's report, or a
-    ``summary.md`` that is not a benchmark report, needs ``--overwrite``.
+    Returns
+    -------
+    The files of ``files`` already in ``outdir``, which the run replaces.
+
+    Raises
+    ------
+    CLIError
+        ``outdir`` is a file, or holds one of ``files`` that is not of a ``task`` report
+        and ``--overwrite`` is not given.
     """
-    outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise CLIError(f"--outdir {outdir} is a file, not a folder; choose another --outdir.")
-    summary = outdir / "summary.md"
-    if overwrite or not summary.is_file():
-        return
-    first_line = (summary.read_text(errors="replace").splitlines() or [""])[0]
-    if first_line == f"# Benchmark: {task}":
-        logging.getLogger("scvi_ext.cli").info(
-            "Replacing the previous %s report in %s.", task, outdir
+    from scvi_ext.benchmark._runner import PLOT_FILES, REPORT_FILES, OptionError, check_outdir
+
+    try:
+        return check_outdir(
+            outdir, task, files or REPORT_FILES + PLOT_FILES, overwrite, command_line=True
         )
-        return
-    prefix = "# Benchmark: "
-    held = first_line.removeprefix(prefix) if first_line.startswith(prefix) else None
-    what = f"the report of {held!r}" if held else "a summary.md that is not a benchmark report"
-    raise CLIError(
-        f"--outdir {outdir} holds {what}; its files would be replaced or mixed with those "
-        f"of {task!r}. Choose another --outdir, or pass --overwrite."
+    except OptionError as error:
+        raise CLIError(str(error)) from error
+
+
+def _study_files(name: str) -> tuple[str, ...]:
+    """The files :func:`~scvi_ext.benchmark.run_study` writes that are known before it
+    runs: ``summary.md`` and the CSV and PNG of each headline table."""
+    from scvi_ext.benchmark import STUDIES
+
+    tables = STUDIES[name].headline
+    return (
+        "summary.md",
+        *(f"{table}{end}" for table in tables for end in ("_per_seed.csv", ".png")),
     )
 
 
@@ -239,11 +258,11 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
             task_kwargs = dict(QUICK_TASK)
         max_epochs = args.max_epochs or QUICK_EPOCHS
         method_kwargs = _method_options(DEMO_METHODS, max_epochs)
-        for name, options in QUICK_METHOD_KWARGS.items():
-            method_kwargs[name].update(options)
+        method_kwargs["cellular"]["classifier_epochs"] = max_epochs
+        method_kwargs["scanvi"]["scanvi_max_epochs"] = QUICK_SCANVI_EPOCHS
         caption = (
             f"Quick demo: {max_epochs} epochs for each model (CELLULAR and its classifier, "
-            "ScNym, scVI), 1 scANVI epoch."
+            f"ScNym, scVI), {QUICK_SCANVI_EPOCHS} scANVI epoch."
         )
     else:
         scvi_epochs = args.max_epochs or DEMO_SCVI_EPOCHS
@@ -264,6 +283,7 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
         task_kwargs=task_kwargs,
         command=_command_line(argv),
         caption=caption,
+        overwrite=args.overwrite,
     )
     print(f"\n{caption}\n")
     print(summary_table(results, columns=DEMO_TABLE_COLUMNS))
@@ -488,7 +508,11 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
             check_study_options(args.task, args.seeds, task_options)
         except (TypeError, ValueError) as error:
             raise CLIError(str(error)) from error
-        _check_outdir(outdir, args.task, args.overwrite)
+        replaced = _check_outdir(outdir, args.task, args.overwrite, _study_files(args.task))
+        if replaced:
+            logging.getLogger("scvi_ext.cli").info(
+                "Replacing %s in %s.", ", ".join(replaced), outdir
+            )
         try:
             run_study(
                 args.task,
@@ -518,6 +542,7 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
             method_kwargs=method_kwargs,
             task_kwargs=task_options,
             command=_command_line(argv),
+            overwrite=args.overwrite,
         )
     # missing data, options the task refuses, every method skipped (not installed)
     except (FileNotFoundError, OptionError, NoMethodRanError) as error:
@@ -551,7 +576,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-epochs",
         type=_positive_int,
         default=None,
-        help="Epochs of every model (max_epochs of each method: CELLULAR, ScNym, scVI).",
+        help="Epochs of every model (max_epochs of each method: CELLULAR, ScNym, scVI; "
+        "with --quick also CELLULAR's classifier).",
     )
     demo.add_argument("--seed", type=_non_negative_int, default=0, help="Random seed (default 0).")
     demo.add_argument(
@@ -562,8 +588,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--overwrite",
         action="store_true",
-        help="Write into an --outdir that holds another task's report (the simulated or "
-        "the Kang demo's).",
+        help="Replace report files in --outdir that are not of this task's report "
+        "(another task's report, a file of yours); a rerun of the same task (the simulated "
+        "or the Kang demo) replaces its report without it.",
     )
     demo.set_defaults(handler=_demo)
 
@@ -685,7 +712,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="Option of the task or study function, e.g. held_out_donor=1015 for "
-        "kang_donors_lodo (repeatable).",
+        "kang_donors_lodo; a,b is a tuple (repeatable).",
     )
     benchmark.add_argument(
         "--max-epochs",
@@ -705,8 +732,9 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument(
         "--overwrite",
         action="store_true",
-        help="Write into an --outdir that holds another task's report, or a summary.md "
-        "of something else (a rerun of the same task replaces its report without it).",
+        help="Replace files in --outdir that are not of this task's report (another "
+        "task's report, a file of yours named like a report file); a rerun of the same "
+        "task replaces its report without it.",
     )
     benchmark.set_defaults(handler=_benchmark)
     return parser

@@ -26,7 +26,7 @@ from scvi_ext.benchmark import (
     score_predictions,
     summary_table,
 )
-from scvi_ext.benchmark._runner import check_option_type
+from scvi_ext.benchmark._runner import check_option_type, check_outdir, report_task
 from scvi_ext.data import datasets_available, log_normalised_anndata
 
 TINY_TASK = {"n_cells": 400, "n_genes": 200, "n_cell_types": 4}
@@ -377,3 +377,34 @@ def test_run_study_checks_seeds_and_option_types(tmp_path, monkeypatch):
     assert not outdir.exists()
     tables = run_study("toy", seeds=[0], outdir=outdir, options={"sizes": 30, "epochs": 1})
     assert list(tables["scores"]["seed"]) == [0]
+
+
+def test_runner_keeps_files_that_are_not_of_the_tasks_report(tmp_path):
+    (tmp_path / "results_per_seed.csv").write_text("my,results\n")
+    message = (
+        f"outdir {tmp_path} holds results_per_seed.csv, not from a report of 'simulated'; "
+        "writing that report would replace it. Choose another outdir, or pass overwrite=True."
+    )
+    with pytest.raises(OptionError, match=f"^{re.escape(message)}$"):
+        run_benchmark("simulated", seeds=[0], methods=["logistic_regression"], outdir=tmp_path)
+    assert (tmp_path / "results_per_seed.csv").read_text() == "my,results\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["results_per_seed.csv"]
+
+
+def test_check_outdir_replaces_only_the_same_tasks_report(tmp_path):
+    assert check_outdir(tmp_path / "new", "simulated") == []
+    (tmp_path / "accuracy.png").write_bytes(b"figure")
+    assert check_outdir(tmp_path, "simulated", overwrite=True) == ["accuracy.png"]
+    assert check_outdir(tmp_path, "simulated", ("summary.md",)) == []  # no PNGs written
+    (tmp_path / "summary.md").write_text("# Benchmark: simulated\n\nearlier run\n")
+    assert report_task(tmp_path) == "simulated"
+    assert check_outdir(tmp_path, "simulated") == ["summary.md", "accuracy.png"]
+    message = (
+        f"outdir {tmp_path} holds the report of 'simulated'; its files would be replaced or "
+        "mixed with those of 'kang_ifnb'. Choose another outdir, or pass overwrite=True."
+    )
+    with pytest.raises(OptionError, match=f"^{re.escape(message)}$"):
+        check_outdir(tmp_path, "kang_ifnb")
+    message = f"outdir {tmp_path / 'summary.md'} is a file, not a folder; choose another outdir."
+    with pytest.raises(OptionError, match=f"^{re.escape(message)}$"):
+        check_outdir(tmp_path / "summary.md", "simulated", overwrite=True)

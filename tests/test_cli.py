@@ -5,10 +5,11 @@ import re
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 
-from scvi_ext.benchmark import METHODS, MethodUnavailableError
-from scvi_ext.cli import main
+from scvi_ext.benchmark import METHODS, STUDIES, MethodUnavailableError, Study
+from scvi_ext.cli import _parse_value, main
 from scvi_ext.data import simulate
 
 
@@ -404,12 +405,18 @@ def test_benchmark_asks_before_mixing_reports(tmp_path, capsys):
     assert (outdir / "summary.md").read_text() == other
     assert not (outdir / "results_per_seed.csv").exists()
     (outdir / "summary.md").write_text("# My notes\n")
+    (outdir / "accuracy.png").write_bytes(b"my figure")
     assert main(argv) == 2
-    assert "holds a summary.md that is not a benchmark report" in capsys.readouterr().err
+    assert (
+        f"--outdir {outdir} holds summary.md, accuracy.png, not from a report of 'simulated'; "
+        "writing that report would replace them. Choose another --outdir, or pass "
+        "--overwrite." in capsys.readouterr().err
+    )
     assert (outdir / "summary.md").read_text() == "# My notes\n"
 
     assert main([*argv, "--overwrite"]) == 0
     assert (outdir / "summary.md").read_text().startswith("# Benchmark: simulated\n")
+    assert (outdir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
     assert main([*argv, "--seeds", "1"]) == 0  # the same task again: replaced in place
     assert "Seeds: 1." in (outdir / "summary.md").read_text()
     file_path = tmp_path / "a_file"
@@ -444,3 +451,113 @@ def test_benchmark_reports_missing_data_and_keeps_tracebacks_of_failures(
     assert message in capsys.readouterr().err
     with pytest.raises(ValueError, match="a bug in the method"):
         main([*argv, "--methods", "broken"])
+
+
+def test_benchmark_keeps_a_users_file_named_like_a_report_file(tmp_path, capsys):
+    outdir = tmp_path / "figs"
+    outdir.mkdir()
+    (outdir / "accuracy.png").write_bytes(b"my figure")
+    assert main([*BENCH, "--outdir", str(outdir), "--task-option", "n_cells=200"]) == 2
+    assert capsys.readouterr().err == (
+        f"scvi-ext benchmark: error: --outdir {outdir} holds accuracy.png, not from a report "
+        "of 'simulated'; writing that report would replace it. Choose another --outdir, or "
+        "pass --overwrite.\n"
+    )
+    assert (outdir / "accuracy.png").read_bytes() == b"my figure"
+    assert sorted(path.name for path in outdir.iterdir()) == ["accuracy.png"]
+
+
+def test_study_outdir_is_checked_and_a_rerun_of_the_study_writes_in_place(
+    tmp_path, monkeypatch, capsys
+):
+    def run(seed, outdir):
+        (outdir / "measurements").mkdir(exist_ok=True)  # a cache kept between runs
+        return {"scores": pd.DataFrame({"method": ["a"], "accuracy": [0.5 + seed / 10]})}
+
+    monkeypatch.setitem(STUDIES, "toy", Study(run, "A toy study.", {"scores": ("accuracy",)}))
+    outdir = tmp_path / "study"
+    outdir.mkdir()
+    (outdir / "scores.png").write_bytes(b"my figure")
+    argv = ["benchmark", "--task", "toy", "--seeds", "0", "--outdir", str(outdir)]
+    assert main(argv) == 2
+    assert (
+        f"--outdir {outdir} holds scores.png, not from a report of 'toy'; writing that report "
+        "would replace it. Choose another --outdir, or pass --overwrite."
+    ) in capsys.readouterr().err
+    assert sorted(path.name for path in outdir.iterdir()) == ["scores.png"]
+
+    (outdir / "scores.png").unlink()  # a cache and no report yet (e.g. a killed run)
+    (outdir / "measurements").mkdir()
+    assert main(argv) == 0
+    assert main([*argv[:4], "1", *argv[5:]]) == 0  # the same study again: in place
+    assert "Seeds: 1;" in (outdir / "summary.md").read_text()
+    assert (outdir / "measurements").is_dir()
+    assert main([*argv, "--overwrite"]) == 0
+
+
+def test_quick_demo_trains_cellulars_classifier_for_max_epochs(tmp_path, monkeypatch, capsys):
+    import scvi_ext.benchmark
+
+    monkeypatch.setenv("SCVI_EXT_DATA", str(tmp_path))  # no data: the simulated task
+    calls = []
+
+    def run_benchmark(task, **kwargs):
+        calls.append(kwargs)
+        return pd.DataFrame({"method": ["cellular"], "settings": ["-"], "accuracy": [0.5]})
+
+    monkeypatch.setattr(scvi_ext.benchmark, "run_benchmark", run_benchmark)
+    assert main(["demo", "--quick", "--max-epochs", "10", "--outdir", str(tmp_path)]) == 0
+    kwargs = calls[0]
+    assert kwargs["method_kwargs"]["cellular"] == {"max_epochs": 10, "classifier_epochs": 10}
+    assert kwargs["method_kwargs"]["scanvi"] == {"max_epochs": 10, "scanvi_max_epochs": 1}
+    assert kwargs["caption"] == (
+        "Quick demo: 10 epochs for each model (CELLULAR and its classifier, ScNym, scVI), "
+        "1 scANVI epoch."
+    )
+    assert kwargs["overwrite"] is False
+    assert kwargs["caption"] in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("A,B", ("A", "B")),
+        ("kang_ifnb, pbmc68k_reduced", ("kang_ifnb", "pbmc68k_reduced")),
+        ("A,", ("A",)),
+        ("a,1,None", ("a", 1, None)),
+        ("200,500", (200, 500)),
+        ("A", "A"),
+        ("'a,b'", "a,b"),
+        ("('a', 'b')", ("a", "b")),
+    ],
+)
+def test_comma_separated_text_is_a_tuple(text, value):
+    assert _parse_value(text) == value
+
+
+def test_a_comma_separated_task_option_reaches_the_study_as_a_tuple(tmp_path, monkeypatch, capsys):
+    import scvi_ext.benchmark
+
+    calls = []
+
+    def run_study(name, seeds, outdir, command, options):
+        calls.append(options)
+        (tmp_path / "summary.md").write_text("# Benchmark: attention_transfer\n")
+
+    monkeypatch.setattr(scvi_ext.benchmark, "run_study", run_study)
+    argv = ["benchmark", "--task", "attention_transfer", "--seeds", "0", "--outdir", str(tmp_path)]
+    assert main([*argv, "--task-option", "settings=A,B"]) == 0
+    assert calls == [{"settings": ("A", "B")}]
+    capsys.readouterr()
+    assert main([*argv, "--task-option", "settings=A,,B"]) == 2
+    assert capsys.readouterr().err == (
+        "scvi-ext benchmark: error: --task-option 'settings=A,,B': 'A,,B' has an empty item; "
+        "give a tuple as KEY=a,b or KEY=\"('a', 'b')\" (quote strings inside brackets), text "
+        "with a comma as KEY=\"'a,b'\".\n"
+    )
+    assert main([*argv, "--task-option", "settings=A,3"]) == 2
+    assert (
+        "--task-option: settings must be a string (default: ('A', 'B', 'C')), not ('A', 3)."
+        in capsys.readouterr().err
+    )
+    assert len(calls) == 1

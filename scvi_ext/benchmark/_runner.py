@@ -41,6 +41,9 @@ SUMMARY_COLUMNS = (
     ("train_seconds", "train s", ".1f"),
     ("cells_per_second", "cells/s", ".0f"),
 )
+#: Files :func:`run_benchmark` writes in its ``outdir``; the PNGs only with ``plots``.
+REPORT_FILES = ("results_per_seed.csv", "summary.md")
+PLOT_FILES = ("accuracy.png", "reliability.png", "umap_query.png")
 
 
 class OptionError(ValueError):
@@ -182,6 +185,75 @@ def check_benchmark_options(
             skip=("reference", "query", "labels_key", "seed"),
         )
     check_options(TASKS[task], task_kwargs, f"options of task {task!r}")
+
+
+def report_task(outdir: str | Path) -> str | None:
+    """The task or study whose report ``outdir`` holds (the first line of its
+    ``summary.md``, ``# Benchmark: TASK``), or ``None``."""
+    summary = Path(outdir) / "summary.md"
+    if not summary.is_file():
+        return None
+    with summary.open(errors="replace") as file:
+        first_line = file.readline().rstrip("\n")
+    task = first_line.removeprefix("# Benchmark: ")
+    return task if task and task != first_line else None
+
+
+def check_outdir(
+    outdir: str | Path,
+    task: str,
+    files: tuple[str, ...] = REPORT_FILES + PLOT_FILES,
+    overwrite: bool = False,
+    command_line: bool = False,
+) -> list[str]:
+    """Refuse an ``outdir`` where writing ``files`` would replace files of something else.
+
+    Files of the same task's report (its ``summary.md`` says ``# Benchmark: TASK``) are
+    replaced: a rerun of a task writes into its folder. Any other file of ``files``
+    already there (another task's report, a user's file) needs ``overwrite``.
+
+    Parameters
+    ----------
+    outdir
+        The report folder (need not exist).
+    task
+        The task or study about to write its report there.
+    files
+        Names of the files it writes in ``outdir``.
+    overwrite
+        Replace the files whatever they hold.
+    command_line
+        Name the options as the command line does (``--outdir``, ``--overwrite``).
+
+    Returns
+    -------
+    The names of ``files`` already in ``outdir`` (those that will be replaced).
+
+    Raises
+    ------
+    OptionError
+        ``outdir`` is a file, or holds one of ``files`` without being a report of
+        ``task`` and ``overwrite`` is not set.
+    """
+    outdir = Path(outdir)
+    flag, fix = ("--outdir", "--overwrite") if command_line else ("outdir", "overwrite=True")
+    if outdir.exists() and not outdir.is_dir():
+        raise OptionError(f"{flag} {outdir} is a file, not a folder; choose another {flag}.")
+    existing = [name for name in files if (outdir / name).exists()]
+    held = report_task(outdir) if existing else None
+    if overwrite or not existing or held == task:
+        return existing
+    if held is not None:
+        raise OptionError(
+            f"{flag} {outdir} holds the report of {held!r}; its files would be replaced or "
+            f"mixed with those of {task!r}. Choose another {flag}, or pass {fix}."
+        )
+    names = ", ".join(existing)
+    raise OptionError(
+        f"{flag} {outdir} holds {names}, not from a report of {task!r}; writing that report "
+        f"would replace {'it' if len(existing) == 1 else 'them'}. Choose another {flag}, "
+        f"or pass {fix}."
+    )
 
 
 def set_seed(seed: int) -> None:
@@ -382,6 +454,7 @@ def run_benchmark(
     caption: str | None = None,
     plots: bool = True,
     ceiling: bool = True,
+    overwrite: bool = False,
 ) -> pd.DataFrame:
     """Run methods on one task for several seeds and write a report.
 
@@ -400,7 +473,9 @@ def run_benchmark(
         and listed in the report.
     outdir
         Folder for ``results_per_seed.csv``, ``summary.md``, ``accuracy.png``,
-        ``reliability.png`` and ``umap_query.png`` (created if needed).
+        ``reliability.png`` and ``umap_query.png`` (created if needed). A folder holding
+        the report of the same ``task`` is written over; one holding any of these files
+        otherwise needs ``overwrite`` (:func:`check_outdir`).
     method_kwargs
         Options per method name, e.g. ``{"scanvi": {"max_epochs": 2}}``.
     task_kwargs
@@ -415,13 +490,17 @@ def run_benchmark(
         Add the row ``query_label_ceiling``: logistic regression cross-validated on the
         query's own labels (:func:`~scvi_ext.benchmark.query_label_ceiling`),
         what the labels allow without a reference-to-query shift.
+    overwrite
+        Replace the report files in ``outdir`` even when they are not of this task's
+        report (e.g. another task's, or a user's ``accuracy.png``).
 
     Raises
     ------
     OptionError
         (a ``ValueError``) Before anything runs, for the options
-        :func:`check_benchmark_options` refuses; and when the task function refuses its
-        options.
+        :func:`check_benchmark_options` refuses and for an ``outdir`` whose files it would
+        replace without ``overwrite`` (:func:`check_outdir`); and when the task function
+        refuses its options.
     FileNotFoundError
         The task's dataset is not in the data folder.
 
@@ -439,6 +518,10 @@ def run_benchmark(
     methods = list(DEFAULT_METHODS if methods is None else methods)
     user_options, task_kwargs = method_kwargs or {}, task_kwargs or {}
     check_benchmark_options(task, list(seeds), methods, user_options, task_kwargs)
+    files = REPORT_FILES + PLOT_FILES if plots else REPORT_FILES
+    replaced = check_outdir(outdir, task, files, overwrite)
+    if replaced:
+        logger.info("Replacing %s in %s.", ", ".join(replaced), outdir)
     task_defaults = TASK_METHOD_KWARGS.get(task, {})
     method_kwargs = {
         name: {**task_defaults.get(name, {}), **user_options.get(name, {})} for name in methods
