@@ -170,6 +170,20 @@ def test_classification_study_refuses_unknown_datasets_and_methods():
         classification(0, datasets=["pbmc68k_reduced"], methods=["svm"])
 
 
+def test_transfer_study_refuses_unknown_models_and_settings_before_reading_data(monkeypatch):
+    from scvi_ext.benchmark._attention_tasks import transfer
+
+    monkeypatch.setattr(
+        "scvi_ext.data.load_dataset", lambda *args: pytest.fail("read the data first")
+    )
+    with pytest.raises(ValueError, match=r"Unknown settings \['D'\]; choose among \['A', "):
+        transfer(0, settings=["D"])
+    with pytest.raises(ValueError, match=r"Unknown settings \['AB'\]"):  # not 'A' and 'B'
+        transfer(0, settings="AB")
+    with pytest.raises(ValueError, match=r"Unknown models \['scnym'\]"):
+        transfer(0, models=["scnym"])
+
+
 def test_annotate_command_trains_can_and_refuses_a_batch_key(tmp_path, capsys):
     adata = _simulated(300)
     is_query = (adata.obs["condition"] == "query").to_numpy()

@@ -563,7 +563,7 @@ def transfer(
     fine_tune_epochs
         Fine-tuning epochs (``None``: as ``max_epochs``).
     settings
-        CGRAN transfer settings to run.
+        CGRAN transfer settings to run (``"A"``, ``"B"``, ``"C"``).
     fine_tune_fraction
         Fraction of the stimulated cells that fine-tune (paper: 0.8).
     models
@@ -572,6 +572,8 @@ def transfer(
     from scvi_ext.data import load_dataset, select_genes
     from scvi_ext.model import CAN, CGRAN
 
+    models = _check_names(models, {"can": None, "cgran": None}, "models")
+    settings = _check_names(settings, dict.fromkeys("ABC"), "settings")
     labels_key = "cell_type"
     adata = load_dataset("kang_ifnb")
     adata.obs[labels_key] = adata.obs[labels_key].astype(str)
@@ -591,7 +593,6 @@ def transfer(
         keys = ("accuracy", "balanced_accuracy", "macro_f1", "ece")
         return {"method": row, **{k: scores[k] for k in keys}, "seconds": seconds, "trains": note}
 
-    models = _check_names(models, {"can": None, "cgran": None}, "models")
     rows = []
     references = {}
     if "can" in models:
