@@ -1,5 +1,7 @@
 """Shared base: paired splitter, plan helpers, gradient reversal, CPU DDP training."""
 
+import re
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -122,6 +124,31 @@ def test_query_neighbour_score_bad_inputs():
         query_neighbour_score(reference[:0], query)
     with pytest.raises(ValueError, match="The query has 20 cells; .* at least n_neighbors=50"):
         query_neighbour_score(reference, query)
+
+
+@pytest.mark.parametrize("argument", ["n_neighbors", "n_comps", "max_cells"])
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_query_neighbour_score_needs_positive_integer_sizes(argument, value):
+    with pytest.raises(
+        ValueError, match=rf"^{argument} must be a positive integer, not {value}\.$"
+    ):
+        query_neighbour_score(np.ones((10, 3)), np.ones((20, 3)), **{argument: value})
+
+
+def test_query_neighbour_score_checks_counts():
+    reference, query = np.ones((10, 3)), np.ones((20, 3))
+    query[0, 0] = 0.5
+    message = (
+        "the query contains non-integer values; found 1. This looks like normalised or "
+        "log-transformed data: pass raw counts, e.g. a counts layer via `layer=`; models "
+        "normalise internally. Pass counts=False to score values that are not counts."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        query_neighbour_score(reference, query, n_neighbors=5)
+    reference[3] = 0
+    with pytest.raises(ValueError, match="^the reference has 1 cells with zero total counts"):
+        query_neighbour_score(reference, query, n_neighbors=5)
+    assert query_neighbour_score(reference, query, n_neighbors=5, counts=False).shape == (20,)
 
 
 def test_sigmoid_ramp():
@@ -260,6 +287,41 @@ def test_fit_temperature_softens_overconfident_and_sharpens_underconfident_logit
     assert fit_temperature(np.log(np.where(one_hot, 0.775, 0.075)), labels) == pytest.approx(
         1.0, abs=0.1
     )  # calibrated already: P(right) = 0.7 + 0.3 / 4
+
+
+@pytest.mark.parametrize(
+    ("logits", "labels", "message"),
+    [
+        (np.zeros(4), [0, 1, 0, 1], "logits must be 2-D (cells x classes); got shape (4,)."),
+        (
+            np.zeros((4, 2)),
+            [[0], [1], [0], [1]],
+            "labels must be 1-D (one class code per cell); got shape (4, 1). Flatten them "
+            "first, e.g. labels.ravel().",
+        ),
+        (
+            np.zeros((4, 2)),
+            [0, 1],
+            "logits has 4 rows and labels 2 entries; give one label per row of logits.",
+        ),
+        (np.zeros((0, 2)), [], "fit_temperature needs at least one labelled cell."),
+        (np.zeros((2, 2)), [0.0, 1.0], "labels must be integer class codes, not dtype float64."),
+        (
+            np.zeros((3, 2)),
+            [0, -1, 2],
+            "labels must be class codes from 0 to 1 (the columns of logits); found 2 "
+            "outside, e.g. -1.",
+        ),
+        (
+            np.array([[0.0, np.nan], [np.inf, 1.0]]),
+            [0, 1],
+            "logits has 2 NaN or infinite values; fit on finite logits.",
+        ),
+    ],
+)
+def test_fit_temperature_rejects_bad_input(logits, labels, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        fit_temperature(logits, np.asarray(labels))
 
 
 def test_a_one_cell_last_minibatch_is_dropped_not_trained_through_batchnorm():

@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -118,6 +119,60 @@ def test_novelty_auroc():
 def test_novelty_auroc_needs_both_classes():
     with pytest.raises(ValueError, match="only one class"):
         novelty_auroc([True, True], [0.1, 0.2])
+
+
+@pytest.mark.parametrize(
+    ("is_novel", "message"),
+    [
+        (
+            ["False", "True", "False"],
+            "is_novel must be booleans (or 0/1), not strings such as 'False'; convert them "
+            "first, e.g. with == 'True'.",
+        ),
+        (
+            [0.0, np.nan, 1.0],
+            "is_novel must be booleans (or 0/1); it has 1 missing values (NaN or None). Give "
+            "each entry True or False.",
+        ),
+        ([True, None, False], "is_novel must be booleans (or 0/1); it has 1 missing values"),
+        ([0, 2, 1], "is_novel must be booleans (or 0/1); found 2."),
+        ([0.0, 0.5, 1.0], "is_novel must be booleans (or 0/1); found 0.5."),
+    ],
+)
+def test_novelty_auroc_refuses_flags_that_are_not_booleans(is_novel, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        novelty_auroc(is_novel, [0.1, 0.5, 0.9])
+
+
+def test_novelty_flags_may_be_0_1_or_a_pandas_column():
+    assert novelty_auroc([0, 1, 0, 1], [0.1, 0.9, 0.2, 0.8]) == 1.0
+    assert novelty_auroc(pd.Series([0.0, 1.0], dtype=object), [0.2, 0.8]) == 1.0
+    column = pd.Series([False, True], dtype="boolean")
+    assert novelty_auroc(column, [0.2, 0.8]) == 1.0
+    result = novelty_precision_coverage({"a": 0.1, "b": 0.5}, {"a": 1, "b": 0})
+    assert (result["n_novel"], result["precision"]) == (1, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("has_novel", "message"),
+    [
+        (
+            {"a": "False", "b": "True"},
+            "has_novel must be booleans (or 0/1), not strings such as 'False'; convert them "
+            "first, e.g. with == 'True'.",
+        ),
+        (
+            {"a": True, "b": np.nan},
+            "has_novel must be booleans (or 0/1); it has 1 missing values (NaN or None). "
+            "Give each entry True or False.",
+        ),
+        (["no", "yes"], "has_novel must be booleans (or 0/1), not strings such as 'no'"),
+    ],
+)
+def test_novelty_precision_coverage_refuses_flags_that_are_not_booleans(has_novel, message):
+    scores = {"a": 0.1, "b": 0.5} if isinstance(has_novel, dict) else [0.1, 0.5]
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        novelty_precision_coverage(scores, has_novel)
 
 
 def test_novelty_precision_coverage_hand_computed():

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from numbers import Integral
+
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
 from scvi_ext.data import log_normalise
+from scvi_ext.data._validation import check_minibatch_counts
 
 from ._anndata import registry_gene_names
 
@@ -57,7 +61,21 @@ def query_neighbour_score(
     Returns
     -------
     One score per query cell, in [0, 1].
+
+    Raises
+    ------
+    ValueError
+        When ``n_neighbors``, ``n_comps`` or ``max_cells`` is not a positive integer, the
+        genes differ, the reference is empty, the query has fewer than ``n_neighbors``
+        cells, or (``counts=True``) a matrix does not hold raw counts.
     """
+    for argument, value in (
+        ("n_neighbors", n_neighbors),
+        ("n_comps", n_comps),
+        ("max_cells", max_cells),
+    ):
+        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+            raise ValueError(f"{argument} must be a positive integer, not {value!r}.")
     n_query, n_reference = query.shape[0], reference.shape[0]
     if query.shape[1] != reference.shape[1]:
         raise ValueError(
@@ -79,8 +97,14 @@ def query_neighbour_score(
 
     pool_reference, pool_query = subsample(n_reference, max_cells), subsample(n_query, max_cells)
     if counts:
-        reference = log_normalise(sp.csr_matrix(reference, dtype=np.float32), TARGET_SUM)
-        query = log_normalise(sp.csr_matrix(query, dtype=np.float32), TARGET_SUM)
+        reference = sp.csr_matrix(reference, dtype=np.float32)
+        query = sp.csr_matrix(query, dtype=np.float32)
+        for where, matrix in (("the reference", reference), ("the query", query)):
+            check_minibatch_counts(
+                matrix, where, "Pass counts=False to score values that are not counts."
+            )
+        reference = log_normalise(reference, TARGET_SUM)
+        query = log_normalise(query, TARGET_SUM)
     stack = sp.vstack if sp.issparse(reference) or sp.issparse(query) else np.vstack
     pool = stack([reference[pool_reference], query[pool_query]])
     if pool.shape[1] > n_comps:
@@ -107,14 +131,29 @@ def query_neighbour_score(
 
 
 def registered_counts(adata: AnnData, registry: dict, name: str):
-    """Counts of a model's registered genes (in its order) from ``adata``.
+    """Counts of a model's registered genes (in its order, matched by name) from ``adata``.
 
     Reads ``adata.layers[layer]`` when the model was set up with ``layer``, else
     ``adata.X``. ``name`` names ``adata`` in the errors.
+
+    Raises
+    ------
+    ValueError
+        When ``adata`` has duplicated gene names, lacks a gene of the model or its layer,
+        or the counts read are not raw counts
+        (:func:`~scvi_ext.data.validate_counts`'s checks, naming the matrix).
     """
     genes = registry_gene_names(registry)
     layer = registry["setup_args"].get("layer")
-    missing = genes.difference(adata.var_names)
+    var_names = pd.Index(adata.var_names.astype(str))
+    if not var_names.is_unique:
+        duplicated = list(var_names[var_names.duplicated()].unique()[:3])
+        raise ValueError(
+            f"{name} has duplicated gene names (e.g. {duplicated}), so its genes cannot be "
+            f"matched to the model's by name; make them unique on a copy first "
+            f"({name} = {name}.copy(); {name}.var_names_make_unique())."
+        )
+    missing = genes.difference(var_names)
     if len(missing):
         raise ValueError(
             f"{name} lacks {len(missing)} of the {len(genes)} genes the model was trained on "
@@ -122,6 +161,10 @@ def registered_counts(adata: AnnData, registry: dict, name: str):
         )
     if layer is not None and layer not in adata.layers:
         raise ValueError(f"{name} has no layer '{layer}' (the model's counts).")
-    columns = adata.var_names.get_indexer(genes)
     matrix = adata.X if layer is None else adata.layers[layer]
-    return matrix[:, columns]
+    where = f"{name}.X" if layer is None else f"{name}.layers['{layer}']"
+    if matrix is None:
+        raise ValueError(f"{where} is None; put the raw counts the model was trained on there.")
+    counts = matrix[:, var_names.get_indexer(genes)]
+    check_minibatch_counts(counts, where)
+    return counts

@@ -1,4 +1,5 @@
 from collections.abc import Mapping, Sequence
+from numbers import Number
 
 import numpy as np
 import pandas as pd
@@ -19,8 +20,14 @@ def novelty_auroc(is_novel: Sequence[bool], score: Sequence[float]) -> float:
     Returns
     -------
     The AUROC: 0.5 is chance, 1.0 ranks every novel cell above every known one.
+
+    Raises
+    ------
+    ValueError
+        When ``is_novel`` holds anything but booleans or 0/1 (see ``_as_flags``), the
+        shapes differ, ``score`` has NaN values or ``is_novel`` has one class only.
     """
-    is_novel = np.asarray(is_novel, dtype=bool)
+    is_novel = _as_flags(is_novel, "is_novel")
     score = np.asarray(score, dtype=np.float64)
     if is_novel.shape != score.shape or is_novel.ndim != 1:
         raise ValueError(
@@ -34,6 +41,42 @@ def novelty_auroc(is_novel: Sequence[bool], score: Sequence[float]) -> float:
             "novelty_auroc needs both novel and known cells; is_novel has only one class."
         )
     return float(roc_auc_score(is_novel, score))
+
+
+def _as_flags(values: Sequence | np.ndarray | pd.Series, name: str) -> np.ndarray:
+    """``values`` as a boolean array; only booleans or the numbers 0 and 1 are accepted.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name``, for strings (e.g. ``"False"`` read from a file, which ``bool``
+        would take as true), missing values and numbers other than 0 and 1.
+    """
+    array = values.to_numpy() if isinstance(values, pd.Series) else np.asarray(values)
+    if array.dtype == object and all(isinstance(v, Number | np.bool_) for v in array.flat):
+        array = array.astype(np.float64)  # Python bools or numbers in a pandas object column
+    if array.dtype.kind == "b":
+        return array
+    strings = (
+        [v for v in array.flat if isinstance(v, str | bytes)] if array.dtype.kind in "OSU" else []
+    )
+    if strings:
+        raise ValueError(
+            f"{name} must be booleans (or 0/1), not strings such as {str(strings[0])!r}; convert "
+            "them first, e.g. with == 'True'."
+        )
+    n_missing = int(pd.isna(array).sum()) if array.dtype.kind in "fO" else 0
+    if n_missing:
+        raise ValueError(
+            f"{name} must be booleans (or 0/1); it has {n_missing} missing values (NaN or "
+            "None). Give each entry True or False."
+        )
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must be booleans (or 0/1), not values of dtype {array.dtype}.")
+    other = array[~np.isin(array, (0, 1))]
+    if other.size:
+        raise ValueError(f"{name} must be booleans (or 0/1); found {other.flat[0].item()!r}.")
+    return array.astype(bool)
 
 
 def _as_series(values: Mapping | Sequence, name: str) -> pd.Series:
@@ -70,6 +113,12 @@ def novelty_precision_coverage(
     when none is flagged), ``coverage`` (fraction of datasets with a novel type that
     are flagged; NaN when none has one), ``n_flagged``, ``n_novel`` and
     ``n_datasets``.
+
+    Raises
+    ------
+    ValueError
+        When the datasets differ, ``dataset_scores`` has NaN values or ``has_novel`` holds
+        anything but booleans or 0/1 (see ``_as_flags``).
     """
     scores = _as_series(dataset_scores, "score")
     truth = _as_series(has_novel, "has_novel")
@@ -90,7 +139,7 @@ def novelty_precision_coverage(
     score_values = scores.to_numpy(dtype=np.float64)
     if np.isnan(score_values).any():
         raise ValueError("dataset_scores contains NaN values.")
-    truth_values = truth.to_numpy(dtype=bool)
+    truth_values = _as_flags(truth, "has_novel")
     flagged = score_values < threshold
     n_flagged = int(flagged.sum())
     n_novel = int(truth_values.sum())
