@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from scvi_ext.benchmark import STUDIES, run_study
-from scvi_ext.benchmark._scale import scaling_exponents, simulated_files
+from scvi_ext.benchmark._scale import ddp_table, scaling_exponents, simulated_files
 
 TINY = {
     "sizes": (400, 800),
@@ -130,6 +130,54 @@ def test_scaling_exponent_of_known_times():
     assert exponents.loc["q / backed", "x10_cells_time_factor"] == pytest.approx(10**1.5)
     assert exponents.loc["m / backed", "peak_rss_exponent"] == pytest.approx(0.0, abs=1e-9)
     assert exponents.loc["q / backed", "peak_rss_exponent"] == pytest.approx(0.5)
+
+
+def _measurements(method, processes, seconds, device, precision):
+    return {
+        "method": method,
+        "storage": "backed",
+        "n_cells": 1000,
+        "processes": processes,
+        "seconds_per_epoch": seconds,
+        "cpu_seconds_per_epoch": seconds / 2,
+        "peak_rss_train_gb": 1.0,
+        "device": device,
+        "precision": precision,
+    }
+
+
+def test_ddp_compares_only_runs_on_the_same_device_and_precision():
+    table = pd.DataFrame(
+        [
+            _measurements("scnym", 1, 1.0, "cuda:0", "bf16-mixed"),  # GPU one-process run
+            _measurements("scnym", 2, 10.0, "cpu", ""),
+            _measurements("gmvae", 1, 6.0, "cpu", ""),
+            _measurements("gmvae", 2, 3.0, "cpu", ""),
+        ]
+    )
+    ddp = ddp_table(table).set_index("comparison")
+    like = ddp.loc["gmvae / backed / n=1000"]
+    assert like["speedup"] == pytest.approx(2.0)
+    assert like["seconds_per_epoch_1"] == 6.0 and like["cpu_seconds_per_epoch_1"] == 3.0
+    assert (like["device"], like["precision"], like["note"]) == ("cpu", "32-true", "")
+    unlike = ddp.loc["scnym / backed / n=1000"]
+    assert np.isnan(unlike["speedup"]) and np.isnan(unlike["seconds_per_epoch_1"])
+    assert unlike["seconds_per_epoch_2"] == 10.0
+    assert unlike["note"] == "1 proc on cuda:0 / bf16-mixed: not compared"
+
+
+def test_ddp_takes_the_cpu_one_process_run_among_several():
+    table = pd.DataFrame(
+        [
+            _measurements("scnym", 1, 1.0, "cpu", "bf16-mixed"),
+            _measurements("scnym", 1, 8.0, "cpu", "32-true"),  # same as the default
+            _measurements("scnym", 2, 4.0, "cpu", ""),
+        ]
+    )
+    assert ddp_table(table)["speedup"].tolist() == [pytest.approx(2.0)]
+    # measurements from before device and precision were recorded: CPU, 32-true
+    old = table.drop(index=0, columns=["device", "precision"])
+    assert ddp_table(old)["speedup"].tolist() == [pytest.approx(2.0)]
 
 
 def test_a_bad_block_size_is_refused_before_anything_is_written(tmp_path):

@@ -459,29 +459,75 @@ def _ratios(table: pd.DataFrame, by: str, baseline: str, percent: bool) -> pd.Da
     return frame.dropna(how="all", subset=ratios) if ratios else frame  # not measured
 
 
+def _settings(table: pd.DataFrame) -> tuple[pd.Series, pd.Series]:
+    """Device and precision of each measurement.
+
+    Parameters
+    ----------
+    table
+        Measurements, as the ``scale`` table.
+
+    Returns
+    -------
+    device, precision
+        ``"cpu"`` where no device is recorded (measurements made before it was: all on
+        the CPU) and ``"32-true"`` (Lightning's default) where no precision was set.
+    """
+    blank = pd.Series("", index=table.index, dtype=object)
+    device = table.get("device", blank).fillna("").astype(str).replace("", "cpu")
+    precision = table.get("precision", blank).fillna("").astype(str).replace("", "32-true")
+    return device, precision
+
+
 def ddp_table(table: pd.DataFrame) -> pd.DataFrame:
-    """Two CPU processes (DDP) against one, same method, storage and size."""
+    """Several CPU processes (DDP) against one, same method, storage, size, device and
+    precision.
+
+    Parameters
+    ----------
+    table
+        Measurements, as the ``scale`` table (``device`` and ``precision`` columns
+        optional, see :func:`_settings`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per DDP measurement with a one-process run of its method, storage and
+        size. Where that run was on another device or precision (``accelerator`` or
+        ``precision`` of :func:`scale_study`; DDP runs are on the CPU in 32-true), the
+        one-process columns and ``speedup`` are empty and ``note`` names its setting.
+    """
+    device, precision = _settings(table)
     rows = []
     multi = table[(table["processes"] > 1) & table["seconds_per_epoch"].notna()]
-    for _, row in multi.iterrows():
-        same = (
+    for index, row in multi.iterrows():
+        single = (
             (table["method"] == row["method"])
             & (table["storage"] == row["storage"])
             & (table["n_cells"] == row["n_cells"])
             & (table["processes"] == 1)
         )
-        if not same.any():
+        if not single.any():
             continue
-        one = table[same].iloc[0]
+        like = single & (device == device[index]) & (precision == precision[index])
+        one, note = pd.Series(np.nan, index=table.columns), ""
+        if like.any():
+            one = table[like].iloc[0]
+        else:
+            other = single.idxmax()
+            note = f"1 proc on {device[other]} / {precision[other]}: not compared"
         rows.append(
             {
                 "comparison": f"{row['method']} / {row['storage']} / n={row['n_cells']}",
+                "device": device[index],
+                "precision": precision[index],
                 "seconds_per_epoch_1": one["seconds_per_epoch"],
                 f"seconds_per_epoch_{row['processes']}": row["seconds_per_epoch"],
                 "speedup": one["seconds_per_epoch"] / row["seconds_per_epoch"],
                 "cpu_seconds_per_epoch_1": one["cpu_seconds_per_epoch"],
                 "rank0_cpu_seconds_per_epoch": row["cpu_seconds_per_epoch"],
                 "peak_rss_rank0_gb": row["peak_rss_train_gb"],
+                "note": note,
             }
         )
     return pd.DataFrame(rows)
@@ -573,7 +619,8 @@ def scale_study(
     ``block_size`` sets our models' training blocks from an h5ad (``None``: the library's
     default, 32 rows on disk; 1: single rows, as scANVI's loader); ``accelerator``
     (``"gpu"``...) and ``precision`` (``"bf16-mixed"``...) are those of the one-process
-    runs (DDP runs stay on the CPU, in full precision).
+    runs (DDP runs stay on the CPU, in 32-true: the ``ddp`` table then leaves their
+    speedup empty, with a note, rather than compare across devices or precisions).
     """
     sizes = sorted(_as_tuple(sizes))
     methods, storages = _as_tuple(methods), _as_tuple(storages)
