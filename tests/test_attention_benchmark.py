@@ -1,22 +1,26 @@
 """Issue 13 benchmark: the linear SVM / LinearSVC / random forest peers, the CAN method,
 the classification, markers and transfer studies, and ``scvi-ext annotate --model CAN``."""
 
+import functools
+
 import anndata as ad
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import requires_shared_data
 
-from scvi_ext.benchmark import METHODS, run_benchmark, run_study
+from scvi_ext.benchmark import METHODS, MethodResult, reference_hvgs, run_benchmark, run_study
 from scvi_ext.benchmark._attention_tasks import (
     CLASSIFICATION_DATASETS,
     CLASSIFICATION_METHODS,
+    classification,
     pbmc68k_reduced_counts,
     precision_at,
     stratified_split,
+    top_variance_genes,
 )
 from scvi_ext.cli import main
-from scvi_ext.data import log_normalised_anndata, simulate
+from scvi_ext.data import log_normalised_anndata, select_genes, simulate
 
 SMALL_CAN = {"n_capsules": 6, "capsule_dim": 16, "attention_dim": 8, "kernel_size": 3}
 
@@ -73,14 +77,16 @@ def test_svm_calibration_uses_fewer_folds_when_a_cell_type_is_rare():
 
 
 def test_can_method_trains_on_the_top_variance_genes_and_predicts_every_query_cell(monkeypatch):
+    from scvi_ext.benchmark._methods import n_training_cells
     from scvi_ext.model import CAN
 
-    learning_rates = []
+    learning_rates, models = [], []
     train = CAN.train
 
     def spy(self, *args, **kwargs):
         output = train(self, *args, **kwargs)
         learning_rates.append(self.trainer.optimizers[0].param_groups[0]["lr"])
+        models.append(self)
         return output
 
     monkeypatch.setattr(CAN, "train", spy)
@@ -101,6 +107,10 @@ def test_can_method_trains_on_the_top_variance_genes_and_predicts_every_query_ce
     sizes = "".join(f", {key} {value}" for key, value in SMALL_CAN.items())
     assert result.settings == "50 genes, 2 epochs, lr 0.001" + sizes
     assert learning_rates == [1e-3]  # the study's can_lr1e-3 row reaches the optimizer
+    # throughput: training cells (validation cells excluded) x epochs per second
+    n_trained = n_training_cells(models[0])
+    assert n_trained == reference.n_obs - len(models[0].validation_indices) < reference.n_obs
+    assert result.cells_per_second * result.train_seconds == pytest.approx(n_trained * 2)
     assert CLASSIFICATION_METHODS["can_lr1e-3"] == ("can", {"plan_kwargs": {"lr": 1e-3}})
     assert "_scvi_uuid" not in reference.uns  # the benchmark's AnnData untouched
 
@@ -161,9 +171,36 @@ def test_classification_study_writes_one_table_per_dataset(tmp_path, monkeypatch
     assert "classification_simulated" in (tmp_path / "summary.md").read_text()
 
 
-def test_classification_study_refuses_unknown_datasets_and_methods():
-    from scvi_ext.benchmark._attention_tasks import classification
+def test_classification_study_gives_every_method_the_studys_genes(monkeypatch):
+    monkeypatch.setitem(CLASSIFICATION_DATASETS, "simulated", (_simulated, "cell_type"))
+    calls = {}
 
+    def record(name, reference, query, labels_key, seed=0, **options):
+        calls.setdefault(name, []).append((reference.var_names, query.var_names, options))
+        return MethodResult(name, np.full(query.n_obs, "type_0"), np.ones(query.n_obs), 1.0)
+
+    methods = {method for method, _ in CLASSIFICATION_METHODS.values()}
+    for name in methods:  # the real signatures (functools.wraps), recording the calls
+        fake = functools.wraps(METHODS[name])(functools.partial(record, name))
+        monkeypatch.setitem(METHODS, name, fake)
+    classification(0, datasets=["simulated"], n_top_genes=30, max_epochs=3)
+    genes = top_variance_genes(*stratified_split(_simulated(), "cell_type", 0), 30)[0].var_names
+    assert set(calls) == methods
+    for name, runs in calls.items():
+        for reference_genes, query_genes, options in runs:
+            assert list(reference_genes) == list(query_genes) == list(genes)
+            assert options["n_top_genes"] == 30, name  # each method keeps the study's genes
+            if name not in ("svm_linear", "linear_svc", "logistic_regression", "random_forest"):
+                assert options["max_epochs"] == 3, name
+    assert calls["cellular"][0][2]["classifier_epochs"] == 3
+    # given the study's n_top_genes, each method's own selection keeps every gene
+    train = _simulated()[:, genes].copy()
+    assert reference_hvgs(train, 30).all()
+    for method in ("can", "cellular"):
+        assert list(select_genes(train, method, n_top_genes=30).var_names) == list(genes)
+
+
+def test_classification_study_refuses_unknown_datasets_and_methods():
     with pytest.raises(ValueError, match=r"Unknown datasets \['pbmc3k'\]; choose among"):
         classification(0, datasets=["pbmc3k"])
     with pytest.raises(ValueError, match=r"Unknown methods \['svm'\]; choose among"):

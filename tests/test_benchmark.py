@@ -2,6 +2,7 @@
 
 import importlib.util
 import re
+import typing
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,14 @@ from scvi_ext.benchmark import (
     score_predictions,
     summary_table,
 )
-from scvi_ext.benchmark._runner import check_option_type, check_outdir, report_task
+from scvi_ext.benchmark._methods import n_training_cells
+from scvi_ext.benchmark._runner import (
+    allows_none,
+    check_option_type,
+    check_options,
+    check_outdir,
+    report_task,
+)
 from scvi_ext.data import datasets_available, log_normalised_anndata
 
 TINY_TASK = {"n_cells": 400, "n_genes": 200, "n_cell_types": 4}
@@ -174,12 +182,73 @@ def test_linear_methods(name, tiny_split):
     assert accuracy > 1 / TINY_TASK["n_cell_types"] + 0.4
 
 
-def test_scnym_method(tiny_split):
+def test_scnym_method(tiny_split, monkeypatch):
+    from scvi_ext.model import ScNym
+
+    models = []
+    train = ScNym.train
+
+    def spy(self, *args, **kwargs):
+        models.append(self)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(ScNym, "train", spy)
     reference, query, labels_key = tiny_split
     result = METHODS["scnym"](reference, query, labels_key, 0, max_epochs=2, n_top_genes=50)
     _check_result(result, reference, query, labels_key)
-    assert result.cells_per_second > 0
     assert result.settings == "50 genes, 2 epochs"
+    # throughput counts the cells trained on: the query, not the validation cells
+    (model,) = models
+    n_trained = n_training_cells(model)
+    assert (
+        n_trained
+        == len(model.train_indices)
+        == reference.n_obs + query.n_obs - len(model.validation_indices)
+    )
+    assert 0 < len(model.validation_indices) < reference.n_obs
+    assert result.cells_per_second * result.train_seconds == pytest.approx(n_trained * 2)
+
+
+def test_n_training_cells_needs_a_trained_model():
+    class Untrained:
+        pass
+
+    message = "This Untrained has no train_indices: train it on its AnnData first."
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        n_training_cells(Untrained())
+
+
+def test_methods_refuse_settings_they_would_otherwise_clamp(tiny_split):
+    reference, query, labels_key = tiny_split
+    cases = [
+        (
+            "logistic_regression",
+            {"n_top_genes": 0},
+            "n_top_genes must be at least 1 (None: all genes), not 0.",
+        ),
+        (
+            "scnym",
+            {"n_top_genes": -5},
+            "n_top_genes must be at least 1 (None: all genes), not -5.",
+        ),
+        ("svm_linear", {"calibration_folds": 1}, "calibration_folds must be at least 2, not 1."),
+        ("linear_svc", {"calibration_folds": 0}, "calibration_folds must be at least 2, not 0."),
+        ("scanvi", {"epochs_scale": 0}, "epochs_scale must be positive, not 0."),
+        (
+            "scnym",
+            {"max_epochs": 2, "epochs_scale": -1.0},
+            "epochs_scale must be positive, not -1.0.",
+        ),
+        (
+            "scnym",
+            {"epochs_scale": 0.5},
+            "epochs_scale=0.5 needs max_epochs: scnym scales only a given max_epochs (the "
+            "model's default is 100).",
+        ),
+    ]
+    for name, options, message in cases:
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            METHODS[name](reference, query, labels_key, 0, **options)
 
 
 def test_methods_are_registered_by_decorator(tmp_path, monkeypatch):
@@ -361,6 +430,20 @@ def test_option_types_follow_the_defaults():
         message = f"o: {name} must be {kind} (default: {default!r}), not {value!r}."
         with pytest.raises(OptionError, match=re.escape(message)):
             check_option_type("o", name, value, default)
+
+
+def test_options_annotated_optional_accept_none():
+    assert allows_none(int | None) and allows_none(typing.Optional[int])  # noqa: UP045
+    assert allows_none("int | None") and allows_none("dict[str, Any] | None")
+    assert not allows_none(int) and not allows_none("int") and not allows_none("Nonempty")
+    for name in ("scnym", "scanvi", "svm_linear", "linear_svc", "random_forest", "can"):
+        check_options(METHODS[name], {"n_top_genes": None}, "o")  # None: all genes
+    message = "o: n_top_genes must be an integer or None (default: 2000), not 'all'."
+    with pytest.raises(OptionError, match=f"^{re.escape(message)}$"):
+        check_options(METHODS["scnym"], {"n_top_genes": "all"}, "o")
+    message = "o: max_iter must be an integer (default: 1000), not None."
+    with pytest.raises(OptionError, match=f"^{re.escape(message)}$"):
+        check_options(METHODS["logistic_regression"], {"max_iter": None}, "o")
 
 
 def test_run_study_checks_seeds_and_option_types(tmp_path, monkeypatch):

@@ -64,9 +64,12 @@ def test_cellular_rows_train_with_their_adam_eps(name, eps, monkeypatch):
         n_cells=200, n_genes=60, n_cell_types=N_TYPES, seed=2
     )
     used_eps = record_trained_adam_eps(monkeypatch, CELLULAR)
-    result = METHODS[name](reference, query, labels_key, 0, max_epochs=2, classifier_epochs=2)
+    result = METHODS[name](
+        reference, query, labels_key, 0, max_epochs=2, classifier_epochs=2, n_top_genes=40
+    )
     assert used_eps == [eps]
     assert result.name == name
+    assert result.settings.startswith("40 genes, CELLULAR 2 epochs, n_latent=100")
     assert ("'eps': 1e-08" in result.settings) == (eps == 1e-8)
     # the variant gets the options tasks give "cellular" (kang_donors_lodo's batch column)
     assert TASK_METHOD_KWARGS["kang_donors_lodo"][name] == {"batch_key": "donor"}

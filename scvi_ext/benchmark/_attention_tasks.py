@@ -193,12 +193,14 @@ def _run_method(
         torch.set_num_threads(n_threads)  # scikit-learn/scanpy may change it
 
 
-def _epoch_options(method: str, max_epochs: int | None) -> dict:
-    """``max_epochs`` for every epoch argument ``method`` takes (none for scikit-learn)."""
-    if max_epochs is None:
-        return {}
+def _study_options(method: str, n_top_genes: int, max_epochs: int | None) -> dict:
+    """The study's settings for ``method``: ``n_top_genes`` when it takes it (so that it
+    keeps every gene of the split), ``max_epochs`` for each of its epoch arguments."""
     parameters = inspect.signature(METHODS[method]).parameters
-    return {name: max_epochs for name in ("max_epochs", "classifier_epochs") if name in parameters}
+    options = {"n_top_genes": n_top_genes}
+    if max_epochs is not None:
+        options |= dict.fromkeys(("max_epochs", "classifier_epochs"), max_epochs)
+    return {name: value for name, value in options.items() if name in parameters}
 
 
 def _score_row(row: str, y_true: np.ndarray, result: MethodResult) -> dict:
@@ -240,7 +242,7 @@ def classification(
         Rows of :data:`CLASSIFICATION_METHODS` (default: all).
     n_top_genes
         Genes of largest log-variance of the training cells, for every method (paper:
-        1000).
+        1000); each method given an ``n_top_genes`` option gets it too, so keeps them all.
     max_epochs
         Epochs of every neural method (``None``: each method's paper default).
     max_cells
@@ -263,7 +265,7 @@ def classification(
         y_true = test.obs[labels_key].astype(str).to_numpy()
         rows = []
         for row in methods:
-            options = _epoch_options(CLASSIFICATION_METHODS[row][0], max_epochs)
+            options = _study_options(CLASSIFICATION_METHODS[row][0], n_top_genes, max_epochs)
             logger.info("%s: %s (seed %d)", dataset, row, seed)
             result = _run_method(row, train, test, labels_key, seed, options)
             if result is not None:

@@ -20,18 +20,26 @@ import pandas as pd
 
 from scvi_ext.data import log_normalised_anndata
 
-from ._methods import MethodResult, MethodUnavailableError, keyword_settings, register_method
+from ._methods import (
+    MethodResult,
+    MethodUnavailableError,
+    keyword_settings,
+    n_training_cells,
+    register_method,
+)
 
 logger = logging.getLogger(__name__)
 
 QUIET = {"enable_progress_bar": False, "enable_model_summary": False}
 
 
-def _select_hvgs(reference: ad.AnnData, query: ad.AnnData) -> tuple[ad.AnnData, ad.AnnData]:
-    """2000 ``cell_ranger`` HVGs of the reference (thesis), applied to both."""
+def _select_hvgs(
+    reference: ad.AnnData, query: ad.AnnData, n_top_genes: int
+) -> tuple[ad.AnnData, ad.AnnData]:
+    """``n_top_genes`` ``cell_ranger`` HVGs of the reference (thesis: 2000), applied to both."""
     from scvi_ext.data import select_genes
 
-    reference = select_genes(reference, method="cellular")
+    reference = select_genes(reference, method="cellular", n_top_genes=n_top_genes)
     return reference, query[:, reference.var_names].copy()
 
 
@@ -46,11 +54,15 @@ def cellular_method(
     max_epochs: int = 50,
     classifier_epochs: int = 50,
     n_latent: int = 100,
+    n_top_genes: int = 2000,
     tune_trials: int = 0,
     plan_kwargs: dict | None = None,
     classifier_kwargs: dict | None = None,
 ) -> MethodResult:
     """CELLULAR embedding + LatentClassifier (thesis Model 1 + classifier) on one split.
+
+    ``cells_per_second`` counts the embedding's training cells and epochs per second of
+    the embedding's training (the classifier excluded).
 
     Parameters
     ----------
@@ -63,6 +75,9 @@ def cellular_method(
         Epochs of the embedding and of the classifier (reference code: 50, 50).
     n_latent
         Embedding size (thesis: 100).
+    n_top_genes
+        ``cell_ranger`` highly variable genes of the reference (thesis: 2000; every gene
+        when there are not more).
     tune_trials
         Optuna trials for the classifier (0: default settings).
     plan_kwargs
@@ -71,10 +86,15 @@ def cellular_method(
     classifier_kwargs
         Arguments of the :class:`~scvi_ext.model.LatentClassifier` (e.g.
         ``{"balance_classes": True}``).
+
+    Raises
+    ------
+    ValueError
+        When ``n_top_genes`` is below 1.
     """
     from scvi_ext.model import CELLULAR, LatentClassifier
 
-    reference, query = _select_hvgs(reference, query)
+    reference, query = _select_hvgs(reference, query, n_top_genes)
     if batch_key is not None and reference.obs[batch_key].nunique() < 2:
         batch_key = None
     reference.obs[labels_key] = reference.obs[labels_key].astype(str)
@@ -84,7 +104,7 @@ def cellular_method(
     model.train(max_epochs=max_epochs, plan_kwargs=plan_kwargs, **QUIET)
     embed_seconds = time.perf_counter() - start
     n_epochs = len(model.history["train_loss"])
-    n_train = int(round(reference.n_obs * 0.8))
+    n_train = n_training_cells(model)
     classifier = LatentClassifier.from_model(model, reference, **(classifier_kwargs or {}))
     if tune_trials:
         classifier.tune(n_trials=tune_trials, max_epochs=classifier_epochs, **QUIET)
@@ -99,7 +119,7 @@ def cellular_method(
         uncalibrated_confidence=classifier.predict_proba(query, calibrated=False).max(axis=1),
         train_seconds=train_seconds,
         cells_per_second=n_train * n_epochs / embed_seconds,
-        settings=f"CELLULAR {n_epochs} epochs, n_latent={n_latent}"
+        settings=f"{reference.n_vars} genes, CELLULAR {n_epochs} epochs, n_latent={n_latent}"
         f"{f', plan {plan_kwargs}' if plan_kwargs else ''}; classifier "
         f"{classifier_epochs} epochs{f', {tune_trials} optuna trials' if tune_trials else ''}"
         f"{keyword_settings(classifier_kwargs)}",

@@ -48,8 +48,9 @@ class MethodResult:
     train_seconds
         Wall time of model fitting (preprocessing excluded).
     cells_per_second
-        Training cells processed per second per epoch; ``None`` for methods without
-        epochs.
+        Training cells (:func:`n_training_cells`: validation cells excluded, unlabeled
+        query cells a semi-supervised model trains on included) times epochs, per second
+        of training; ``None`` for methods without epochs.
     settings
         Short description of the training settings (epochs...), shown in the report.
     uncalibrated_confidence
@@ -189,9 +190,16 @@ def reference_hvgs(reference: ad.AnnData, n_top_genes: int | None) -> np.ndarray
 
     scanpy ``highly_variable_genes(flavor="seurat")`` on the log-normalised reference
     counts; every gene when ``n_top_genes`` is ``None`` or not below the gene count.
+
+    Raises
+    ------
+    ValueError
+        When ``n_top_genes`` is below 1.
     """
     import scanpy as sc
 
+    if n_top_genes is not None and n_top_genes < 1:
+        raise ValueError(f"n_top_genes must be at least 1 (None: all genes), not {n_top_genes}.")
     if n_top_genes is None or reference.n_vars <= n_top_genes:
         return np.ones(reference.n_vars, dtype=bool)
     reference_log = log_normalised_anndata(reference)
@@ -214,7 +222,35 @@ def keyword_settings(kwargs: dict | None) -> str:
 
 
 def _scaled_epochs(max_epochs: int, epochs_scale: float) -> int:
+    """``max_epochs * epochs_scale`` rounded, at least 1.
+
+    Raises
+    ------
+    ValueError
+        When ``epochs_scale`` is not positive.
+    """
+    if epochs_scale <= 0:
+        raise ValueError(f"epochs_scale must be positive, not {epochs_scale}.")
     return max(1, int(round(max_epochs * epochs_scale)))
+
+
+def n_training_cells(model: Any) -> int:
+    """Cells a trained scvi-tools model trained on: ``len(model.train_indices)``.
+
+    Validation cells are excluded; the unlabeled cells of a semi-supervised model (the
+    query of scNym and scANVI) are included, as they train.
+
+    Raises
+    ------
+    ValueError
+        When ``model`` has no ``train_indices`` (not trained, or trained from a datamodule).
+    """
+    indices = getattr(model, "train_indices", None)
+    if indices is None:
+        raise ValueError(
+            f"This {type(model).__name__} has no train_indices: train it on its AnnData first."
+        )
+    return len(indices)
 
 
 @register_method("scnym")
@@ -237,10 +273,9 @@ def scnym(
     reference, query, labels_key, seed
         See the module docstring.
     max_epochs
-        Training epochs; ``None`` keeps the model's default (``epochs_scale`` then
-        does not apply).
+        Training epochs; ``None`` keeps the model's default.
     epochs_scale
-        Multiplies ``max_epochs`` when it is given.
+        Multiplies ``max_epochs``; other than 1 only with ``max_epochs``.
     n_top_genes
         Highly variable genes of the reference (:func:`reference_hvgs`, as for
         logistic regression); ``None``: all genes (the scNym paper's choice).
@@ -252,9 +287,20 @@ def scnym(
     Returns
     -------
     :class:`MethodResult`.
+
+    Raises
+    ------
+    ValueError
+        When ``epochs_scale`` is not 1 without ``max_epochs`` or is not positive, or
+        ``n_top_genes`` is below 1.
     """
     from scvi_ext.model import ScNym
 
+    if max_epochs is None and epochs_scale != 1:
+        raise ValueError(
+            f"epochs_scale={epochs_scale} needs max_epochs: scnym scales only a given "
+            f"max_epochs (the model's default is {ScNym.train_defaults['max_epochs']})."
+        )
     reference, query = _restrict_to_hvgs(reference, query, labels_key, n_top_genes)
     adata = concat_reference_query(reference, query, labels_key)
     ScNym.setup_anndata(adata, labels_key=LABELS_COLUMN, unlabeled_category=UNLABELED_CATEGORY)
@@ -277,7 +323,9 @@ def scnym(
             axis=1
         ),
         train_seconds=train_seconds,
-        cells_per_second=None if n_epochs is None else adata.n_obs * n_epochs / train_seconds,
+        cells_per_second=None
+        if n_epochs is None
+        else n_training_cells(model) * n_epochs / train_seconds,
         settings=f"{reference.n_vars} genes" + (f", {n_epochs} epochs" if n_epochs else ""),
     )
 
@@ -431,6 +479,11 @@ def scanvi(
     Returns
     -------
     :class:`MethodResult`.
+
+    Raises
+    ------
+    ValueError
+        When ``epochs_scale`` is not positive or ``n_top_genes`` is below 1.
     """
     import scvi
 
@@ -450,13 +503,13 @@ def scanvi(
 
     query_indices = np.arange(reference.n_obs, adata.n_obs)
     proba = model.predict(adata, indices=query_indices, soft=True)
-    n_epochs = n_scvi_epochs + n_scanvi_epochs
+    n_trained = n_training_cells(vae) * n_scvi_epochs + n_training_cells(model) * n_scanvi_epochs
     return MethodResult(
         name="scanvi",
         predictions=proba.idxmax(axis=1).astype(str).to_numpy(),
         confidence=proba.max(axis=1).to_numpy(),
         train_seconds=train_seconds,
-        cells_per_second=adata.n_obs * n_epochs / train_seconds,
+        cells_per_second=n_trained / train_seconds,
         settings=f"{reference.n_vars} genes, scVI {n_scvi_epochs} + scANVI {n_scanvi_epochs} "
         "epochs",
     )
@@ -609,9 +662,17 @@ def _fit_sklearn(
 
 def _sigmoid_calibrated(estimator: Any, labels: pd.Series, folds: int) -> Any:
     """``CalibratedClassifierCV(estimator, method="sigmoid", ensemble=False)`` with at most
-    as many folds as the rarest class has cells (at least 2)."""
+    as many folds as the rarest class has cells (at least 2).
+
+    Raises
+    ------
+    ValueError
+        When ``folds`` is below 2.
+    """
     from sklearn.calibration import CalibratedClassifierCV
 
+    if folds < 2:
+        raise ValueError(f"calibration_folds must be at least 2, not {folds}.")
     folds = max(2, min(folds, int(labels.value_counts().min())))
     return CalibratedClassifierCV(estimator, method="sigmoid", cv=folds, ensemble=False)
 
@@ -644,8 +705,13 @@ def svm_linear(
     max_iter
         Iteration limit of the solver (paper: 1000).
     calibration_folds
-        Cross-validation folds of the sigmoid calibration (fewer when the rarest cell
-        type has fewer cells).
+        Cross-validation folds of the sigmoid calibration, at least 2 (fewer when the
+        rarest cell type has fewer cells, as ``settings`` says).
+
+    Raises
+    ------
+    ValueError
+        When ``calibration_folds`` is below 2 or ``n_top_genes`` below 1.
     """
     from sklearn.svm import SVC
 
@@ -687,8 +753,13 @@ def linear_svc(
     n_top_genes
         Highly variable genes of the reference (:func:`reference_hvgs`).
     calibration_folds
-        Cross-validation folds of the sigmoid calibration (fewer when the rarest cell
-        type has fewer cells).
+        Cross-validation folds of the sigmoid calibration, at least 2 (fewer when the
+        rarest cell type has fewer cells, as ``settings`` says).
+
+    Raises
+    ------
+    ValueError
+        When ``calibration_folds`` is below 2 or ``n_top_genes`` below 1.
     """
     from sklearn.svm import LinearSVC
 
@@ -791,7 +862,7 @@ def _attention_model(
         train_seconds=train_seconds,
         cells_per_second=None
         if n_epochs is None
-        else model.adata.n_obs * n_epochs / train_seconds,
+        else n_training_cells(model) * n_epochs / train_seconds,
         settings=f"{reference.n_vars} genes"
         + (f", {n_epochs} epochs" if n_epochs else "")
         + "".join(

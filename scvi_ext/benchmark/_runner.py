@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import random
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +58,32 @@ class NoMethodRanError(RuntimeError):
 _KINDS = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}
 
 
-def check_option_type(what: str, name: str, value: Any, default: Any) -> None:
+def allows_none(annotation: Any) -> bool:
+    """Whether a parameter annotation admits ``None`` (e.g. ``int | None``); a postponed
+    annotation (a string, ``from __future__ import annotations``) is read as ``|``-separated
+    names."""
+    if isinstance(annotation, str):
+        return "None" in {part.strip() for part in annotation.split("|")}
+    return annotation is None or type(None) in typing.get_args(annotation)
+
+
+def check_option_type(
+    what: str, name: str, value: Any, default: Any, *, none_allowed: bool = False
+) -> None:
     """Refuse ``value`` when it is not of the type of ``default``.
 
     A tuple or list default takes one item or a sequence of items of its first item's
-    type; a float default takes an integer; a bool is never an integer. Nothing is
-    checked for a ``None`` or empty default, or one of another type.
+    type; a float default takes an integer; a bool is never an integer; ``None`` is
+    accepted with ``none_allowed``. Nothing is checked for a ``None`` or empty default,
+    or one of another type.
+
+    Raises
+    ------
+    OptionError
+        Naming the option, the expected type and the default.
     """
+    if value is None and none_allowed:
+        return
     if isinstance(default, tuple | list):
         items = value if isinstance(value, tuple | list) else (value,)
         example = default[0] if default else None
@@ -76,14 +96,16 @@ def check_option_type(what: str, name: str, value: Any, default: Any) -> None:
     for item in items:
         if not isinstance(item, accepted) or (expected is not bool and isinstance(item, bool)):
             raise OptionError(
-                f"{what}: {name} must be {_KINDS[expected]} (default: {default!r}), not {value!r}."
+                f"{what}: {name} must be {_KINDS[expected]}{' or None' if none_allowed else ''} "
+                f"(default: {default!r}), not {value!r}."
             )
 
 
 def check_options(
     function: Any, options: dict[str, Any], what: str, skip: tuple[str, ...] = ()
 ) -> None:
-    """Refuse options that ``function`` does not take, or of another type than its default.
+    """Refuse options that ``function`` does not take, or of another type than its default
+    (``None`` too unless the parameter's annotation allows it).
 
     Parameters
     ----------
@@ -104,7 +126,7 @@ def check_options(
     parameters = inspect.signature(function).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     named = {
-        name: p.default
+        name: p
         for name, p in parameters.items()
         if name not in skip
         and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -117,8 +139,9 @@ def check_options(
             f"{', '.join(named) or 'none'}."
         )
     for name, value in options.items():
-        if name in named and named[name] is not inspect.Parameter.empty:
-            check_option_type(what, name, value, named[name])
+        if name in named and named[name].default is not inspect.Parameter.empty:
+            none_allowed = allows_none(named[name].annotation)
+            check_option_type(what, name, value, named[name].default, none_allowed=none_allowed)
 
 
 def check_seeds(seeds: list[int]) -> None:
@@ -411,8 +434,9 @@ def _write_summary(
             "",
         ]
     lines += [
-        "`train s`: wall time of model fitting; `cells/s`: training cells processed per "
-        "second per epoch (– for methods without epochs); `confidence (right/wrong)`: mean "
+        "`train s`: wall time of model fitting; `cells/s`: training cells (validation "
+        "cells excluded, a semi-supervised model's query cells included) times epochs, per "
+        "second of training (– for methods without epochs); `confidence (right/wrong)`: mean "
         "maximum class probability of the right and of the wrong predictions.",
         "",
         "## Command",

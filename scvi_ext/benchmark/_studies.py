@@ -19,7 +19,14 @@ import pandas as pd
 from scvi_ext.classifier import NOVELTY_METHODS
 
 from ._plots import plot_study
-from ._runner import _format_cell, check_option_type, check_seeds, machine_info, set_seed
+from ._runner import (
+    _format_cell,
+    allows_none,
+    check_option_type,
+    check_seeds,
+    machine_info,
+    set_seed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +52,10 @@ def _check_options(run: StudyFunction, options: dict) -> None:
         )
     for name, value in options.items():
         if accepted.get(name, inspect.Parameter.empty) is not inspect.Parameter.empty:
-            check_option_type("--task-option", name, value, accepted[name])
+            none_allowed = allows_none(parameters[name].annotation)
+            check_option_type(
+                "--task-option", name, value, accepted[name], none_allowed=none_allowed
+            )
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from lightning.pytorch import Callback
 from scvi_ext.data import log_normalise
 
 from ._cellular_tasks import QUIET
-from ._methods import MethodUnavailableError
+from ._methods import MethodUnavailableError, n_training_cells
 from .cellular_reference import reference_package_throughput, reference_style_throughput
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def training_throughput(
         callbacks=[timer],
         **QUIET,
     )
-    n_trained = data.n_obs * train_size * n_epochs
+    n_trained = n_training_cells(model) * n_epochs
     rows.append({"method": "cellular_api", "cells_per_second": n_trained / timer.seconds})
     table = pd.DataFrame(rows).set_index("method")
     reference = table.loc["cross_entropy_mlp", "cells_per_second"]
