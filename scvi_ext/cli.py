@@ -222,18 +222,6 @@ def _check_outdir(
         raise CLIError(str(error)) from error
 
 
-def _study_files(name: str) -> tuple[str, ...]:
-    """The files :func:`~scvi_ext.benchmark.run_study` writes that are known before it
-    runs: ``summary.md`` and the CSV and PNG of each headline table."""
-    from scvi_ext.benchmark import STUDIES
-
-    tables = STUDIES[name].headline
-    return (
-        "summary.md",
-        *(f"{table}{end}" for table in tables for end in ("_per_seed.csv", ".png")),
-    )
-
-
 def _demo(args: argparse.Namespace, argv: list[str]) -> int:
     from scvi_ext.benchmark import run_benchmark, summary_table
 
@@ -492,6 +480,7 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
         run_study,
         summary_table,
     )
+    from scvi_ext.benchmark._studies import study_report_files
 
     if args.task not in TASKS and args.task not in STUDIES:
         available = ", ".join(sorted([*TASKS, *STUDIES]))
@@ -508,11 +497,7 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
             check_study_options(args.task, args.seeds, task_options)
         except (TypeError, ValueError) as error:
             raise CLIError(str(error)) from error
-        replaced = _check_outdir(outdir, args.task, args.overwrite, _study_files(args.task))
-        if replaced:
-            logging.getLogger("scvi_ext.cli").info(
-                "Replacing %s in %s.", ", ".join(replaced), outdir
-            )
+        _check_outdir(outdir, args.task, args.overwrite, study_report_files(args.task))
         try:
             run_study(
                 args.task,
@@ -520,6 +505,7 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
                 outdir=outdir,
                 command=_command_line(argv),
                 options=task_options,
+                overwrite=args.overwrite,
             )
         except FileNotFoundError as error:  # missing data; other errors keep their traceback
             raise CLIError(str(error)) from error

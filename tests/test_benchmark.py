@@ -462,6 +462,24 @@ def test_run_study_checks_seeds_and_option_types(tmp_path, monkeypatch):
     assert list(tables["scores"]["seed"]) == [0]
 
 
+def test_run_study_keeps_files_that_are_not_of_its_report(tmp_path, monkeypatch):
+    def run(seed):
+        return {"scores": pd.DataFrame({"method": ["a"], "accuracy": [0.5]})}
+
+    monkeypatch.setitem(STUDIES, "toy", Study(run, "A toy study.", {"scores": ("accuracy",)}))
+    (tmp_path / "scores_per_seed.csv").write_text("my,scores\n")
+    message = (
+        f"outdir {tmp_path} holds scores_per_seed.csv, not from a report of 'toy'; writing "
+        "that report would replace it. Choose another outdir, or pass overwrite=True."
+    )
+    with pytest.raises(OptionError, match=f"^{re.escape(message)}$"):
+        run_study("toy", seeds=[0], outdir=tmp_path)
+    assert (tmp_path / "scores_per_seed.csv").read_text() == "my,scores\n"
+    run_study("toy", seeds=[0], outdir=tmp_path, overwrite=True)
+    run_study("toy", seeds=[1], outdir=tmp_path)  # its own report now: replaced in place
+    assert "Seeds: 1;" in (tmp_path / "summary.md").read_text()
+
+
 def test_runner_keeps_files_that_are_not_of_the_tasks_report(tmp_path):
     (tmp_path / "results_per_seed.csv").write_text("my,results\n")
     message = (

@@ -540,7 +540,7 @@ def test_a_comma_separated_task_option_reaches_the_study_as_a_tuple(tmp_path, mo
 
     calls = []
 
-    def run_study(name, seeds, outdir, command, options):
+    def run_study(name, seeds, outdir, command, options, overwrite):
         calls.append(options)
         (tmp_path / "summary.md").write_text("# Benchmark: attention_transfer\n")
 

@@ -23,6 +23,7 @@ from ._runner import (
     _format_cell,
     allows_none,
     check_option_type,
+    check_outdir,
     check_seeds,
     machine_info,
     set_seed,
@@ -221,12 +222,23 @@ def check_study_options(name: str, seeds: list[int], options: dict) -> None:
         study.check_options(options)
 
 
+def study_report_files(name: str) -> tuple[str, ...]:
+    """The files :func:`run_study` writes for study ``name`` that are known before it runs:
+    ``summary.md`` and the CSV and PNG of each headline table."""
+    tables = STUDIES[name].headline
+    return (
+        "summary.md",
+        *(f"{table}{end}" for table in tables for end in ("_per_seed.csv", ".png")),
+    )
+
+
 def run_study(
     name: str,
     seeds: list[int],
     outdir: str | Path,
     command: str | None = None,
     options: dict | None = None,
+    overwrite: bool = False,
 ) -> dict[str, pd.DataFrame]:
     """Run a study of :data:`STUDIES` for each seed and write its report.
 
@@ -244,13 +256,26 @@ def run_study(
         Keyword arguments of the study's ``run`` (e.g. smaller sizes), checked first by
         :func:`check_study_options`: an unknown key is a ``TypeError`` naming the
         accepted ones, a value of another type than the default a ``ValueError``.
+    overwrite
+        Replace files in ``outdir`` that are not of this study's report (another task's
+        report, a user's file); a rerun of the study replaces its report without it.
 
     Returns
     -------
     Each table with a ``seed`` column, all seeds stacked.
+
+    Raises
+    ------
+    OptionError
+        (a ``ValueError``) ``outdir`` holds files of :func:`study_report_files` that are
+        not of this study's report, and ``overwrite`` is not set
+        (:func:`~scvi_ext.benchmark._runner.check_outdir`).
     """
     options = dict(options or {})
     check_study_options(name, seeds, options)
+    replaced = check_outdir(outdir, name, study_report_files(name), overwrite)
+    if replaced:
+        logger.info("Replacing %s in %s.", ", ".join(replaced), outdir)
     study = STUDIES[name]
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
