@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 import tracemalloc
@@ -566,3 +567,8 @@ def test_log_normalised_anndata_reads_a_backed_file_whole(tmp_path, format):
     backed.file.close()
     with pytest.raises(ValueError, match=r"^target must be a positive finite number, got 0\.$"):
         log_normalised_anndata(adata, target=0)
+    with pytest.raises(TypeError, match=r"^adata must be an AnnData, not csr_matrix\.$"):
+        log_normalised_anndata(adata.X)
+    message = "adata.X is None; put the raw counts in X (adata.X = adata.layers[...])."
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        log_normalised_anndata(ad.AnnData(obs=adata.obs))

@@ -79,6 +79,16 @@ def test_duplicated_gene_names_are_refused(model_and_query):
         model.novelty_score(duplicated, method="query_neighbours")
 
 
+def test_cells_without_counts_are_refused(model_and_query):
+    from scvi_ext.base import registered_counts
+
+    model, _, cells = model_and_query
+    empty = ad.AnnData(obs=cells.obs, var=cells.var)
+    message = "cells.X is None; put the raw counts the model was trained on there."
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        registered_counts(empty, model.registry_, "cells")
+
+
 def test_counts_of_the_models_layer_are_checked(model_and_query):
     _, reference, cells = model_and_query
     reference, cells = reference.copy(), cells.copy()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 import subprocess
 import sys
 import threading
@@ -529,27 +530,42 @@ def test_overwrite_replaces_an_experiment_and_never_another_folder(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("chunk_size", "error", "message"),
-    [
-        (0, ValueError, "chunk_size must be a positive integer (cells per chunk), got 0."),
-        (-5, ValueError, "chunk_size must be a positive integer (cells per chunk), got -5."),
-        (2.5, TypeError, "chunk_size must be a positive integer (cells per chunk), not 2.5."),
-    ],
-    ids=["zero", "negative", "float"],
+    "chunk_size", [0, -5, 2.5, True], ids=["zero", "negative", "float", "bool"]
 )
-def test_a_bad_chunk_size_is_refused_before_anything_is_written(
-    chunk_size, error, message, tmp_path
-):
+def test_a_bad_chunk_size_is_refused_before_anything_is_written(chunk_size, tmp_path):
     adata = simulate(n_cells=30, n_genes=12, n_markers=2, seed=1)
     uri = write_soma(adata, tmp_path / "cells")
     before = _digest(tmp_path)
-    with pytest.raises(error) as raised:
+    message = f"chunk_size must be a positive integer (cells per chunk), not {chunk_size!r}."
+    with pytest.raises(ValueError) as raised:
         write_soma(adata[:5], uri, overwrite=True, chunk_size=chunk_size)
     assert str(raised.value) == message
-    with pytest.raises(error):
+    with pytest.raises(ValueError, match=re.escape(message)):
         write_soma(adata, tmp_path / "new", chunk_size=chunk_size)
     assert _digest(tmp_path) == before  # the experiment is intact, nothing else written
     _assert_same_cells(_read_back(uri), adata)
+
+
+def test_writers_refuse_arguments_of_the_wrong_type_before_writing(tmp_path):
+    from scvi_ext.data._soma import write_soma_chunks
+
+    adata = simulate(n_cells=10, n_genes=5, n_markers=1, seed=1)
+    cases = [
+        (lambda: write_soma(adata.X, tmp_path / "a"), "adata must be an AnnData, not csr_matrix."),
+        (lambda: write_soma(adata, 3), "the path must be a str or os.PathLike, not int."),
+        (
+            lambda: write_soma(adata, tmp_path / "a", overwrite="yes"),
+            "overwrite must be True or False, not 'yes'.",
+        ),
+        (
+            lambda: write_soma_chunks(tmp_path / "a", adata.obs.index, adata.var, []),
+            "obs must be a pandas DataFrame, not Index.",
+        ),
+    ]
+    for call, message in cases:
+        with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
+            call()
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_failed_write_leaves_nothing_and_keeps_the_old_experiment(tmp_path):

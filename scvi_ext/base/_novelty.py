@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from numbers import Integral
-
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -12,7 +10,7 @@ from sklearn.decomposition import PCA
 from sklearn.neighbors import NearestNeighbors
 
 from scvi_ext.data import log_normalise
-from scvi_ext.data._validation import check_minibatch_counts
+from scvi_ext.data._validation import check_minibatch_counts, check_positive_ints
 
 from ._anndata import registry_gene_names
 
@@ -69,13 +67,7 @@ def query_neighbour_score(
         genes differ, the reference is empty, the query has fewer than ``n_neighbors``
         cells, or (``counts=True``) a matrix does not hold raw counts.
     """
-    for argument, value in (
-        ("n_neighbors", n_neighbors),
-        ("n_comps", n_comps),
-        ("max_cells", max_cells),
-    ):
-        if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
-            raise ValueError(f"{argument} must be a positive integer, not {value!r}.")
+    check_positive_ints(n_neighbors=n_neighbors, n_comps=n_comps, max_cells=max_cells)
     n_query, n_reference = query.shape[0], reference.shape[0]
     if query.shape[1] != reference.shape[1]:
         raise ValueError(

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from scvi_ext.data import CollectionCounts, is_collection
 from scvi_ext.data._slice_read import SliceReadCSR
+from scvi_ext.data._validation import is_positive_int
 
 #: Consecutive rows per block when the cells are on disk (measured: docs/scale.md).
 DEFAULT_BLOCK_SIZE = 32
@@ -33,11 +34,7 @@ MINIBATCHES_PER_READ = 4
 
 def check_block_size(block_size: object) -> int:
     """``block_size`` as an int; anything but a positive integer is a ``ValueError``."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int | np.integer):
-        valid = False
-    else:
-        valid = block_size >= 1
-    if not valid:
+    if not is_positive_int(block_size):
         raise ValueError(
             f"block_size must be a positive integer (rows read together; 1 shuffles single "
             f"rows, as scvi-tools does), not {block_size!r}."

@@ -24,7 +24,7 @@ from scvi.dataloaders import SemiSupervisedDataSplitter
 from torch.utils.data import IterableDataset
 
 from scvi_ext.data import validate_obs_key
-from scvi_ext.data._validation import check_minibatch_counts
+from scvi_ext.data._validation import check_minibatch_counts, check_positive_ints
 
 from ._splitter import LABELLED, UNLABELED, PairedDataSplitter, paired_minibatches
 
@@ -423,12 +423,7 @@ def _io_batch_size_in_order(joinids: np.ndarray, io_batch_size: int) -> int:
 def _check_io_sizes(io_batch_size: object, shuffle_chunk_size: object) -> None:
     """Both sizes positive integers, ``io_batch_size`` a multiple of the chunk (``tiledbsoma_ml``
     needs it to shuffle; checked here so that a bad value fails before training)."""
-    for name, value in (
-        ("io_batch_size", io_batch_size),
-        ("shuffle_chunk_size", shuffle_chunk_size),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, not {value!r}.")
+    check_positive_ints(io_batch_size=io_batch_size, shuffle_chunk_size=shuffle_chunk_size)
     if io_batch_size % shuffle_chunk_size:
         raise ValueError(
             f"io_batch_size ({io_batch_size}) must be a multiple of shuffle_chunk_size "

@@ -22,6 +22,7 @@ from scvi_ext.base import (
     LabelledCountsSetupMixin,
     fit_label_weights,
 )
+from scvi_ext.data._validation import is_positive_int
 
 from ._embedding import fit_matrix_factorisation, fit_svd, kmeans_groups, uniform_groups
 from ._module import CGRANModule
@@ -40,10 +41,6 @@ READ_BATCH_SIZE = 512
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, not {value!r}.")
-
-
-def _is_positive_int(value) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1
 
 
 class CGRAN(
@@ -149,7 +146,7 @@ class CGRAN(
                 f"not the number {head_dims}."
             )
         for name, value in {"group_size": group_size, "n_embedding": n_embedding}.items():
-            if not _is_positive_int(value):
+            if not is_positive_int(value):
                 raise ValueError(f"{name} must be a positive integer, not {value!r}.")
         if group_size > n_genes:
             raise ValueError(
@@ -161,7 +158,7 @@ class CGRAN(
                 f"n_embedding ({n_embedding}) is larger than the number of genes ({n_genes}); "
                 "use a smaller n_embedding or more genes."
             )
-        if not head_dims or not all(map(_is_positive_int, (*head_dims, n_heads))):
+        if not head_dims or not all(map(is_positive_int, (*head_dims, n_heads))):
             raise ValueError(
                 f"n_heads ({n_heads}) and every head_dims width ({head_dims}) must be positive "
                 "integers, one width per attention block, e.g. head_dims=(8, 4)."
@@ -340,7 +337,7 @@ class CGRAN(
             raise ValueError(f"top_k must be between 1 and the number of genes ({n_genes}).")
         if not 0 < min_fraction <= 1:
             raise ValueError(f"min_fraction must be in (0, 1], not {min_fraction}.")
-        if not _is_positive_int(batch_size):
+        if not is_positive_int(batch_size):
             raise ValueError(f"batch_size must be a positive integer, not {batch_size!r}.")
         self._check_trained()
         in_top, attention_sums, types, n_cells = self._top_k_counts(adata, top_k, batch_size)

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ._validation import is_positive_int
+
 #: Measurement and ``X`` layer written by :func:`write_soma` (read by ``SomaDataModule``).
 SOMA_MEASUREMENT = "RNA"
 SOMA_LAYER = "counts"
@@ -67,13 +69,9 @@ def write_soma(
     """
     if not isinstance(adata, ad.AnnData):
         raise TypeError(f"adata must be an AnnData, not {type(adata).__name__}.")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int | np.integer):
-        raise TypeError(
-            f"chunk_size must be a positive integer (cells per chunk), not {chunk_size!r}."
-        )
-    if chunk_size <= 0:
+    if not is_positive_int(chunk_size):
         raise ValueError(
-            f"chunk_size must be a positive integer (cells per chunk), got {chunk_size}."
+            f"chunk_size must be a positive integer (cells per chunk), not {chunk_size!r}."
         )
     if layer is not None and layer not in adata.layers:
         raise ValueError(

@@ -174,6 +174,19 @@ def validate_counts(adata: ad.AnnData, layer: str | None = None) -> None:
         )
 
 
+def is_positive_int(value: object) -> bool:
+    """Whether ``value`` is an integer of at least 1 (a bool is not)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= 1
+
+
+def check_positive_ints(**values: object) -> None:
+    """Raise ``ValueError("<name> must be a positive integer, not <value>.")`` for the first
+    of ``values`` that is not (:func:`is_positive_int`)."""
+    for name, value in values.items():
+        if not is_positive_int(value):
+            raise ValueError(f"{name} must be a positive integer, not {value!r}.")
+
+
 def check_minibatch_counts(counts: np.ndarray | sp.spmatrix, where: str, hint: str = "") -> None:
     """Check a minibatch of counts (cells x genes) as :func:`validate_counts` checks a matrix.
 

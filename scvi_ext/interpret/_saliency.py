@@ -13,6 +13,7 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 
 from scvi_ext.base import DifferentiableClassifierModule
+from scvi_ext.data._validation import check_positive_ints
 
 
 def _attributions(
@@ -107,9 +108,7 @@ def saliency(
         raise ValueError(f"method must be 'integrated' or 'expected', not '{method}'.")
     if by not in ("prediction", "label"):
         raise ValueError(f"by must be 'prediction' or 'label', not '{by}'.")
-    for name, value in {"n_steps": n_steps, "n_cells": n_cells, "n_top": n_top}.items():
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, not {value!r}.")
+    check_positive_ints(n_steps=n_steps, n_cells=n_cells, n_top=n_top)
     names = list(model.label_names)
     cell_types = names if cell_types is None else list(cell_types)
     unknown = sorted(set(cell_types) - set(names))
