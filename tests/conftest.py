@@ -97,20 +97,25 @@ def record_trained_adam_eps(monkeypatch, model_cls) -> list[float]:
     return used
 
 
-def inverse_frequency_weights(labels, label_names) -> np.ndarray:
-    """Each type's ``1 / count`` among ``labels``, in ``label_names`` order, summing to 1."""
-    inverse = 1 / labels.value_counts()[label_names].to_numpy()
+def inverse_frequency_weights(labels, label_names, power: float = 1.0) -> np.ndarray:
+    """Each type's ``count ** -power`` among ``labels``, in ``label_names`` order, summing
+    to 1."""
+    inverse = labels.value_counts()[label_names].to_numpy().astype(float) ** -power
     return inverse / inverse.sum()
 
 
 def assert_balanced_classes_weight_the_loss_refitted_per_train(
-    model_cls, reference, query, model_kwargs: dict
+    model_cls, reference, query, model_kwargs: dict, balance: bool | str = True
 ) -> None:
-    """``model_cls(..., balance_classes=True)`` (a ``CrossEntropyModule``): the plain model
-    keeps unit weights; the balanced one weighs each type by its inverse frequency among the
-    labelled cells (10 cells of one type here), its loss is torch's weighted cross-entropy,
-    the weights are not saved and, for a model with query mapping (``query`` not
-    ``None``), they are refitted from the query's labels after ``load_query_data``."""
+    """``model_cls(..., balance_classes=balance)`` (a ``CrossEntropyModule``; ``True`` or
+    ``"sqrt"``): the plain model keeps unit weights; the balanced one weighs each type by
+    its inverse frequency (``True``) or its square root (``"sqrt"``) among the labelled
+    cells (10 cells of one type here), its loss is torch's weighted cross-entropy, the
+    weights are not saved but the choice is (a reloaded model keeps it) and, for a model
+    with query mapping (``query`` not ``None``), they are refitted from the query's labels
+    after ``load_query_data``."""
+    import tempfile
+
     import torch
     import torch.nn.functional as F
 
@@ -122,9 +127,10 @@ def assert_balanced_classes_weight_the_loss_refitted_per_train(
     assert not plain.module.balance_classes
     plain.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
     torch.testing.assert_close(plain.module.label_weights, torch.ones(plain.module.n_labels))
-    model = model_cls(reference, **model_kwargs, balance_classes=True)
+    power = {True: 1.0, "sqrt": 0.5}[balance]
+    model = model_cls(reference, **model_kwargs, balance_classes=balance)
     model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
-    expected = inverse_frequency_weights(reference.obs["cell_type"], model.label_names)
+    expected = inverse_frequency_weights(reference.obs["cell_type"], model.label_names, power)
     np.testing.assert_allclose(model.module.label_weights.numpy(), expected, rtol=1e-6)
     tensors = next(iter(model.iter_minibatches()))
     outputs = model.module.inference(**model.module._get_inference_input(tensors))
@@ -133,10 +139,13 @@ def assert_balanced_classes_weight_the_loss_refitted_per_train(
     weights = model.module.label_weights
     torch.testing.assert_close(loss, F.cross_entropy(outputs["logits"], labels, weight=weights))
     assert "label_weights" not in model.module.state_dict()
+    with tempfile.TemporaryDirectory() as folder:
+        model.save(folder, overwrite=True)
+        assert model_cls.load(folder, adata=reference).module.balance_classes == balance
     if query is None:
         return
     query_model = model_cls.load_query_data(query, model)
-    assert query_model.module.balance_classes
+    assert query_model.module.balance_classes == balance
     query_model.train(max_epochs=1, batch_size=32, enable_progress_bar=False)
-    expected = inverse_frequency_weights(query.obs["cell_type"], model.label_names)
+    expected = inverse_frequency_weights(query.obs["cell_type"], model.label_names, power)
     np.testing.assert_allclose(query_model.module.label_weights.numpy(), expected, rtol=1e-6)

@@ -240,9 +240,12 @@ def test_saliency_of_a_query_with_reversed_genes_names_the_same_genes(reference_
     assert list(table["gene"]) != list(query.var_names)  # ranked, not in the file's order
 
 
-def test_balanced_classes_weight_the_loss_by_inverse_type_frequency_refitted_per_train():
+@pytest.mark.parametrize("balance", [True, "sqrt"])
+def test_balanced_classes_weight_the_loss_by_inverse_type_frequency_refitted_per_train(balance):
     reference, query = _simulated()
-    assert_balanced_classes_weight_the_loss_refitted_per_train(CAN, reference, query, SMALL)
+    assert_balanced_classes_weight_the_loss_refitted_per_train(
+        CAN, reference, query, SMALL, balance
+    )
 
 
 def test_integrated_gradient_saliency_ranks_each_types_markers_first(reference_model):
@@ -265,7 +268,7 @@ def test_integrated_gradient_saliency_ranks_each_types_markers_first(reference_m
         ({"n_capsules": 0}, "n_capsules must be at least 1, not 0"),
         ({"attention_dim": 0}, "attention_dim must be at least 1, not 0"),
         ({"dropout_rate": 1.0}, r"dropout_rate must be in \[0, 1\), not 1.0"),
-        ({"balance_classes": "yes"}, "balance_classes must be True or False, not 'yes'"),
+        ({"balance_classes": "yes"}, "balance_classes must be True, False or 'sqrt', not 'yes'"),
     ],
 )
 def test_bad_architectures_are_refused(arguments, message):

@@ -75,7 +75,10 @@ def test_cellular_rows_train_with_their_adam_eps(name, eps, monkeypatch):
     assert TASK_METHOD_KWARGS["kang_donors_lodo"][name] == {"batch_key": "donor"}
 
 
-def test_cellular_balanced_row_trains_a_class_balanced_classifier(monkeypatch):
+@pytest.mark.parametrize(
+    ("row", "balance"), [("cellular_balanced", True), ("cellular_sqrt_balanced", "sqrt")]
+)
+def test_cellular_balanced_rows_train_a_class_balanced_classifier(monkeypatch, row, balance):
     from scvi_ext.benchmark._attention_tasks import CLASSIFICATION_METHODS
     from scvi_ext.model import LatentClassifier
 
@@ -90,12 +93,12 @@ def test_cellular_balanced_row_trains_a_class_balanced_classifier(monkeypatch):
     reference, query, labels_key = TASKS["simulated"](
         n_cells=200, n_genes=60, n_cell_types=N_TYPES, seed=2
     )
-    method, options = CLASSIFICATION_METHODS["cellular_balanced"]
+    method, options = CLASSIFICATION_METHODS[row]
     result = METHODS[method](
         reference, query, labels_key, 0, max_epochs=2, classifier_epochs=2, **options
     )
-    assert balanced == [True]
-    assert result.settings.endswith("classifier 2 epochs, balance_classes True")
+    assert balanced == [balance]
+    assert result.settings.endswith(f"classifier 2 epochs, balance_classes {balance}")
 
 
 def test_novel_type_detection_protocol(cells):

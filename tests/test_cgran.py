@@ -683,7 +683,9 @@ def test_bad_arguments_are_refused_with_what_to_change(reference_model):
         CGRAN(reference, **{**SMALL, "n_embedding": 0})
     with pytest.raises(ValueError, match=r"setting must be one of \['A', 'B', 'C'\]"):
         CGRAN.load_query_data(query, model, setting="D")
-    with pytest.raises(ValueError, match="balance_classes must be True or False, not 'yes'"):
+    with pytest.raises(
+        ValueError, match="balance_classes must be True, False or 'sqrt', not 'yes'"
+    ):
         CGRAN(reference, **SMALL, balance_classes="yes")
     with pytest.raises(ValueError, match="top_k must be between 1 and the number of genes"):
         model.marker_genes(top_k=0)
@@ -691,9 +693,12 @@ def test_bad_arguments_are_refused_with_what_to_change(reference_model):
         model.marker_genes(min_fraction=1.5)
 
 
-def test_balanced_classes_weight_the_loss_by_inverse_type_frequency_refitted_per_train():
+@pytest.mark.parametrize("balance", [True, "sqrt"])
+def test_balanced_classes_weight_the_loss_by_inverse_type_frequency_refitted_per_train(balance):
     reference, query = _simulated()
-    assert_balanced_classes_weight_the_loss_refitted_per_train(CGRAN, reference, query, SMALL)
+    assert_balanced_classes_weight_the_loss_refitted_per_train(
+        CGRAN, reference, query, SMALL, balance
+    )
 
 
 def test_fewer_cells_than_the_embedding_dimension_is_refused_at_train_and_transfer(

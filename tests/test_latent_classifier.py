@@ -328,14 +328,17 @@ def test_tune(cellular):
     assert clf.is_trained_
 
 
-def test_balanced_classes_weight_the_loss_by_inverse_type_frequency(data):
+@pytest.mark.parametrize("balance", [True, "sqrt"])
+def test_balanced_classes_weight_the_loss_by_inverse_type_frequency(data, balance):
     reference, _ = data  # LatentClassifier has no query mapping: a query trains its own
     assert_balanced_classes_weight_the_loss_refitted_per_train(
-        LatentClassifier, reference.copy(), None, {"n_hidden1": 16, "n_hidden2": 16}
+        LatentClassifier, reference.copy(), None, {"n_hidden1": 16, "n_hidden2": 16}, balance
     )
     adata = reference.copy()
     LatentClassifier.setup_anndata(adata, labels_key="cell_type")
-    with pytest.raises(ValueError, match="balance_classes must be True or False, not 'yes'"):
+    with pytest.raises(
+        ValueError, match="balance_classes must be True, False or 'sqrt', not 'yes'"
+    ):
         LatentClassifier(adata, balance_classes="yes")
 
 
@@ -400,6 +403,8 @@ def test_class_weighted_cross_entropy_is_torchs_weighted_mean_over_labelled_cell
     labels = torch.tensor([0, 3, 2, 3, 1, 1])
     weights = class_weights(labels.numpy(), 3)  # 1 cell of types 0 and 2, 2 of type 1
     torch.testing.assert_close(weights, torch.tensor([0.4, 0.2, 0.4]))
+    root = torch.tensor([1, 2**-0.5, 1]) / (2 + 2**-0.5)  # N_i^-1/2, normalised
+    torch.testing.assert_close(class_weights(labels.numpy(), 3, power=0.5), root)
     labelled = labels < 3
     expected = F.cross_entropy(logits[labelled], labels[labelled], weight=weights)
     torch.testing.assert_close(labelled_cross_entropy(logits, labels, 3, weights), expected)

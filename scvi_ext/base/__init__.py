@@ -28,6 +28,8 @@ from ._distributed import barrier, global_rank, is_main_process, on_main_process
 from ._embedding import EmbeddingMixin
 from ._inference import InferenceMixin, valid_plan_kwargs
 from ._module import (
+    CLASS_WEIGHT_POWERS,
+    ClassBalance,
     CrossEntropyModule,
     NonGenerativeModule,
     classification_loss,
@@ -84,6 +86,8 @@ __all__ = [
     "BASE_NOVELTY_METHODS",
     "LABELLED",
     "MIN_GENE_FRACTION",
+    "CLASS_WEIGHT_POWERS",
+    "ClassBalance",
     "CrossEntropyModule",
     "NonGenerativeModule",
     "classification_loss",

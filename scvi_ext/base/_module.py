@@ -3,6 +3,8 @@ several modules share: per-cell log normalisation and the labelled cross-entropy
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,14 @@ def classification_loss(
     )
 
 
+#: A :class:`CrossEntropyModule`'s ``balance_classes``: off, inverse frequency, or its
+#: square root.
+ClassBalance = bool | Literal["sqrt"]
+#: ``balance_classes`` -> the power p of the class weights ``N_i^-p``
+#: (:func:`~scvi_ext.base.class_weights`).
+CLASS_WEIGHT_POWERS: dict[ClassBalance, float] = {False: 0.0, True: 1.0, "sqrt": 0.5}
+
+
 class NonGenerativeModule(BaseModuleClass):
     """A :class:`~scvi.module.base.BaseModuleClass` whose ``generative`` step is empty.
 
@@ -83,17 +93,23 @@ class CrossEntropyModule(NonGenerativeModule):
     n_labels
         Number of cell types (the unlabeled category is code ``n_labels``).
     balance_classes
-        Weight each cell's cross-entropy by the inverse frequency of its type
-        (``label_weights``: filled by :func:`~scvi_ext.base.fit_label_weights` before each
-        training, not saved); the loss is their weighted mean.
+        ``True``: weight each cell's cross-entropy by the inverse frequency of its type;
+        ``"sqrt"``: by the inverse square root of that frequency (rare types gain less);
+        ``False``: no weights (``label_weights``: filled by
+        :func:`~scvi_ext.base.fit_label_weights` before each training, not saved). The loss
+        is the weighted mean.
     """
 
-    def __init__(self, n_labels: int, balance_classes: bool = False):
+    def __init__(self, n_labels: int, balance_classes: ClassBalance = False):
         super().__init__()
-        if not isinstance(balance_classes, bool | np.bool_):
-            raise ValueError(f"balance_classes must be True or False, not {balance_classes!r}.")
+        if isinstance(balance_classes, bool | np.bool_):
+            balance_classes = bool(balance_classes)
+        elif not (isinstance(balance_classes, str) and balance_classes == "sqrt"):
+            raise ValueError(
+                f"balance_classes must be True, False or 'sqrt', not {balance_classes!r}."
+            )
         self.n_labels = n_labels
-        self.balance_classes = bool(balance_classes)
+        self.balance_classes: ClassBalance = balance_classes
         # a training statistic of the labels, fitted at every train call: not saved
         self.register_buffer("label_weights", torch.ones(n_labels), persistent=False)
 

@@ -70,6 +70,8 @@ CLASSIFICATION_METHODS: dict[str, tuple[str, dict]] = {
     "cellular": ("cellular", {}),
     # the classifier's cross-entropy weighted by the inverse frequency of each cell type
     "cellular_balanced": ("cellular", {"classifier_kwargs": {"balance_classes": True}}),
+    # ... by the inverse square root of each type's frequency
+    "cellular_sqrt_balanced": ("cellular", {"classifier_kwargs": {"balance_classes": "sqrt"}}),
     "svm_linear": ("svm_linear", {}),
     "linear_svc": ("linear_svc", {}),
     "logistic_regression": ("logistic_regression", {}),

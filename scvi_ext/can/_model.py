@@ -11,6 +11,7 @@ from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMix
 from scvi_ext.base import (
     PLAIN_ADAM_PLAN,
     BaseTrainingPlan,
+    ClassBalance,
     ClassifierMixin,
     EmbeddingMixin,
     LabelledCountsSetupMixin,
@@ -51,10 +52,11 @@ class CAN(
     dropout_rate
         Dropout on every layer (paper: 0.2).
     balance_classes
-        Weight each labelled cell's cross-entropy by the inverse frequency of its type
-        among the labelled cells (refitted at every :meth:`train`, also after
-        :meth:`load_query_data`). Not in the paper, whose loss is the plain cross-entropy
-        (the default); it raises the recall of rare types.
+        ``True``: weight each labelled cell's cross-entropy by the inverse frequency of its
+        type among the labelled cells; ``"sqrt"``: by the inverse square root of that
+        frequency (rare types gain less). Refitted at every :meth:`train`, also after
+        :meth:`load_query_data`. Not in the paper, whose loss is the plain cross-entropy
+        (the default, ``False``); it raises the recall of rare types.
 
     Examples
     --------
@@ -90,7 +92,7 @@ class CAN(
         conv_channels: int = 8,
         kernel_size: int = 5,
         dropout_rate: float = 0.2,
-        balance_classes: bool = False,
+        balance_classes: ClassBalance = False,
     ):
         sizes = {"n_capsules": n_capsules, "capsule_dim": capsule_dim}
         sizes.update({"attention_dim": attention_dim, "conv_channels": conv_channels})

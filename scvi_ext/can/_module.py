@@ -10,7 +10,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import auto_move_data
 from torch import nn
 
-from scvi_ext.base import CrossEntropyModule, log_scaled_counts
+from scvi_ext.base import ClassBalance, CrossEntropyModule, log_scaled_counts
 
 #: CAN models log1p(counts / total * 1e5) (paper A.2).
 COUNTS_PER_CELL = 1e5
@@ -70,8 +70,8 @@ class CANModule(CrossEntropyModule):
     dropout_rate
         Dropout after each layer (paper: 0.2).
     balance_classes
-        Weight each cell's cross-entropy by the inverse frequency of its type
-        (:class:`~scvi_ext.base.CrossEntropyModule`; not in the paper).
+        Weight each cell's cross-entropy by the inverse frequency of its type (``True``)
+        or its square root (``"sqrt"``) (:class:`~scvi_ext.base.CrossEntropyModule`; not in the paper).
     """
 
     def __init__(
@@ -84,7 +84,7 @@ class CANModule(CrossEntropyModule):
         conv_channels: int = 8,
         kernel_size: int = 5,
         dropout_rate: float = 0.2,
-        balance_classes: bool = False,
+        balance_classes: ClassBalance = False,
     ):
         super().__init__(n_labels, balance_classes)
         self.attention_dim = attention_dim

@@ -17,6 +17,7 @@ from scvi.model.base import ArchesMixin, BaseModelClass, UnsupervisedTrainingMix
 from scvi_ext.base import (
     PLAIN_ADAM_PLAN,
     BaseTrainingPlan,
+    ClassBalance,
     ClassifierMixin,
     EmbeddingMixin,
     LabelledCountsSetupMixin,
@@ -91,10 +92,11 @@ class CGRAN(
         Matrix factorisation: epochs, Adam learning rate and dropout (paper: 130,
         0.005, 0.1).
     balance_classes
-        Weight each labelled cell's cross-entropy by the inverse frequency of its type
-        among the labelled cells (refitted at every :meth:`train`, also after
-        :meth:`load_query_data`). Not in the paper, whose loss is the plain cross-entropy
-        (the default); it raises the recall of rare types.
+        ``True``: weight each labelled cell's cross-entropy by the inverse frequency of its
+        type among the labelled cells; ``"sqrt"``: by the inverse square root of that
+        frequency (rare types gain less). Refitted at every :meth:`train`, also after
+        :meth:`load_query_data`. Not in the paper, whose loss is the plain cross-entropy
+        (the default, ``False``); it raises the recall of rare types.
 
     Examples
     --------
@@ -133,7 +135,7 @@ class CGRAN(
         mf_epochs: int = 130,
         mf_lr: float = 0.005,
         mf_dropout_rate: float = 0.1,
-        balance_classes: bool = False,
+        balance_classes: ClassBalance = False,
     ):
         super().__init__(adata, registry=registry)
         _check_choice("embedding", embedding, EMBEDDINGS)

@@ -11,7 +11,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import auto_move_data
 from torch import nn
 
-from scvi_ext.base import CrossEntropyModule, log_scaled_counts
+from scvi_ext.base import ClassBalance, CrossEntropyModule, log_scaled_counts
 
 from ._attention import (
     affine_full_attention,
@@ -167,8 +167,8 @@ class CGRANModule(CrossEntropyModule):
         (PyTorch's ``scaled_dot_product_attention`` on the formed tokens: less memory,
         about 3x the time on a CPU). Both compute the same attention.
     balance_classes
-        Weight each cell's cross-entropy by the inverse frequency of its type
-        (:class:`~scvi_ext.base.CrossEntropyModule`; not in the paper).
+        Weight each cell's cross-entropy by the inverse frequency of its type (``True``)
+        or its square root (``"sqrt"``) (:class:`~scvi_ext.base.CrossEntropyModule`; not in the paper).
     """
 
     def __init__(
@@ -183,7 +183,7 @@ class CGRANModule(CrossEntropyModule):
         dropout_rate: float = 0.1,
         local_implementation: LocalImplementation = "factorised",
         full_implementation: FullImplementation = "factorised",
-        balance_classes: bool = False,
+        balance_classes: ClassBalance = False,
     ):
         super().__init__(n_labels, balance_classes)
         if local_implementation not in LOCAL_IMPLEMENTATIONS:

@@ -22,6 +22,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from scvi_ext.base import (
     BASE_NOVELTY_METHODS,
+    ClassBalance,
     ClassifierMixin,
     EmbeddingMixin,
     class_means,
@@ -167,10 +168,11 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
     dropout_rate
         Dropout after each hidden layer (reference code: 0.2).
     balance_classes
-        Weight each labelled cell's cross-entropy by the inverse frequency of its type
-        among the labelled cells (refitted at every :meth:`train`; kept by :meth:`tune`).
-        The reference code's loss is the plain cross-entropy (the default); this raises
-        the recall of rare types.
+        ``True``: weight each labelled cell's cross-entropy by the inverse frequency of its
+        type among the labelled cells; ``"sqrt"``: by the inverse square root of that
+        frequency (rare types gain less). Refitted at every :meth:`train`; kept by
+        :meth:`tune`. The reference code's loss is the plain cross-entropy (the default,
+        ``False``); weighting raises the recall of rare types.
 
     Notes
     -----
@@ -250,7 +252,7 @@ class LatentClassifier(ClassifierMixin, EmbeddingMixin, UnsupervisedTrainingMixi
         n_hidden1: int = 512,
         n_hidden2: int = 512,
         dropout_rate: float = 0.2,
-        balance_classes: bool = False,
+        balance_classes: ClassBalance = False,
     ):
         super().__init__(adata, registry=registry)
         self.upstream_model: BaseModelClass | None = None

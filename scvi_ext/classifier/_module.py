@@ -8,7 +8,7 @@ from scvi import REGISTRY_KEYS
 from scvi.module.base import auto_move_data
 from torch import nn
 
-from scvi_ext.base import CrossEntropyModule
+from scvi_ext.base import ClassBalance, CrossEntropyModule
 
 #: Training cells kept (a seeded subsample) for the nearest-neighbour novelty score.
 N_REFERENCE_CELLS = 2000
@@ -31,8 +31,8 @@ class LatentClassifierModule(CrossEntropyModule):
     dropout_rate
         Dropout after each hidden layer (reference code: 0.2).
     balance_classes
-        Weight each cell's cross-entropy by the inverse frequency of its type
-        (:class:`~scvi_ext.base.CrossEntropyModule`; the reference code's loss is plain).
+        Weight each cell's cross-entropy by the inverse frequency of its type (``True``)
+        or its square root (``"sqrt"``) (:class:`~scvi_ext.base.CrossEntropyModule`; the reference code's loss is plain).
     """
 
     def __init__(
@@ -42,7 +42,7 @@ class LatentClassifierModule(CrossEntropyModule):
         n_hidden1: int = 512,
         n_hidden2: int = 512,
         dropout_rate: float = 0.2,
-        balance_classes: bool = False,
+        balance_classes: ClassBalance = False,
     ):
         super().__init__(n_labels, balance_classes)
         self.network = nn.Sequential(
