@@ -553,6 +553,21 @@ def test_write_simulated_overwrites_only_an_h5ad_and_keeps_it_when_writing_fails
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.h5ad", "notes.h5ad", "sim.h5ad"]
 
 
+def test_a_partial_write_left_by_a_killed_run_is_named_in_a_warning_and_kept(tmp_path):
+    leftover = tmp_path / ".partial-0123abcd.sim.h5ad"  # what a SIGKILL mid-write leaves
+    leftover.write_text("half a file")
+    other = tmp_path / ".partial-0123abcd.other.h5ad"
+    other.write_text("another file's")
+    message = (
+        f".partial-0123abcd.sim.h5ad in {tmp_path} is a partial write of sim.h5ad left by an "
+        "interrupted run (or one still running); delete it to free the disk space."
+    )
+    with pytest.warns(UserWarning, match=f"^{re.escape(message)}$"):
+        path = write_simulated(tmp_path / "sim.h5ad", n_cells=6, n_genes=5, n_markers=1)
+    assert ad.read_h5ad(path).shape == (6, 5)
+    assert leftover.read_text() == "half a file" and other.exists()
+
+
 @pytest.mark.parametrize("format", ["csr", "csc", "dense"])
 def test_log_normalised_anndata_reads_a_backed_file_whole(tmp_path, format):
     adata = simulate(n_cells=40, n_genes=15, n_markers=2, seed=2)

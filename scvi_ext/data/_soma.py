@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -213,7 +215,19 @@ def written_in_place_of(path: Path) -> Iterator[Path]:
 
     Check ``path`` with :func:`check_destination` first: an existing ``path`` is removed.
     When the block raises, what was written is removed and ``path`` is left as it was.
+    Partial writes of ``path`` left by a killed process are named in a warning (they may
+    be large), not removed: another process may still be writing one.
     """
+    leftovers = sorted(path.parent.glob(f".partial-{'?' * 8}.{glob.escape(path.name)}"))
+    if leftovers:
+        warnings.warn(
+            f"{', '.join(p.name for p in leftovers)} in {path.parent} "
+            f"{'is a partial write' if len(leftovers) == 1 else 'are partial writes'} of "
+            f"{path.name} left by an interrupted run (or one still running); delete "
+            f"{'it' if len(leftovers) == 1 else 'them'} to free the disk space.",
+            UserWarning,
+            stacklevel=4,  # the caller of write_soma / write_simulated
+        )
     partial = path.with_name(f".partial-{uuid.uuid4().hex[:8]}.{path.name}")
     try:
         yield partial
