@@ -197,27 +197,28 @@ def _kang_missing_reason() -> str | None:
 
 
 def _check_outdir(
-    outdir: str | Path, task: str, overwrite: bool, files: tuple[str, ...] | None = None
+    outdir: str | Path, task: str, overwrite: bool, study: bool = False
 ) -> list[str]:
-    """The runner's :func:`~scvi_ext.benchmark._runner.check_outdir` (``files``: those of
-    :func:`~scvi_ext.benchmark.run_benchmark` by default) in the command line's words.
+    """The runner's :func:`~scvi_ext.benchmark._runner.check_outdir` in the command line's
+    words, for the files of :func:`~scvi_ext.benchmark.run_benchmark` or, with ``study``,
+    of :func:`~scvi_ext.benchmark.run_study`.
 
     Returns
     -------
-    The files of ``files`` already in ``outdir``, which the run replaces.
+    The files already in ``outdir`` that the run replaces.
 
     Raises
     ------
     CLIError
-        ``outdir`` is a file, or holds one of ``files`` that is not of a ``task`` report
-        and ``--overwrite`` is not given.
+        ``outdir`` is a file, or holds a file the run would replace that is not of a
+        ``task`` report, and ``--overwrite`` is not given.
     """
     from scvi_ext.benchmark._runner import PLOT_FILES, REPORT_FILES, OptionError, check_outdir
+    from scvi_ext.benchmark._studies import study_report_files
 
+    files = study_report_files(task) if study else REPORT_FILES + PLOT_FILES
     try:
-        return check_outdir(
-            outdir, task, files or REPORT_FILES + PLOT_FILES, overwrite, command_line=True
-        )
+        return check_outdir(outdir, task, files, overwrite, command_line=True)
     except OptionError as error:
         raise CLIError(str(error)) from error
 
@@ -480,7 +481,6 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
         run_study,
         summary_table,
     )
-    from scvi_ext.benchmark._studies import study_report_files
 
     if args.task not in TASKS and args.task not in STUDIES:
         available = ", ".join(sorted([*TASKS, *STUDIES]))
@@ -497,7 +497,7 @@ def _benchmark(args: argparse.Namespace, argv: list[str]) -> int:
             check_study_options(args.task, args.seeds, task_options)
         except (TypeError, ValueError) as error:
             raise CLIError(str(error)) from error
-        _check_outdir(outdir, args.task, args.overwrite, study_report_files(args.task))
+        _check_outdir(outdir, args.task, args.overwrite, study=True)
         try:
             run_study(
                 args.task,

@@ -470,29 +470,62 @@ def test_benchmark_keeps_a_users_file_named_like_a_report_file(tmp_path, capsys)
 def test_study_outdir_is_checked_and_a_rerun_of_the_study_writes_in_place(
     tmp_path, monkeypatch, capsys
 ):
-    def run(seed, outdir):
-        (outdir / "measurements").mkdir(exist_ok=True)  # a cache kept between runs
+    def run(seed):
         return {"scores": pd.DataFrame({"method": ["a"], "accuracy": [0.5 + seed / 10]})}
 
     monkeypatch.setitem(STUDIES, "toy", Study(run, "A toy study.", {"scores": ("accuracy",)}))
     outdir = tmp_path / "study"
     outdir.mkdir()
     (outdir / "scores.png").write_bytes(b"my figure")
+    (outdir / "notes.txt").write_text("mine")
     argv = ["benchmark", "--task", "toy", "--seeds", "0", "--outdir", str(outdir)]
     assert main(argv) == 2
     assert (
         f"--outdir {outdir} holds scores.png, not from a report of 'toy'; writing that report "
         "would replace it. Choose another --outdir, or pass --overwrite."
     ) in capsys.readouterr().err
-    assert sorted(path.name for path in outdir.iterdir()) == ["scores.png"]
+    assert sorted(path.name for path in outdir.iterdir()) == ["notes.txt", "scores.png"]
 
-    (outdir / "scores.png").unlink()  # a cache and no report yet (e.g. a killed run)
-    (outdir / "measurements").mkdir()
+    (outdir / "scores.png").unlink()  # the study writes only its report's files
     assert main(argv) == 0
     assert main([*argv[:4], "1", *argv[5:]]) == 0  # the same study again: in place
     assert "Seeds: 1;" in (outdir / "summary.md").read_text()
-    assert (outdir / "measurements").is_dir()
+    assert (outdir / "notes.txt").read_text() == "mine"
     assert main([*argv, "--overwrite"]) == 0
+
+
+def test_a_study_writing_its_own_figures_needs_a_new_folder_or_its_own_report(
+    tmp_path, monkeypatch, capsys
+):
+    stops = [True]
+
+    def run(seed, outdir):
+        (outdir / "measurements").mkdir(exist_ok=True)  # a cache kept between runs
+        if stops and stops.pop():
+            raise KeyboardInterrupt  # the run is stopped after its cache is written
+        (outdir / f"figure_seed{seed}.png").write_bytes(b"figure")  # named as it runs
+        return {"scores": pd.DataFrame({"method": ["a"], "accuracy": [0.5]})}
+
+    monkeypatch.setitem(STUDIES, "toy", Study(run, "A toy study.", {"scores": ("accuracy",)}))
+    outdir = tmp_path / "study"
+    outdir.mkdir()
+    (outdir / "figure_seed0.png").write_bytes(b"my figure")
+    argv = ["benchmark", "--task", "toy", "--seeds", "0", "--outdir", str(outdir)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"scvi-ext benchmark: error: --outdir {outdir} holds figure_seed0.png, not from a "
+        "report of 'toy'; 'toy' writes files named as it runs there (figures), which could "
+        "replace them. Choose a new or empty --outdir, or pass --overwrite.\n"
+    )
+    assert (outdir / "figure_seed0.png").read_bytes() == b"my figure"
+
+    (outdir / "figure_seed0.png").unlink()
+    with pytest.raises(KeyboardInterrupt):
+        main(argv)
+    assert (outdir / "summary.md").read_text().startswith("# Benchmark: toy\n\nNot finished")
+    assert main(argv) == 0  # the stopped run's folder is the study's: its cache is kept
+    assert (outdir / "measurements").is_dir() and (outdir / "figure_seed0.png").exists()
+    assert "Seeds: 0;" in (outdir / "summary.md").read_text()
 
 
 def test_quick_demo_trains_cellulars_classifier_for_max_epochs(tmp_path, monkeypatch, capsys):

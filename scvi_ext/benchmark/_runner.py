@@ -225,7 +225,7 @@ def report_task(outdir: str | Path) -> str | None:
 def check_outdir(
     outdir: str | Path,
     task: str,
-    files: tuple[str, ...] = REPORT_FILES + PLOT_FILES,
+    files: tuple[str, ...] | None = REPORT_FILES + PLOT_FILES,
     overwrite: bool = False,
     command_line: bool = False,
 ) -> list[str]:
@@ -242,7 +242,10 @@ def check_outdir(
     task
         The task or study about to write its report there.
     files
-        Names of the files it writes in ``outdir``.
+        Names of the files it writes in ``outdir``; ``None`` when it also writes files
+        named as it runs (a study's own figures): then every entry of ``outdir`` counts,
+        so only a new or empty folder or the task's own report is written without
+        ``overwrite``.
     overwrite
         Replace the files whatever they hold.
     command_line
@@ -262,7 +265,10 @@ def check_outdir(
     flag, fix = ("--outdir", "--overwrite") if command_line else ("outdir", "overwrite=True")
     if outdir.exists() and not outdir.is_dir():
         raise OptionError(f"{flag} {outdir} is a file, not a folder; choose another {flag}.")
-    existing = [name for name in files if (outdir / name).exists()]
+    if files is None:
+        existing = sorted(path.name for path in outdir.iterdir()) if outdir.is_dir() else []
+    else:
+        existing = [name for name in files if (outdir / name).exists()]
     held = report_task(outdir) if existing else None
     if overwrite or not existing or held == task:
         return existing
@@ -271,7 +277,15 @@ def check_outdir(
             f"{flag} {outdir} holds the report of {held!r}; its files would be replaced or "
             f"mixed with those of {task!r}. Choose another {flag}, or pass {fix}."
         )
-    names = ", ".join(existing)
+    names = ", ".join(existing[:5]) + (
+        f" and {len(existing) - 5} more" if len(existing) > 5 else ""
+    )
+    if files is None:
+        raise OptionError(
+            f"{flag} {outdir} holds {names}, not from a report of {task!r}; {task!r} writes "
+            f"files named as it runs there (figures), which could replace them. Choose a new "
+            f"or empty {flag}, or pass {fix}."
+        )
     raise OptionError(
         f"{flag} {outdir} holds {names}, not from a report of {task!r}; writing that report "
         f"would replace {'it' if len(existing) == 1 else 'them'}. Choose another {flag}, "

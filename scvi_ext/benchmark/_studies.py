@@ -222,9 +222,13 @@ def check_study_options(name: str, seeds: list[int], options: dict) -> None:
         study.check_options(options)
 
 
-def study_report_files(name: str) -> tuple[str, ...]:
-    """The files :func:`run_study` writes for study ``name`` that are known before it runs:
-    ``summary.md`` and the CSV and PNG of each headline table."""
+def study_report_files(name: str) -> tuple[str, ...] | None:
+    """The files :func:`run_study` writes for study ``name``: ``summary.md`` and the CSV
+    and PNG of each headline table; ``None`` for a study whose ``run`` takes ``outdir``,
+    as it writes files named as it runs (figures, caches): every file of the folder counts
+    (:func:`~scvi_ext.benchmark._runner.check_outdir`)."""
+    if "outdir" in inspect.signature(STUDIES[name].run).parameters:
+        return None
     tables = STUDIES[name].headline
     return (
         "summary.md",
@@ -257,8 +261,12 @@ def run_study(
         :func:`check_study_options`: an unknown key is a ``TypeError`` naming the
         accepted ones, a value of another type than the default a ``ValueError``.
     overwrite
-        Replace files in ``outdir`` that are not of this study's report (another task's
-        report, a user's file); a rerun of the study replaces its report without it.
+        Write into an ``outdir`` holding files that are not of this study's report
+        (another task's report, a user's file), replacing those of the same names; a rerun
+        of the study replaces its report without it. A study that writes figures of its
+        own (its ``run`` takes ``outdir``) needs it for any folder that is neither new,
+        empty nor its report. ``summary.md`` is written first, marked unfinished, so that
+        the folder of a stopped run is the study's (its caches are reused).
 
     Returns
     -------
@@ -279,6 +287,9 @@ def run_study(
     study = STUDIES[name]
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
+    (outdir / "summary.md").write_text(
+        f"# Benchmark: {name}\n\nNot finished: this run was stopped or is still running.\n"
+    )
     folder = {"outdir": outdir} if "outdir" in inspect.signature(study.run).parameters else {}
     machine = machine_info()  # before the study runs: some methods change torch's threads
     per_seed: dict[str, list[pd.DataFrame]] = {}
