@@ -511,3 +511,18 @@ def test_check_outdir_replaces_only_the_same_tasks_report(tmp_path):
     message = f"outdir {tmp_path / 'summary.md'} is a file, not a folder; choose another outdir."
     with pytest.raises(OptionError, match=f"^{re.escape(message)}$"):
         check_outdir(tmp_path / "summary.md", "simulated", overwrite=True)
+
+
+def test_check_outdir_for_a_study_with_its_own_figures_counts_every_file(tmp_path):
+    assert check_outdir(tmp_path / "new", "scale", None) == []
+    assert check_outdir(tmp_path, "scale", None) == []  # empty
+    for i in range(7):
+        (tmp_path / f"f{i}.txt").write_text("mine")
+    message = (
+        f"outdir {tmp_path} holds f0.txt, f1.txt, f2.txt, f3.txt, f4.txt and 2 more, not from "
+        "a report of 'scale'; 'scale' writes files named as it runs there (figures), which "
+        "could replace them. Choose a new or empty outdir, or pass overwrite=True."
+    )
+    with pytest.raises(OptionError, match=f"^{re.escape(message)}$"):
+        check_outdir(tmp_path, "scale", None)
+    assert len(check_outdir(tmp_path, "scale", None, overwrite=True)) == 7
