@@ -595,8 +595,9 @@ def celltypist(
     query_log = log_normalised_anndata(query)
     labels = reference.obs[labels_key].astype(str).to_numpy()
 
+    shim = not _sklearn_has_multi_class()
     patch = contextlib.nullcontext()
-    if not _sklearn_has_multi_class():
+    if shim:
         patch = mock.patch.object(train_module, "_LRClassifier", _one_vs_rest_classifier)
     start = time.perf_counter()
     with patch:
@@ -609,9 +610,7 @@ def celltypist(
             max_iter=max_iter,
         )
     train_seconds = time.perf_counter() - start
-    settings = f"max_iter={model.classifier.max_iter}"
-    if not _sklearn_has_multi_class():
-        settings += ", one-vs-rest shim"
+    settings = f"max_iter={model.classifier.max_iter}" + (", one-vs-rest shim" if shim else "")
     annotation = celltypist_pkg.annotate(query_log, model=model, majority_voting=False)
     proba = annotation.probability_matrix
     return MethodResult(

@@ -222,12 +222,17 @@ def check_study_options(name: str, seeds: list[int], options: dict) -> None:
         study.check_options(options)
 
 
+def _writes_own_files(study: Study) -> bool:
+    """Whether the study's ``run`` takes ``outdir``: it writes files of its own there."""
+    return "outdir" in inspect.signature(study.run).parameters
+
+
 def study_report_files(name: str) -> tuple[str, ...] | None:
     """The files :func:`run_study` writes for study ``name``: ``summary.md`` and the CSV
     and PNG of each headline table; ``None`` for a study whose ``run`` takes ``outdir``,
     as it writes files named as it runs (figures, caches): every file of the folder counts
     (:func:`~scvi_ext.benchmark._runner.check_outdir`)."""
-    if "outdir" in inspect.signature(STUDIES[name].run).parameters:
+    if _writes_own_files(STUDIES[name]):
         return None
     tables = STUDIES[name].headline
     return (
@@ -290,7 +295,7 @@ def run_study(
     (outdir / "summary.md").write_text(
         f"# Benchmark: {name}\n\nNot finished: this run was stopped or is still running.\n"
     )
-    folder = {"outdir": outdir} if "outdir" in inspect.signature(study.run).parameters else {}
+    folder = {"outdir": outdir} if _writes_own_files(study) else {}
     machine = machine_info()  # before the study runs: some methods change torch's threads
     per_seed: dict[str, list[pd.DataFrame]] = {}
     for seed in seeds:
